@@ -1,0 +1,142 @@
+"""One typed configuration: CLI flags, then ``HITL_*`` environment variables, then defaults.
+
+Every setting is declared once, in :data:`SETTINGS`; the CLI options, the environment
+lookup and the README's configuration table are all derived from that list.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+
+def default_db_path() -> str:
+    """Where ``hitl serve`` keeps its data when no ``--db`` is given (XDG data dir)."""
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return str(Path(base) / "hitl" / "hitl.db")
+
+
+@dataclass(frozen=True, slots=True)
+class Setting:
+    """How one config field is named, parsed and explained."""
+
+    name: str
+    parse: Callable[[str], Any]
+    help: str
+    kind: str  # human name of the type, for error messages
+
+
+def _number(text: str) -> float:
+    value = float(text)
+    if value < 0 or value != value:
+        raise ValueError("must be zero or more")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError("must be 1 or more")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise ValueError("must be between 0 and 65535")
+    return value
+
+
+def _optional_days(text: str) -> float | None:
+    return None if text.strip().lower() in ("", "off", "none", "0") else _number(text)
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("host", str, "interface to listen on", "text"),
+    Setting("port", _port, "TCP port to listen on", "port number"),
+    Setting("db", str, "SQLite database file; ':memory:' keeps nothing", "path"),
+    Setting("process_delay", _number, "seconds the built-in simulated processor takes", "number"),
+    Setting("processor", str, "processor as 'package.module:callable' (sync or async)", "text"),
+    Setting("max_attempts", _positive_int, "attempts before a task fails unapproved", "integer"),
+    Setting("retries", _positive_int, "tries per attempt when the processor raises", "integer"),
+    Setting("retry_wait", _number, "seconds between processor retries", "number"),
+    Setting("heartbeat", _number, "seconds between SSE heartbeat comments", "number"),
+    Setting("max_body", _positive_int, "largest accepted request body, bytes", "integer"),
+    Setting("queue_size", _positive_int, "messages a slow watcher may lag before it is dropped",
+            "integer"),
+    Setting("history_size", _positive_int, "messages per task kept in memory for replay",
+            "integer"),
+    Setting("backlog", _positive_int, "listen backlog (raise net.core.somaxconn to match)",
+            "integer"),
+    Setting("shutdown_timeout", _number, "seconds to wait for connections on shutdown", "number"),
+    Setting("retain_days", _optional_days, "delete finished tasks older than this; off by default",
+            "number"),
+    Setting("log_level", str, "logging level (debug, info, warning, error)", "text"),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """Every setting of the service; build it with :meth:`load`."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    db: str = ":memory:"
+    process_delay: float = 2.0
+    processor: str = "hitl.processors:simulate"
+    max_attempts: int = 5
+    retries: int = 3
+    retry_wait: float = 0.5
+    heartbeat: float = 15.0
+    max_body: int = 1024 * 1024
+    queue_size: int = 1024
+    history_size: int = 1000
+    backlog: int = 2048
+    shutdown_timeout: float = 5.0
+    retain_days: float | None = None
+    log_level: str = "info"
+
+    @classmethod
+    def load(
+        cls,
+        flags: Mapping[str, str | None] | None = None,
+        environ: Mapping[str, str] | None = None,
+        **defaults: Any,
+    ) -> Config:
+        """Build from CLI ``flags`` (raw strings), then ``HITL_*`` in ``environ``, then defaults.
+
+        Raises :class:`ConfigError` with a one-line message for a bad value.
+        """
+        flags = flags or {}
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = dict(defaults)
+        for setting in SETTINGS:
+            env_name = env_var(setting.name)
+            if flags.get(setting.name) is not None:
+                raw, source = flags[setting.name], "--" + setting.name.replace("_", "-")
+            elif env_name in environ:
+                raw, source = environ[env_name], env_name
+            else:
+                continue
+            try:
+                values[setting.name] = setting.parse(str(raw))
+            except ValueError as exc:
+                message = f"{source}={raw!r} is not a valid {setting.kind}: {exc}"
+                raise ConfigError(message) from None
+        return cls(**values)
+
+    def with_changes(self, **changes: Any) -> Config:
+        return replace(self, **changes)
+
+
+def env_var(name: str) -> str:
+    return "HITL_" + name.upper()
+
+
+def default_of(name: str) -> Any:
+    return next(f.default for f in fields(Config) if f.name == name)

@@ -1,0 +1,45 @@
+"""Typed domain errors: services raise them, one handler turns them into responses."""
+
+from __future__ import annotations
+
+
+class HitlError(Exception):
+    """An error the client caused, with the HTTP status that says so."""
+
+    status = 400
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class Invalid(HitlError):
+    status = 400
+
+
+class NotFound(HitlError):
+    status = 404
+
+
+class Conflict(HitlError):
+    """Not waiting for review, lost the race to decide, or a stale attempt."""
+
+    status = 409
+
+
+class Unavailable(HitlError):
+    """The service is shutting down and takes no new work."""
+
+    status = 503
+
+
+class ConfigError(Exception):
+    """A bad setting: start-up stops with this one-line message."""
+
+
+class StartupError(Exception):
+    """The service cannot start (e.g. its database cannot be opened): one-line message."""
+
+
+class TaskFailed(Exception):
+    """Ends a task's flow as failed, with a message for the submitter."""

@@ -1,0 +1,156 @@
+"""Plain, storable data: tasks, review decisions and the events they publish.
+
+Nothing here holds a runtime handle (no Event, no asyncio.Task, no queue), so every
+object can be written to the store and read back unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any, Literal
+
+Decision = Literal["approved", "rejected"]
+
+
+class Status(StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    WAITING_FOR_REVIEW = "waiting_for_review"
+    PROCESSING_FEEDBACK = "processing_feedback"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL
+
+
+TERMINAL = frozenset({Status.COMPLETED, Status.FAILED, Status.CANCELLED})
+
+
+def new_task_id() -> str:
+    return uuid.uuid4().hex
+
+
+def iso(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="milliseconds")
+
+
+@dataclass(frozen=True, slots=True)
+class Review:
+    """One human decision on one attempt's output."""
+
+    decision: Decision
+    attempt: int
+    comment: str = ""
+    reviewer: str = ""
+    created_at: float = field(default_factory=time.time)
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "created_at": iso(self.created_at)}
+
+
+@dataclass(slots=True)
+class Task:
+    """The durable record of one task. Mutated only by its flow, through the tracker."""
+
+    task_id: str
+    task_input: str
+    status: Status = Status.PENDING
+    attempt: int = 1
+    processed_output: str | None = None
+    final_result: str | None = None
+    error: str | None = None
+    last_seq: int = 0
+    created_at: float = field(default_factory=time.time)
+    updated_at: float = field(default_factory=time.time)
+    reviews: list[Review] = field(default_factory=list)
+
+    @property
+    def rejections(self) -> int:
+        return sum(1 for review in self.reviews if review.decision == "rejected")
+
+    def row(self) -> dict[str, Any]:
+        """The task's columns, as named SQL parameters (an immutable snapshot)."""
+        return {
+            "task_id": self.task_id,
+            "task_input": self.task_input,
+            "status": self.status.value,
+            "attempt": self.attempt,
+            "processed_output": self.processed_output,
+            "final_result": self.final_result,
+            "error": self.error,
+            "last_seq": self.last_seq,
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+        }
+
+    def to_json(self, *, reviews: bool = True) -> dict[str, Any]:
+        data = self.row()
+        data.update(created_at=iso(self.created_at), updated_at=iso(self.updated_at))
+        if reviews:
+            data["reviews"] = [review.to_json() for review in self.reviews]
+        return data
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One published event, encoded once: its JSON and its SSE frame for one topic.
+
+    ``id`` is the per-task sequence number on a task's topic and the global message
+    number on the all-tasks topic.
+    """
+
+    id: int
+    task_id: str
+    status: str
+    data: str
+    frame: bytes
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL
+
+
+def sse_frame(data: str, event_id: int | None = None, event: str | None = None) -> bytes:
+    """Frame ``data`` as one SSE message: one ``data:`` line per line of data."""
+    head = f"id: {event_id}\n" if event_id is not None else ""
+    if event:
+        head += f"event: {event}\n"
+    body = "".join(f"data: {line}\n" for line in data.split("\n"))
+    return (head + body + "\n").encode()
+
+
+@dataclass(frozen=True, slots=True)
+class TaskEvent:
+    """A state change of one task, as it is published and stored."""
+
+    task_id: str
+    seq: int
+    gid: int
+    status: str
+    data: str  # the payload's JSON, serialized once
+
+    @classmethod
+    def create(cls, task_id: str, seq: int, gid: int, payload: dict[str, Any]) -> TaskEvent:
+        data = json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
+        return cls(task_id, seq, gid, str(payload["status"]), data)
+
+    def messages(self) -> tuple[Message, Message]:
+        """Frame once for the task's topic (id = seq) and once for the global one (id = gid)."""
+        return self.for_task(), self.for_global()
+
+    def for_task(self) -> Message:
+        return self._message(self.seq)
+
+    def for_global(self) -> Message:
+        return self._message(self.gid)
+
+    def _message(self, number: int) -> Message:
+        return Message(number, self.task_id, self.status, self.data, sse_frame(self.data, number))
