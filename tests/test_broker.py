@@ -1,0 +1,181 @@
+"""The broker on its own: fan-out, order, replay, slow subscribers, clean-up."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from hitl.broker import GLOBAL, HEARTBEAT, Broker
+from hitl.models import Message, TaskEvent
+
+
+def event(seq: int, status: str = "running", task_id: str = "t1") -> TaskEvent:
+    return TaskEvent.create(task_id, seq, 100 + seq, {"task_id": task_id, "status": status})
+
+
+def publish(broker: Broker, *events: TaskEvent) -> None:
+    for item in events:
+        on_task, on_global = item.messages()
+        broker.publish(item.task_id, on_task)
+        broker.publish(GLOBAL, on_global)
+
+
+@pytest.fixture
+async def broker() -> AsyncIterator[Broker]:
+    broker = Broker(queue_size=8, history_size=50, heartbeat=0)
+    await broker.start()
+    yield broker
+    await broker.close()
+
+
+async def take(subscription: AsyncIterator[Message], count: int) -> list[int]:
+    return [(await anext(subscription)).id for _ in range(count)]
+
+
+async def test_every_subscriber_gets_every_message_in_order(broker: Broker) -> None:
+    async with broker.subscribe("t1") as a, broker.subscribe("t1") as b, \
+            broker.subscribe(GLOBAL) as everything:
+        publish(broker, *(event(n) for n in range(1, 6)))
+        assert await take(a, 5) == [1, 2, 3, 4, 5]
+        assert await take(b, 5) == [1, 2, 3, 4, 5]
+        assert await take(everything, 5) == [101, 102, 103, 104, 105]
+
+
+async def test_a_message_is_encoded_once_and_shared_by_subscribers(broker: Broker) -> None:
+    async with broker.subscribe("t1") as a, broker.subscribe("t1") as b:
+        publish(broker, event(1))
+        first, second = await anext(a), await anext(b)
+        assert first is second
+        assert first.frame == b'id: 1\ndata: {"task_id":"t1","status":"running"}\n\n'
+
+
+async def test_late_joiner_gets_the_history_first_then_live(broker: Broker) -> None:
+    publish(broker, event(1, "pending"), event(2, "running"), event(3, "waiting_for_review"))
+    async with broker.subscribe("t1") as late:
+        assert await take(late, 3) == [1, 2, 3]
+        publish(broker, event(4, "processing_feedback"))
+        assert await take(late, 1) == [4]
+
+
+async def test_last_event_id_replays_exactly_what_was_missed(broker: Broker) -> None:
+    publish(broker, *(event(n) for n in range(1, 8)))
+    async with broker.subscribe("t1", last_id=4) as back:
+        publish(broker, event(8))
+        assert await take(back, 4) == [5, 6, 7, 8]
+
+
+async def test_global_topic_starts_live_unless_given_a_last_id(broker: Broker) -> None:
+    publish(broker, event(1), event(2))
+    async with broker.subscribe(GLOBAL) as live, broker.subscribe(GLOBAL, last_id=101) as back:
+        publish(broker, event(3))
+        assert await take(live, 1) == [103]
+        assert await take(back, 2) == [102, 103]
+
+
+async def test_history_beyond_memory_comes_from_the_loader() -> None:
+    asked: list[tuple[str, int]] = []
+
+    async def loader(topic: str, after: int) -> list[Message]:
+        asked.append((topic, after))
+        return [event(n).for_task() for n in range(after + 1, 4)]
+
+    broker = Broker(history_size=2, heartbeat=0, loader=loader)
+    await broker.start()
+    publish(broker, event(1), event(2), event(3))  # memory keeps 2 and 3 only
+    async with broker.subscribe("t1", last_id=1) as from_memory:
+        assert await take(from_memory, 2) == [2, 3]
+    async with broker.subscribe("t1") as from_store:
+        assert await take(from_store, 3) == [1, 2, 3]
+    assert asked == [("t1", 0)]
+    await broker.close()
+
+
+async def test_slow_subscriber_is_dropped_without_slowing_the_others(broker: Broker) -> None:
+    async with broker.subscribe("t1") as slow, broker.subscribe("t1") as fast:
+        received: list[int] = []
+
+        async def read_fast() -> None:
+            async for message in fast:
+                received.append(message.id)
+                if message.id == 30:
+                    return
+
+        reader = asyncio.create_task(read_fast())
+        for n in range(1, 31):
+            publish(broker, event(n))  # never awaits: the slow one cannot hold it up
+            await asyncio.sleep(0)
+        await asyncio.wait_for(reader, 2)
+        assert received == list(range(1, 31))
+        assert slow.dropped and broker.subscriber_count("t1") == 1
+        assert [m.id async for m in slow] == list(range(1, 9))  # what it had, then the end
+        assert broker.dropped_total == 1
+
+
+async def test_subscribers_are_removed_at_once_when_they_leave(broker: Broker) -> None:
+    async def watch() -> None:
+        async with broker.subscribe("t1") as sub:
+            async for _ in sub:
+                pass
+
+    publish(broker, event(1))
+    watchers = [asyncio.create_task(watch()) for _ in range(10)]
+    await asyncio.sleep(0.01)
+    assert broker.subscriber_count("t1") == 10
+    for watcher in watchers:
+        watcher.cancel()
+    await asyncio.gather(*watchers, return_exceptions=True)
+    assert broker.subscriber_count() == 0
+
+
+async def test_released_topic_forgets_its_history_once_unwatched(broker: Broker) -> None:
+    publish(broker, event(1), event(2, "completed"))
+    async with broker.subscribe("t1"):
+        broker.release("t1")
+        assert broker.topic_count() == 1
+    assert broker.topic_count() == 0
+
+
+async def test_close_ends_every_stream(broker: Broker) -> None:
+    async def drain() -> list[Message]:
+        async with broker.subscribe("t1") as sub:
+            return [message async for message in sub]
+
+    reader = asyncio.create_task(drain())
+    await asyncio.sleep(0.01)
+    await broker.close()
+    assert await asyncio.wait_for(reader, 1) == []
+    async with broker.subscribe("t1") as after_close:
+        assert [m async for m in after_close] == []
+
+
+async def test_idle_subscribers_get_heartbeats() -> None:
+    broker = Broker(heartbeat=0.02)
+    await broker.start()
+    async with broker.subscribe("t1") as sub:
+        assert await asyncio.wait_for(anext(sub), 1) is HEARTBEAT
+    await broker.close()
+
+
+async def test_a_reconnect_storm_reads_the_store_once_and_forgets_a_finished_task() -> None:
+    calls: list[tuple[str, int]] = []
+
+    async def loader(topic: str, after: int) -> list[Message]:
+        calls.append((topic, after))
+        await asyncio.sleep(0.01)
+        statuses = ["pending", "running", "waiting_for_review", "completed"]
+        return [event(n, statuses[n - 1]).for_task() for n in range(after + 1, 5)]
+
+    broker = Broker(heartbeat=0, loader=loader)
+    await broker.start()
+
+    async def watch_until_terminal() -> list[int]:
+        async with broker.subscribe("t1", last_id=2) as sub:
+            return [m.id for m in await sub.batch()]
+
+    results = await asyncio.gather(*(watch_until_terminal() for _ in range(50)))
+    assert results == [[3, 4]] * 50
+    assert calls == [("t1", 2)]  # one read for all fifty
+    assert broker.topic_count() == 0  # finished and unwatched: nothing kept
+    await broker.close()
