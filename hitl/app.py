@@ -1,0 +1,106 @@
+"""The application factory: it only wires the parts together."""
+
+from __future__ import annotations
+
+import logging
+
+from quart import Quart, Response, request
+from quart.typing import ResponseReturnValue
+from quart_schema import QuartSchema, RequestSchemaValidationError
+from werkzeug.exceptions import HTTPException
+
+from .broker import Broker
+from .config import Config
+from .errors import HitlError
+from .journal import Journal
+from .pages import error_page, pages, wants_html
+from .processors import Processor
+from .routes import api
+from .runner import Runner
+from .sse_asgi import StreamEndpoints
+from .store import Store
+from .ui_streams import FragmentCache
+
+log = logging.getLogger(__name__)
+
+# Pages load nothing from elsewhere and run no inline script (htmx is configured to match).
+CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+       "connect-src 'self'; frame-ancestors 'none'; base-uri 'self'; form-action 'self'")
+
+
+def create_app(config: Config | None = None, *, processor: Processor | None = None) -> Quart:
+    """Build the hitl app; ``processor`` overrides ``config.processor`` (handy in tests)."""
+    config = config or Config()
+    app = Quart(__name__)
+    # No 60 s wrapper task around every response: ours are small JSON, pages, or streams
+    # that must never be cut (measured: one task less per request).
+    app.config.update(MAX_CONTENT_LENGTH=config.max_body, RESPONSE_TIMEOUT=None, HITL=config)
+    QuartSchema(app, info={"title": "hitl", "version": "0.1.0"},  # the UIs load from CDNs
+                swagger_ui_path=None, redoc_ui_path=None, scalar_ui_path=None)
+
+    store = Store(config.db)
+    broker = Broker(queue_size=config.queue_size, history_size=config.history_size,
+                    heartbeat=config.heartbeat)
+    journal = Journal(store, broker)
+    runner = Runner(config, store, journal, broker, processor)
+    broker.loader = store.load_history
+    for part in (store, broker, journal, runner, FragmentCache()):
+        part.init_app(app)
+
+    app.register_blueprint(api)
+    app.register_blueprint(pages)
+    register_error_handlers(app)
+    app.asgi_app = StreamEndpoints(app, app.asgi_app)  # type: ignore[method-assign,assignment]
+    return app
+
+
+async def error_response(message: str, status: int) -> ResponseReturnValue:
+    """``{"error": "..."}`` for the API; a readable page (or htmx fragment) for the browser UI."""
+    if wants_html():
+        return await error_page(message, status)
+    return {"error": message}, status
+
+
+def register_error_handlers(app: Quart) -> None:
+    """Every error becomes a 4xx with a message (5xx only for our bugs)."""
+
+    @app.errorhandler(HitlError)
+    async def domain_error(error: HitlError) -> ResponseReturnValue:
+        return await error_response(error.message, error.status)
+
+    @app.errorhandler(RequestSchemaValidationError)
+    async def invalid_body(error: RequestSchemaValidationError) -> ResponseReturnValue:
+        if request.method in ("POST", "PUT") and not request.is_json:
+            return await error_response(
+                "request body must be JSON (Content-Type: application/json)", 415)
+        return await error_response(describe_validation(error.validation_error), 400)
+
+    @app.errorhandler(HTTPException)
+    async def http_error(error: HTTPException) -> ResponseReturnValue:
+        status = error.code or 500
+        message = {400: "malformed request body (invalid JSON?)",
+                   413: "request body is too large"}.get(status, error.description or error.name)
+        return await error_response(message, status)
+
+    @app.errorhandler(Exception)
+    async def unexpected(error: Exception) -> ResponseReturnValue:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return await error_response("internal error; it has been logged", 500)
+
+    @app.after_request
+    async def security_headers(response: Response) -> Response:
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        response.headers.setdefault("Content-Security-Policy", CSP)
+        return response
+
+
+def describe_validation(error: Exception) -> str:
+    """Turn pydantic's error list into one readable line."""
+    errors = getattr(error, "errors", None)
+    if not callable(errors):
+        return str(error)
+    parts = []
+    for item in errors():
+        field = ".".join(str(part) for part in item.get("loc", ())) or "body"
+        parts.append(f"{field}: {item.get('msg', 'invalid')}")
+    return "; ".join(parts) or "invalid request body"

@@ -1,0 +1,162 @@
+"""The ``hitl`` command: ``serve``, ``tasks list|show`` and ``export``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import TextIO
+
+from .config import SETTINGS, Config, default_db_path, default_of, env_var
+from .errors import ConfigError, StartupError
+from .models import Status, iso
+from .store import Store
+
+SERVE_SETTINGS = [s for s in SETTINGS if s.name != "db"]
+
+
+def settings_epilog() -> str:
+    lines = ["settings (flag, environment variable, default):"]
+    for setting in SETTINGS:
+        flag = "--" + setting.name.replace("_", "-")
+        default = default_db_path() if setting.name == "db" else default_of(setting.name)
+        lines.append(f"  {flag:<20} {env_var(setting.name):<22} {default!s:<12} {setting.help}")
+    lines.append("flags win over environment variables, which win over defaults.")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hitl", description="hitl: human-in-the-loop review service.",
+        epilog=settings_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    serve = commands.add_parser("serve", help="run the service (hypercorn)",
+                                epilog=settings_epilog(),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_db_option(serve)
+    for setting in SERVE_SETTINGS:
+        serve.add_argument("--" + setting.name.replace("_", "-"), dest=setting.name,
+                           metavar=setting.kind.split()[0].upper(),
+                           help=f"{setting.help} [{env_var(setting.name)}, "
+                                f"default {default_of(setting.name)}]")
+    tasks = commands.add_parser("tasks", help="read tasks from the database")
+    task_commands = tasks.add_subparsers(dest="tasks_command", metavar="ACTION", required=True)
+    listing = task_commands.add_parser("list", help="list tasks, newest first")
+    listing.add_argument("--status", choices=[s.value for s in Status], help="only this status")
+    listing.add_argument("--limit", type=int, default=50, help="how many (default 50)")
+    add_db_option(listing)
+    show = task_commands.add_parser("show", help="one task with its reviews, as JSON")
+    show.add_argument("task_id")
+    add_db_option(show)
+    export = commands.add_parser("export", help="every task with its reviews, as JSON Lines")
+    export.add_argument("--output", "-o", help="file to write (default: standard output)")
+    add_db_option(export)
+    return parser
+
+
+def add_db_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--db", help=f"SQLite database file, or :memory: [HITL_DB, default "
+                                     f"{default_db_path()}]")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        config = load_config(args)
+        if args.command == "serve":
+            return run_server(config)
+        return asyncio.run(with_store(config.db, COMMANDS[args.command, args.tasks_command
+                                                          if args.command == "tasks" else None],
+                                      args))
+    except (ConfigError, StartupError) as exc:
+        print(f"hitl: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def load_config(args: argparse.Namespace) -> Config:
+    flags = {setting.name: getattr(args, setting.name, None) for setting in SETTINGS}
+    config = Config.load(flags, db=default_db_path())
+    if config.db == default_db_path() and config.db != ":memory:":
+        Path(config.db).parent.mkdir(parents=True, exist_ok=True)
+    return config
+
+
+def run_server(config: Config) -> int:
+    from .app import create_app
+    from .server import serve
+
+    logging.basicConfig(level=config.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(with_store(config.db, lambda store, _: asyncio.sleep(0), None))  # fail early
+    app = create_app(config)
+    logging.getLogger(__name__).info("hitl on http://%s:%s (database %s, pid %d)",
+                                     config.host, config.port, config.db, os.getpid())
+    asyncio.run(serve(app, config))
+    abandoned = app.extensions["runner"].pool.busy
+    if abandoned:  # a synchronous processor still blocking in its thread: do not wait for it
+        logging.getLogger(__name__).warning("abandoning %d running processor(s)", abandoned)
+        logging.shutdown()
+        os._exit(0)
+    return 0
+
+
+async def with_store(path: str, command: Callable[[Store, argparse.Namespace | None],
+                                                  Awaitable[object]],
+                     args: argparse.Namespace | None) -> int:
+    store = Store(path)
+    await store.open()
+    try:
+        result = await command(store, args)
+    finally:
+        await store.close()
+    return result if isinstance(result, int) else 0
+
+
+async def list_command(store: Store, args: argparse.Namespace | None) -> int:
+    assert args is not None
+    status = Status(args.status) if args.status else None
+    tasks, total = await store.list_tasks(status, args.limit, 0)
+    for task in tasks:
+        excerpt = task.task_input.replace("\n", " ")[:50]
+        print(f"{task.task_id}  {task.status.value:<19} attempt {task.attempt}  "
+              f"{iso(task.created_at)}  {excerpt}")
+    print(f"({len(tasks)} of {total} task(s))", file=sys.stderr)
+    return 0
+
+
+async def show_command(store: Store, args: argparse.Namespace | None) -> int:
+    assert args is not None
+    task = await store.get_task(args.task_id)
+    if task is None:
+        print(f"hitl: no task with id {args.task_id!r}", file=sys.stderr)
+        return 1
+    print(json.dumps(task.to_json(), indent=2, ensure_ascii=False))
+    return 0
+
+
+async def export_command(store: Store, args: argparse.Namespace | None) -> int:
+    assert args is not None
+    out: TextIO = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
+    try:
+        async for task in store.iter_tasks():
+            out.write(json.dumps(task.to_json(), ensure_ascii=False) + "\n")
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    return 0
+
+
+COMMANDS = {("tasks", "list"): list_command, ("tasks", "show"): show_command,
+            ("export", None): export_command}

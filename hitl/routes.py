@@ -1,0 +1,74 @@
+"""The JSON API, kept compatible with the PocketFlow reference service.
+
+Its two SSE endpoints, ``GET /stream`` and ``GET /stream/<task_id>``, are served in
+plain ASGI ahead of Quart: see :mod:`hitl.sse_asgi`.
+"""
+
+from __future__ import annotations
+
+from typing import cast
+
+from quart import Blueprint, current_app
+from quart_schema import validate_querystring, validate_request, validate_response
+
+from .broker import Broker
+from .models import Status
+from .runner import Runner
+from .schemas import FeedbackIn, MessageOut, SubmitIn, SubmitOut, TaskQuery, checked_id
+
+api = Blueprint("api", __name__)
+
+def runner() -> Runner:
+    return cast(Runner, current_app.extensions["runner"])
+
+
+def broker() -> Broker:
+    return cast(Broker, current_app.extensions["broker"])
+
+
+@api.post("/submit")
+@validate_request(SubmitIn)
+@validate_response(SubmitOut, 202)
+async def submit(data: SubmitIn) -> tuple[SubmitOut, int]:
+    """Submit a task; it is processed, then waits for a human review."""
+    task = await runner().submit(data.data)
+    return SubmitOut(message="Task submitted", task_id=task.task_id), 202
+
+
+@api.post("/feedback/<task_id>")
+@validate_request(FeedbackIn)
+@validate_response(MessageOut)
+async def feedback(task_id: str, data: FeedbackIn) -> MessageOut:
+    """Approve or reject the output under review (409 unless one is waiting)."""
+    await runner().decide(checked_id(task_id), data.feedback, data.comment, data.reviewer,
+                          data.attempt)
+    return MessageOut(message=f"Feedback '{data.feedback}' received")
+
+
+@api.get("/api/tasks")
+@validate_querystring(TaskQuery)
+async def list_tasks(query_args: TaskQuery) -> dict[str, object]:
+    """Tasks, newest first; filter by ``status``, page with ``limit`` and ``offset``."""
+    status = Status(query_args.status) if query_args.status else None
+    tasks, total = await runner().list_tasks(status, query_args.limit, query_args.offset)
+    return {"tasks": [task.to_json(reviews=False) for task in tasks], "total": total,
+            "limit": query_args.limit, "offset": query_args.offset}
+
+
+@api.get("/api/tasks/<task_id>")
+async def get_task(task_id: str) -> dict[str, object]:
+    """One task with every review decision."""
+    return (await runner().get_task(checked_id(task_id))).to_json()
+
+
+@api.post("/api/tasks/<task_id>/cancel")
+async def cancel_task(task_id: str) -> dict[str, object]:
+    """Cancel an unfinished task (409 if it has already finished)."""
+    return (await runner().cancel(checked_id(task_id))).to_json()
+
+
+@api.get("/healthz")
+async def healthz() -> dict[str, object]:
+    """Liveness and a few gauges."""
+    return {"status": "ok", "accepting": runner().accepting, "live_tasks": len(runner().trackers),
+            "subscribers": broker().subscriber_count()}
