@@ -1,0 +1,188 @@
+"""Fixtures: a config on a temporary database, the app, its test client, a real server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from quart import Quart
+from quart.typing import TestClientProtocol as Client
+
+from hitl import Config, create_app
+from hitl.processors import Processor
+from hitl.server import serve
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Config:
+    return Config(db=str(tmp_path / "hitl.db"), process_delay=0, retry_wait=0)
+
+
+@pytest.fixture
+def processor() -> Processor | None:
+    """Override in a test module to run the app with another processor."""
+    return None
+
+
+@pytest.fixture
+async def app(config: Config, processor: Processor | None) -> AsyncIterator[Quart]:
+    app = create_app(config, processor=processor)
+    async with app.test_app():
+        yield app
+
+
+@pytest.fixture
+def client(app: Quart) -> Client:
+    return app.test_client()
+
+
+@dataclass
+class LiveServer:
+    """A real hypercorn serving the app on a free loopback port."""
+
+    app: Quart
+    url: str
+    stop: asyncio.Event
+    task: asyncio.Task[None]
+
+    def http(self, **kwargs: Any) -> httpx.AsyncClient:
+        return httpx.AsyncClient(base_url=self.url, timeout=httpx.Timeout(10, read=30), **kwargs)
+
+
+async def start_server(config: Config, processor: Processor | None = None, port: int = 0
+                       ) -> LiveServer:
+    """Serve a new app on ``port`` (default: a free one), and wait until it answers."""
+    app = create_app(config, processor=processor)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restart on the same port
+    sock.bind(("127.0.0.1", port))
+    sock.listen(1024)
+    sock.set_inheritable(True)
+    port = sock.getsockname()[1]
+    stop = asyncio.Event()
+    task = asyncio.create_task(serve(app, config, stop=stop, bind=[f"fd://{sock.detach()}"]))
+    url = f"http://127.0.0.1:{port}"
+    async with httpx.AsyncClient(base_url=url) as http:
+        for _ in range(200):
+            try:
+                if (await http.get("/healthz")).status_code == 200:
+                    break
+            except httpx.TransportError:
+                await asyncio.sleep(0.02)
+    return LiveServer(app, url, stop, task)
+
+
+async def stop_server(server: LiveServer) -> None:
+    server.stop.set()
+    await asyncio.wait_for(server.task, 15)
+
+
+@pytest.fixture
+async def live_server(config: Config, processor: Processor | None) -> AsyncIterator[LiveServer]:
+    server = await start_server(config, processor)
+    try:
+        yield server
+    finally:
+        await stop_server(server)
+
+
+@dataclass
+class Event:
+    id: int | None
+    data: dict[str, Any]
+
+
+@dataclass
+class Watcher:
+    """Reads one SSE stream in the background, collecting its messages."""
+
+    events: list[Event] = field(default_factory=list)
+    comments: int = 0
+    retry: int | None = None
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task[None] | None = None
+    error: Exception | None = None
+
+    def statuses(self) -> list[str]:
+        return [event.data.get("status", "") for event in self.events]
+
+    def ids(self) -> list[int]:
+        return [event.id for event in self.events if event.id is not None]
+
+    async def wait_for(self, status: str, timeout: float = 10) -> Event:
+        async def seen() -> Event:
+            while True:
+                for event in self.events:
+                    if event.data.get("status") == status:
+                        return event
+                if self.done.is_set():
+                    raise AssertionError(f"stream ended without {status!r}: {self.statuses()}")
+                await asyncio.sleep(0.01)
+
+        return await asyncio.wait_for(seen(), timeout)
+
+
+async def read_sse(http: httpx.AsyncClient, path: str, watcher: Watcher,
+                   headers: dict[str, str] | None = None) -> None:
+    try:
+        async with http.stream("GET", path, headers=headers) as response:
+            assert response.status_code == 200, response.status_code
+            event_id: int | None = None
+            data: list[str] = []
+            async for line in response.aiter_lines():
+                if line.startswith("id:"):
+                    event_id = int(line[3:].strip())
+                elif line.startswith("data:"):
+                    data.append(line[5:].strip())
+                elif line.startswith("retry:"):
+                    watcher.retry = int(line[6:].strip())
+                elif line.startswith(":"):
+                    watcher.comments += 1
+                elif line == "" and data:
+                    watcher.events.append(Event(event_id, json.loads("\n".join(data))))
+                    event_id, data = None, []
+    except httpx.TransportError as exc:  # the server went away: the stream has ended
+        watcher.error = exc
+    finally:
+        watcher.done.set()
+
+
+@dataclass
+class ReviewActions:
+    """The steps a test takes against a live server, so tests read as the specification."""
+
+    http: httpx.AsyncClient
+
+    async def submit(self, data: str = "draft a reply") -> str:
+        response = await self.http.post("/submit", json={"data": data})
+        assert response.status_code == 202, response.text
+        return str(response.json()["task_id"])
+
+    def watch(self, task_id: str | None = None, last_id: int | None = None) -> Watcher:
+        watcher = Watcher()
+        headers = {"Last-Event-ID": str(last_id)} if last_id is not None else None
+        path = f"/stream/{task_id}" if task_id else "/stream"
+        watcher.task = asyncio.create_task(read_sse(self.http, path, watcher, headers))
+        return watcher
+
+    async def decide(self, task_id: str, feedback: str, **extra: Any) -> httpx.Response:
+        return await self.http.post(f"/feedback/{task_id}", json={"feedback": feedback, **extra})
+
+    async def approve(self, task_id: str, **extra: Any) -> httpx.Response:
+        return await self.decide(task_id, "approved", **extra)
+
+    async def reject(self, task_id: str, comment: str = "", **extra: Any) -> httpx.Response:
+        return await self.decide(task_id, "rejected", comment=comment, **extra)
+
+
+@pytest.fixture
+async def actions(live_server: LiveServer) -> AsyncIterator[ReviewActions]:
+    async with live_server.http() as http:
+        yield ReviewActions(http)

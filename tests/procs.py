@@ -1,0 +1,24 @@
+"""Processors for tests that run hitl in a subprocess (``--processor tests.procs:gated``)."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from hitl.processors import Job
+
+
+def gated(job: Job) -> str:
+    """Blocks (in its worker thread) on inputs with 'hold' until the gate file exists.
+
+    'hold later' blocks from the second attempt on.
+    """
+    gate = Path(os.environ.get("HITL_TEST_GATE", "/nonexistent"))
+    job.report(0.1, "started")
+    deadline = time.monotonic() + 60
+    hold = "hold" in job.task_input and not ("later" in job.task_input and job.attempt == 1)
+    while hold and not gate.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    comment = job.reviews[-1].comment if job.reviews else ""
+    return f"{job.task_input} (attempt {job.attempt}) {comment}".strip()
