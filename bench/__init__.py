@@ -1,0 +1,1 @@
+"""Load benchmarks for hitl against two baseline servers (see bench/README.md)."""

@@ -1,0 +1,1 @@
+"""Reference servers implementing hitl's HTTP/SSE API, used as benchmark baselines."""
