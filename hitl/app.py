@@ -9,23 +9,20 @@ from quart.typing import ResponseReturnValue
 from quart_schema import QuartSchema, RequestSchemaValidationError
 from werkzeug.exceptions import HTTPException
 
+from .asgi import HotPaths
 from .broker import Broker
 from .config import Config
-from .errors import HitlError
+from .errors import INTERNAL_ERROR, HitlError
 from .journal import Journal
 from .pages import error_page, pages, wants_html
 from .processors import Processor
-from .routes import api
+from .routes import JSON_POSTS, api
 from .runner import Runner
-from .sse_asgi import StreamEndpoints
+from .security import SECURITY_HEADERS
 from .store import Store
 from .ui_streams import FragmentCache
 
 log = logging.getLogger(__name__)
-
-# Pages load nothing from elsewhere and run no inline script (htmx is configured to match).
-CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
-       "connect-src 'self'; frame-ancestors 'none'; base-uri 'self'; form-action 'self'")
 
 
 def create_app(config: Config | None = None, *, processor: Processor | None = None) -> Quart:
@@ -50,7 +47,7 @@ def create_app(config: Config | None = None, *, processor: Processor | None = No
     app.register_blueprint(api)
     app.register_blueprint(pages)
     register_error_handlers(app)
-    app.asgi_app = StreamEndpoints(app, app.asgi_app)  # type: ignore[method-assign,assignment]
+    app.asgi_app = HotPaths(app, app.asgi_app, JSON_POSTS)  # type: ignore[method-assign,assignment]
     return app
 
 
@@ -85,12 +82,12 @@ def register_error_handlers(app: Quart) -> None:
     @app.errorhandler(Exception)
     async def unexpected(error: Exception) -> ResponseReturnValue:
         log.exception("unhandled error on %s %s", request.method, request.path)
-        return await error_response("internal error; it has been logged", 500)
+        return await error_response(INTERNAL_ERROR, 500)
 
     @app.after_request
     async def security_headers(response: Response) -> Response:
-        response.headers.setdefault("X-Content-Type-Options", "nosniff")
-        response.headers.setdefault("Content-Security-Policy", CSP)
+        for name, value in SECURITY_HEADERS.items():
+            response.headers.setdefault(name, value)
         return response
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+# What a client is told of a bug of ours (the details go to the log).
+INTERNAL_ERROR = "internal error; it has been logged"
+
 
 class HitlError(Exception):
     """An error the client caused, with the HTTP status that says so."""

@@ -1,7 +1,8 @@
 """The JSON API, kept compatible with the PocketFlow reference service.
 
-Its two SSE endpoints, ``GET /stream`` and ``GET /stream/<task_id>``, are served in
-plain ASGI ahead of Quart: see :mod:`hitl.sse_asgi`.
+Its hot paths are also served in plain ASGI ahead of Quart (:mod:`hitl.asgi`): the two
+SSE endpoints, and ``/submit`` and ``/feedback`` for a well-formed JSON body, through
+the same handlers as here (:data:`JSON_POSTS`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from typing import cast
 from quart import Blueprint, current_app
 from quart_schema import validate_querystring, validate_request, validate_response
 
+from .asgi import JsonPost
 from .broker import Broker
 from .models import Status
 from .runner import Runner
@@ -26,13 +28,27 @@ def broker() -> Broker:
     return cast(Broker, current_app.extensions["broker"])
 
 
+async def submit_task(runner: Runner, data: SubmitIn) -> SubmitOut:
+    task = await runner.submit(data.data)
+    return SubmitOut(message="Task submitted", task_id=task.task_id)
+
+
+async def give_feedback(runner: Runner, data: FeedbackIn, task_id: str) -> MessageOut:
+    await runner.decide(checked_id(task_id), data.feedback, data.comment, data.reviewer,
+                        data.attempt)
+    return MessageOut(message=f"Feedback '{data.feedback}' received")
+
+
+JSON_POSTS = (JsonPost("/submit", SubmitIn, 202, submit_task),
+              JsonPost("/feedback/", FeedbackIn, 200, give_feedback))
+
+
 @api.post("/submit")
 @validate_request(SubmitIn)
 @validate_response(SubmitOut, 202)
 async def submit(data: SubmitIn) -> tuple[SubmitOut, int]:
     """Submit a task; it is processed, then waits for a human review."""
-    task = await runner().submit(data.data)
-    return SubmitOut(message="Task submitted", task_id=task.task_id), 202
+    return await submit_task(runner(), data), 202
 
 
 @api.post("/feedback/<task_id>")
@@ -40,9 +56,7 @@ async def submit(data: SubmitIn) -> tuple[SubmitOut, int]:
 @validate_response(MessageOut)
 async def feedback(task_id: str, data: FeedbackIn) -> MessageOut:
     """Approve or reject the output under review (409 unless one is waiting)."""
-    await runner().decide(checked_id(task_id), data.feedback, data.comment, data.reviewer,
-                          data.attempt)
-    return MessageOut(message=f"Feedback '{data.feedback}' received")
+    return await give_feedback(runner(), data, task_id)
 
 
 @api.get("/api/tasks")
