@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 GLOBAL: Final = "*"
 HEARTBEAT: Final = Message(0, "", "", "", b": keep-alive\n\n")
 _CLOSE: Final = Message(0, "", "", "", b"")
+_NO_BACKLOG: Final[list[Message]] = []  # shared, never appended to: only replaced and popped
 
 HistoryLoader = Callable[[str, int], Awaitable[list[Message]]]
 
@@ -76,12 +77,12 @@ class Subscription:
         self.queue: asyncio.Queue[Message] = asyncio.Queue(broker.queue_size)
         self.dropped = False
         self.closed = broker.closed  # shutting down: the stream ends at once
-        self._backlog: list[Message] = []  # reversed, so the next one pops off the end
+        self._backlog = _NO_BACKLOG  # the replay, reversed: the next one pops off the end
 
     async def __aenter__(self) -> Subscription:
         replay = self.broker._register(self)
         if replay is not None:
-            self._backlog = (await replay)[::-1]
+            self._backlog = (await replay)[::-1] or _NO_BACKLOG
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -115,8 +116,12 @@ class Subscription:
     def _ready(self) -> Message | None:
         """The next message already here (replay first), skipping repeats; else None."""
         while not self.closed and (self._backlog or not self.queue.empty()):
-            message = self._admit(self._backlog.pop() if self._backlog
-                                  else self.queue.get_nowait())
+            if self._backlog:
+                message = self._admit(self._backlog.pop())
+                if not self._backlog:
+                    self._backlog = _NO_BACKLOG  # an idle watcher keeps no list of its own
+            else:
+                message = self._admit(self.queue.get_nowait())
             if message is not None:
                 return message
         return None
@@ -138,12 +143,17 @@ class Subscription:
     async def batch(self) -> list[Message]:
         """The next message and every other one already here; [] once it has ended.
 
-        A stream writes a batch as one chunk: a replay or a burst is one send.
+        A stream writes a batch as one chunk: a replay or a burst is one send. It waits
+        on the queue itself, as ``__anext__`` does, rather than through it: a coroutine
+        frame less for every idle watcher.
         """
-        try:
-            batch = [await self.__anext__()]
-        except StopAsyncIteration:
-            return []
+        while (message := self._ready()) is None:
+            if self.closed or self.dropped:
+                return []
+            message = self._admit(await self.queue.get())
+            if message is not None and not self.closed:
+                break
+        batch = [message]
         while (message := self._ready()) is not None:
             batch.append(message)
         return batch

@@ -12,8 +12,8 @@ from typing import cast
 from quart import Blueprint, current_app
 from quart_schema import validate_querystring, validate_request, validate_response
 
-from .asgi import JsonPost
 from .broker import Broker
+from .json_asgi import JsonPost
 from .models import Status
 from .runner import Runner
 from .schemas import FeedbackIn, MessageOut, SubmitIn, SubmitOut, TaskQuery, checked_id

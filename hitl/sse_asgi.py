@@ -16,16 +16,17 @@ from urllib.parse import parse_qs
 from quart import Quart
 
 from .broker import GLOBAL, Broker, Subscription
+from .errors import HitlError
+from .json_asgi import send_json
 from .runner import Runner
 from .schemas import checked_id
-from .streams import HEADERS, RETRY, STREAM_CLOSED, parse_last_id, stream_all, stream_task
+from .streams import HEADERS, RETRY, STREAM_CLOSED, encode, parse_last_id
 
 if TYPE_CHECKING:
     from .asgi import Receive, Scope, Send
 
 RAW_HEADERS = [(name.lower().encode(), value.encode()) for name, value in HEADERS.items()] + [
     (b"x-content-type-options", b"nosniff")]  # an event stream is never rendered: no CSP
-END = {"type": "http.response.body", "body": b"", "more_body": False}
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,24 +53,42 @@ async def check_stream(app: Quart, path: str, scope: Scope) -> Stream:
     return Stream(task_id, last_id, finished=status.terminal and (last_id or 0) >= last_seq)
 
 
-async def serve_stream(app: Quart, stream: Stream, receive: Receive, send: Send) -> None:
-    """Replay, then live messages, until the task finishes, the client leaves or we stop."""
+async def serve_stream(app: Quart, path: str, scope: Scope, receive: Receive,
+                       send: Send) -> None:
+    """Replay, then live messages, until the task finishes, the client leaves or we stop.
+
+    Every object this keeps while it waits is kept once per idle watcher: so the loop is
+    inline, and neither the last batch nor its chunk outlives its send.
+    """
+    try:
+        stream = await check_stream(app, path, scope)
+    except HitlError as error:
+        await send_json(send, error.status, {"error": error.message})
+        return
     await send({"type": "http.response.start", "status": 200, "headers": RAW_HEADERS})
     if stream.finished:
         await send({"type": "http.response.body", "body": RETRY + STREAM_CLOSED})
         return
     broker = cast(Broker, app.extensions["broker"])
+    head, more = RETRY, True  # the retry hint goes out with the replay, in one write
     async with broker.subscribe(stream.topic, stream.last_id) as subscription:
+        if not subscription.ready():  # nothing to replay: the client sees the stream open now
+            await send({"type": "http.response.body", "body": head, "more_body": True})
+            head = b""
         client_gone = asyncio.ensure_future(until_disconnect(receive, subscription))
         try:
-            if stream.topic == GLOBAL:
-                ended = await stream_all(subscription, send)
-            else:
-                ended = await stream_task(subscription, send)
+            while more:
+                chunk, more = encode(await subscription.batch(),
+                                     ends_at_terminal=stream.topic != GLOBAL)
+                if not chunk:  # ended: we are stopping, or it fell too far behind
+                    break
+                await send({"type": "http.response.body", "body": head + chunk,
+                            "more_body": more})
+                head = chunk = b""
         finally:
             client_gone.cancel()
-    if not ended:
-        await send(END)
+    if more:
+        await send({"type": "http.response.body", "body": head, "more_body": False})
 
 
 def last_event_id(scope: Scope) -> str | None:

@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from collections.abc import AsyncIterator
 
 from quart import Response
 
-from .broker import Subscription
 from .errors import Invalid
 from .models import Message
 
 STREAM_CLOSED = b'data: {"status":"stream_closed"}\n\n'
 RETRY_MS = 3000
 RETRY = f"retry: {RETRY_MS}\n\n".encode()
-Send = Callable[[dict[str, Any]], Awaitable[None]]
 HEADERS = {
     "Content-Type": "text/event-stream; charset=utf-8",
     "Cache-Control": "no-cache",
@@ -38,38 +35,14 @@ def sse_response(body: AsyncIterator[bytes]) -> Response:
     return response
 
 
-async def stream_task(subscription: Subscription, send: Send) -> bool:
-    """Send a task's messages (replay, then live) until a terminal status.
+def encode(batch: list[Message], *, ends_at_terminal: bool) -> tuple[bytes, bool]:
+    """A batch's frames as one chunk, and whether the stream goes on after it.
 
-    Plain coroutines writing to the ASGI ``send``: there is one per watcher, and every
-    frame and object kept here is multiplied by the number of watchers. Returns True
-    when it ended the response itself (the last chunk carries ``more_body=False``).
+    A task's stream ends after its terminal status, with ``stream_closed``; the global
+    stream carries every task's and goes on.
     """
-    head = RETRY  # the retry hint goes out with the replay, in one write
-    while batch := await subscription.batch():
-        chunk, finished = encode(batch)
-        await send({"type": "http.response.body", "body": head + chunk,
-                    "more_body": not finished})
-        head = b""
-        if finished:
-            return True
-    if head:
-        await send({"type": "http.response.body", "body": head, "more_body": True})
-    return False
-
-
-async def stream_all(subscription: Subscription, send: Send) -> bool:
-    """Send every task's messages (ids are global message numbers) until the server stops."""
-    await send({"type": "http.response.body", "body": RETRY, "more_body": True})
-    while batch := await subscription.batch():
-        chunk = b"".join(message.frame for message in batch)
-        await send({"type": "http.response.body", "body": chunk, "more_body": True})
-    return False
-
-
-def encode(batch: list[Message]) -> tuple[bytes, bool]:
-    """A batch's frames as one chunk, cut after a terminal status (then ``stream_closed``)."""
-    for count, message in enumerate(batch, start=1):
-        if message.terminal:
-            return b"".join(m.frame for m in batch[:count]) + STREAM_CLOSED, True
-    return b"".join(message.frame for message in batch), False
+    if ends_at_terminal:
+        for count, message in enumerate(batch, start=1):
+            if message.terminal:
+                return b"".join(m.frame for m in batch[:count]) + STREAM_CLOSED, False
+    return b"".join(message.frame for message in batch), True
