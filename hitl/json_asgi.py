@@ -139,7 +139,7 @@ def is_json(scope: Scope) -> bool:
 
 
 async def send_json(send: Send, status: int, body: dict[str, Any]) -> None:
-    payload = json.dumps(body).encode()
+    payload = (json.dumps(body, separators=(",", ":"), sort_keys=True) + "\n").encode()  # as Quart
     await send({"type": "http.response.start", "status": status, "headers": [
         (b"content-type", b"application/json"), (b"content-length", b"%d" % len(payload)),
         *RAW_SECURITY_HEADERS]})

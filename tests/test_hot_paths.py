@@ -119,8 +119,10 @@ async def test_both_paths_give_the_same_answers(client: Client, quart_calls: lis
         for content_type in ("application/json", "application/vnd.hitl+json"):
             quart_calls.clear()
             response = await client.post(path, data=body, headers={"Content-Type": content_type})
-            answer = await response.get_json()
-            answer.pop("task_id", None)
+            raw = await response.get_data()
+            answer = json.loads(raw)
+            if answer.pop("task_id", None) is None:  # else a new id: only the rest compares
+                answer["raw"] = raw
             answers.append((response.status_code, answer))
             reached_quart = bool(quart_calls)
             assert reached_quart == (content_type != "application/json" or not well_formed), (
