@@ -84,7 +84,6 @@ async def serve_json_post(app: Quart, quart: ASGIApp, post: JsonPost,
     await send_json(send, post.status, result.model_dump(mode="json"))
 
 
-
 @dataclass(slots=True)
 class Body:
     """A request body as read so far: all of it, or up to just past the size limit."""
