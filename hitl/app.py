@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
-from quart import Quart, Response, request
+from quart import Quart, Request, Response, request
 from quart.typing import ResponseReturnValue
 from quart_schema import QuartSchema, RequestSchemaValidationError
 from werkzeug.exceptions import HTTPException
@@ -12,7 +13,7 @@ from werkzeug.exceptions import HTTPException
 from .asgi import HotPaths
 from .broker import Broker
 from .config import Config
-from .errors import INTERNAL_ERROR, HitlError
+from .errors import BODY_TIMEOUT_ERROR, INTERNAL_ERROR, HitlError
 from .journal import Journal
 from .pages import error_page, pages, wants_html
 from .processors import Processor
@@ -29,6 +30,7 @@ def create_app(config: Config | None = None, *, processor: Processor | None = No
     """Build the hitl app; ``processor`` overrides ``config.processor`` (handy in tests)."""
     config = config or Config()
     app = Quart(__name__)
+    app.request_class = JsonRequest
     # No 60 s wrapper task around every response: ours are small JSON, pages, or streams
     # that must never be cut (measured: one task less per request).
     app.config.update(MAX_CONTENT_LENGTH=config.max_body, RESPONSE_TIMEOUT=None, HITL=config)
@@ -49,6 +51,18 @@ def create_app(config: Config | None = None, *, processor: Processor | None = No
     register_error_handlers(app)
     app.asgi_app = HotPaths(app, app.asgi_app, JSON_POSTS)  # type: ignore[method-assign,assignment]
     return app
+
+
+class JsonRequest(Request):
+    """Quart's request, with a JSON body that is not UTF-8 refused like any malformed one
+    (Quart lets the decoding error escape as a 500)."""
+
+    async def get_json(self, force: bool = False, silent: bool = False,
+                       cache: bool = True) -> Any:
+        try:
+            return await super().get_json(force, silent, cache)
+        except UnicodeDecodeError as error:
+            return None if silent else self.on_json_loading_failed(error)
 
 
 async def error_response(message: str, status: int) -> ResponseReturnValue:
@@ -75,7 +89,7 @@ def register_error_handlers(app: Quart) -> None:
     @app.errorhandler(HTTPException)
     async def http_error(error: HTTPException) -> ResponseReturnValue:
         status = error.code or 500
-        message = {400: "malformed request body (invalid JSON?)",
+        message = {400: "malformed request body (invalid JSON?)", 408: BODY_TIMEOUT_ERROR,
                    413: "request body is too large"}.get(status, error.description or error.name)
         return await error_response(message, status)
 

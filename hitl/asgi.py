@@ -42,8 +42,9 @@ class HotPaths:
     def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
         """The coroutine that answers this request, for the server to await.
 
-        Not a coroutine itself, so an open stream keeps no frame of the dispatcher
-        (hypercorn is told the mode, as it cannot tell it from a plain method).
+        Not a coroutine itself, so an open stream keeps no frame of the dispatcher. A
+        server must be told this is ASGI (``hitl.server`` passes hypercorn ``mode="asgi"``);
+        the Quart app object itself stays a plain async ASGI app for any server.
         """
         if scope["type"] == "http":
             method, path = scope["method"], scope["path"]

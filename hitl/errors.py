@@ -4,6 +4,8 @@ from __future__ import annotations
 
 # What a client is told of a bug of ours (the details go to the log).
 INTERNAL_ERROR = "internal error; it has been logged"
+# ... and of a request body that stopped arriving (Quart's BODY_TIMEOUT).
+BODY_TIMEOUT_ERROR = "the request body did not arrive in time"
 
 
 class HitlError(Exception):

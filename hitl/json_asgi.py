@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, cast
 from pydantic import BaseModel, ValidationError
 from quart import Quart
 
-from .errors import INTERNAL_ERROR, HitlError
+from .errors import BODY_TIMEOUT_ERROR, INTERNAL_ERROR, HitlError
 from .runner import Runner
 from .security import RAW_SECURITY_HEADERS
 
@@ -59,7 +59,7 @@ async def serve_json_post(app: Quart, quart: ASGIApp, post: JsonPost,
         async with asyncio.timeout(app.config["BODY_TIMEOUT"]):
             body = await read_body(receive, limit)
     except TimeoutError:
-        await send_json(send, 408, {"error": "the request body did not arrive in time"})
+        await send_json(send, 408, {"error": BODY_TIMEOUT_ERROR})
         return
     if body is None:  # the client went away
         return

@@ -59,7 +59,7 @@ async def serve(app: Quart, config: Config, *, stop: asyncio.Event | None = None
 
     tune_gc()
     # Quart.__call__ only awaits app.asgi_app: serving that directly saves a frame per
-    # open stream (the SSE middleware is outermost there).
+    # open stream (HotPaths, the hot endpoints' layer, is outermost there).
     await hypercorn_serve(app.asgi_app, settings, shutdown_trigger=shutdown_trigger,
                           mode="asgi")  # HotPaths is a plain callable returning coroutines
 

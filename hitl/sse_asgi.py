@@ -20,13 +20,17 @@ from .errors import HitlError
 from .json_asgi import send_json
 from .runner import Runner
 from .schemas import checked_id
-from .streams import HEADERS, RETRY, STREAM_CLOSED, encode, parse_last_id
+from .security import SECURITY_HEADERS
+from .streams import HEADERS as STREAM_HEADERS
+from .streams import RETRY, STREAM_CLOSED, encode, parse_last_id
 
 if TYPE_CHECKING:
     from .asgi import Receive, Scope, Send
 
-RAW_HEADERS = [(name.lower().encode(), value.encode()) for name, value in HEADERS.items()] + [
-    (b"x-content-type-options", b"nosniff")]  # an event stream is never rendered: no CSP
+# An event stream is never rendered as a page: it needs no Content-Security-Policy.
+RAW_HEADERS = [(name.lower().encode(), value.encode())
+               for name, value in {**STREAM_HEADERS, **SECURITY_HEADERS}.items()
+               if name != "Content-Security-Policy"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,7 +43,9 @@ class Stream:
 
 
 def is_stream_path(path: str) -> bool:
-    return path == "/stream" or (path.startswith("/stream/") and path.count("/") == 2)
+    """``/stream``, or ``/stream/`` and a task id (as Quart's routing would match them)."""
+    return path == "/stream" or (path.startswith("/stream/") and path.count("/") == 2
+                                 and len(path) > len("/stream/"))
 
 
 async def check_stream(app: Quart, path: str, scope: Scope) -> Stream:

@@ -134,7 +134,7 @@ async def test_bad_input_gets_a_clear_json_error(
 
 
 async def test_unknown_and_overlong_ids_on_get(client: Client) -> None:
-    for path, status in (("/api/tasks/unknown", 404), ("/stream/unknown", 404),
+    for path, status in (("/api/tasks/unknown", 404), ("/stream/unknown", 404), ("/stream/", 404),
                          ("/api/tasks/" + "a" * 300, 400), ("/stream/" + "a" * 300, 400),
                          ("/no/such/page", 404)):
         response = await client.get(path)

@@ -17,6 +17,7 @@ from quart import Quart
 from quart.typing import TestClientProtocol as Client
 
 from hitl.asgi import HotPaths
+from hitl.errors import BODY_TIMEOUT_ERROR
 from hitl.runner import Runner
 
 from .test_api import submit, wait_status
@@ -108,6 +109,7 @@ async def test_both_paths_give_the_same_answers(client: Client, quart_calls: lis
         ("/submit", b'{"data": 42}', 400, False),
         ("/submit", b"{not json", 400, False),
         ("/submit", b"[]", 400, False),
+        ("/submit", b'{"data": "\xff"}', 400, False),  # not UTF-8
         (f"/feedback/{waiting}", b'{"feedback": "maybe"}', 400, False),
         (f"/feedback/{waiting}", b'{"feedback": "approved", "attempt": 7}', 409, True),
         (f"/feedback/{finished}", b'{"feedback": "approved"}', 409, True),
@@ -145,13 +147,18 @@ async def test_a_body_in_chunks_is_read_whole_and_kept_to_the_limit(
     assert quart_calls == ["POST /submit"]  # Quart read the rest and said why
 
 
-async def test_a_body_that_never_arrives_is_408(app: Quart, quart_calls: list[str]) -> None:
+async def test_a_body_that_never_arrives_is_408_on_both_paths(
+    app: Quart, quart_calls: list[str]
+) -> None:
     app.config["BODY_TIMEOUT"] = 0.1
-    status, _, body = await asgi_call(app, "/submit", [b'{"data": '],
-                                      {"content-type": "application/json",
-                                       "content-length": "20"}, complete=False)
-    assert status == 408 and "in time" in json.loads(body)["error"]
-    assert not quart_calls
+    answers = []
+    for content_type in ("application/json", "application/vnd.hitl+json"):
+        status, _, body = await asgi_call(app, "/submit", [b'{"data": '],
+                                          {"content-type": content_type,
+                                           "content-length": "20"}, complete=False)
+        answers.append((status, json.loads(body)))
+    assert answers[0] == answers[1] == (408, {"error": BODY_TIMEOUT_ERROR})
+    assert quart_calls == ["POST /submit"]  # only the second
 
 
 async def test_a_client_leaving_mid_body_creates_nothing(app: Quart) -> None:
