@@ -42,10 +42,9 @@ class ServerProcess:
     def start(self) -> ServerProcess:
         env = {**os.environ, "PYTHONPATH": str(ROOT), "HITL_PROCESS_DELAY": "0",
                "HITL_RETRY_WAIT": "0", **self.env}
-        log = open(self.db.with_suffix(f".{self.port}.log"), "ab")  # noqa: SIM115
-        self.proc = subprocess.Popen(self.command(), cwd=ROOT, env=env, stdout=log,
-                                     stderr=subprocess.STDOUT)
-        log.close()
+        with open(self.db.with_suffix(f".{self.port}.log"), "ab") as log:  # the child keeps it
+            self.proc = subprocess.Popen(self.command(), cwd=ROOT, env=env, stdout=log,
+                                         stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
