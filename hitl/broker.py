@@ -15,12 +15,13 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Final, Protocol
 
 from quart import Quart
 
+from .lifecycle import attach
 from .models import Message
 
 log = logging.getLogger(__name__)
@@ -190,13 +191,7 @@ class Broker:
         self.closed = False
 
     def init_app(self, app: Quart) -> None:
-        app.extensions["broker"] = self
-        app.while_serving(self._serving)
-
-    async def _serving(self) -> AsyncGenerator[None, None]:
-        await self.start()
-        yield
-        await self.close()
+        attach(app, "broker", self, self.start, self.close)
 
     async def start(self) -> None:
         self.closed = False

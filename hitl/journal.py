@@ -12,12 +12,12 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncGenerator
 from typing import Any
 
 from quart import Quart
 
 from .broker import GLOBAL, Broker
+from .lifecycle import attach
 from .models import Review, Task, TaskEvent
 from .store import Store, Write
 
@@ -39,13 +39,7 @@ class Journal:
         self._next_gid = 1
 
     def init_app(self, app: Quart) -> None:
-        app.extensions["journal"] = self
-        app.while_serving(self._serving)
-
-    async def _serving(self) -> AsyncGenerator[None, None]:
-        await self.start()
-        yield
-        await self.close()
+        attach(app, "journal", self, self.start, self.close)
 
     async def start(self) -> None:
         self._next_gid = await self.store.last_gid() + 1

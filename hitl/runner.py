@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import OrderedDict
-from collections.abc import AsyncGenerator
 
 from pocketflow import AsyncFlow
 from quart import Quart
@@ -19,6 +18,7 @@ from .config import Config
 from .errors import Conflict, NotFound, TaskFailed, Unavailable
 from .flow import Step, build_flow
 from .journal import Journal
+from .lifecycle import attach
 from .models import Decision, Review, Status, Task, new_task_id
 from .nodes import check_attempts_left
 from .processors import Processor, ProcessorPool, load_processor
@@ -46,13 +46,7 @@ class Runner:
         self._finished: OrderedDict[str, tuple[Status, int]] = OrderedDict()
 
     def init_app(self, app: Quart) -> None:
-        app.extensions["runner"] = self
-        app.while_serving(self._serving)
-
-    async def _serving(self) -> AsyncGenerator[None, None]:
-        await self.start()
-        yield
-        await self.close()
+        attach(app, "runner", self, self.start, self.close)
 
     async def start(self) -> None:
         """Resume every unfinished task, then take new work."""

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import sqlite3
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ from quart import Quart
 
 from .broker import GLOBAL
 from .errors import StartupError
+from .lifecycle import attach
 from .models import TERMINAL, Message, Review, Status, Task, TaskEvent
 
 MIGRATIONS: tuple[str, ...] = (
@@ -101,13 +102,7 @@ class Store:
         self._write_lock = asyncio.Lock()  # one transaction at a time on the writer
 
     def init_app(self, app: Quart) -> None:
-        app.extensions["store"] = self
-        app.while_serving(self._serving)
-
-    async def _serving(self) -> AsyncGenerator[None, None]:
-        await self.open()
-        yield
-        await self.close()
+        attach(app, "store", self, self.open, self.close)
 
     async def open(self) -> None:
         """Connect, check the file is usable and bring its schema up to date."""
