@@ -99,7 +99,8 @@ def run_server(config: Config) -> int:
 
     logging.basicConfig(level=config.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(with_store(config.db, lambda store, _: asyncio.sleep(0), None))  # fail early
+    # Fail early, with one line: unusable file, full disk, or another server on it.
+    asyncio.run(with_store(config.db, lambda store, _: asyncio.sleep(0), None, exclusive=True))
     app = create_app(config)
     logging.getLogger(__name__).info("hitl on http://%s:%s (database %s, pid %d)",
                                      config.host, config.port, config.db, os.getpid())
@@ -114,8 +115,8 @@ def run_server(config: Config) -> int:
 
 async def with_store(path: str, command: Callable[[Store, argparse.Namespace | None],
                                                   Awaitable[object]],
-                     args: argparse.Namespace | None) -> int:
-    store = Store(path)
+                     args: argparse.Namespace | None, *, exclusive: bool = False) -> int:
+    store = Store(path, exclusive=exclusive)
     await store.open()
     try:
         result = await command(store, args)

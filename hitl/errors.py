@@ -38,6 +38,19 @@ class Unavailable(HitlError):
     status = 503
 
 
+class StorageUnavailable(Unavailable):
+    """A change could not be stored (disk full, read-only file, I/O error): nothing of it
+    is visible, and the client may send it again once storage recovers."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"storage unavailable: {reason}")
+        self.reason = reason
+
+
+class DuplicateKey(Exception):
+    """A write broke a uniqueness rule of the store (an Idempotency-Key already used)."""
+
+
 class ConfigError(Exception):
     """A bad setting: start-up stops with this one-line message."""
 

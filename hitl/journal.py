@@ -1,9 +1,14 @@
 """Write first, then publish: every state change is committed before anyone sees it.
 
-Changes are numbered as they are recorded (per-task ``seq``, global ``gid``) and go
-through one queue to a single writer, which commits whatever has piled up in one
-transaction and then publishes the batch in order. Under load that is one commit for
-many changes (group commit), and watchers never see a state that is not stored.
+Changes go through one queue to a single writer, which commits whatever has piled up in
+one transaction and then publishes the batch in order: under load, one commit for many
+changes (group commit), and watchers never see a state that is not stored.
+
+A failed write fails only its own change. When a batch cannot be committed, its changes
+are tried again one by one, so other tasks' changes still land. A task whose change
+failed is *refused* from then on: its later changes, queued or new, fail too (a task's
+messages never skip a number), until the runner reloads it from the store. Global
+message numbers are given at commit, to committed changes only, so they have no gaps.
 """
 
 from __future__ import annotations
@@ -12,20 +17,29 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import Any
 
 from quart import Quart
 
 from .broker import GLOBAL, Broker
+from .errors import DuplicateKey, StorageUnavailable
 from .lifecycle import attach
 from .models import Review, Task, TaskEvent
-from .store import Store, Write
+from .store import IdempotencyKey, Store, Write
 
 log = logging.getLogger(__name__)
 
 _MAX_BATCH = 1000
 
-Pending = tuple[Write, "asyncio.Future[None]"]
+
+@dataclass(slots=True)
+class Pending:
+    """A change waiting for the writer, and the future its caller awaits."""
+
+    write: Write
+    done: asyncio.Future[None]
 
 
 class Journal:
@@ -34,6 +48,9 @@ class Journal:
     def __init__(self, store: Store, broker: Broker) -> None:
         self.store = store
         self.broker = broker
+        self.failure: str | None = None  # why writes fail, while they do
+        self.refused: set[str] = set()  # tasks whose last change could not be stored
+        self.on_refused: Callable[[str], None] = lambda task_id: None
         self._queue: asyncio.Queue[Pending] = asyncio.Queue()
         self._writer: asyncio.Task[None] | None = None
         self._next_gid = 1
@@ -55,23 +72,48 @@ class Journal:
             await self._writer
         self._writer = None
 
-    def record(
-        self, task: Task, payload: dict[str, Any] | None = None, review: Review | None = None
-    ) -> asyncio.Future[None]:
+    def record(self, task: Task, payload: dict[str, Any] | None = None,
+               review: Review | None = None, idempotency: IdempotencyKey | None = None
+               ) -> asyncio.Future[None]:
         """Queue the task's current row (and an event, a review); done once committed.
 
-        Numbering happens here, synchronously, so ids follow the order of the calls.
+        The task's message number is given here, synchronously, so a task's messages
+        follow the order of the calls.
         """
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if task.task_id in self.refused:
+            done.set_exception(self._refusal())
+            return done
         task.updated_at = time.time()
         event = None
         if payload is not None:
             task.last_seq += 1
-            event = TaskEvent.create(task.task_id, task.last_seq, self._next_gid,
+            event = TaskEvent.create(task.task_id, task.last_seq, 0,
                                      {"task_id": task.task_id, **payload})
-            self._next_gid += 1
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait((Write(task.row(), event, review), done))
+        self._queue.put_nowait(Pending(Write(task.row(), event, review, idempotency), done))
         return done
+
+    def check_writable(self, task_id: str) -> None:
+        """Raise :class:`StorageUnavailable` now if the task's changes are refused."""
+        if task_id in self.refused:
+            raise self._refusal()
+
+    def forgive(self, task_id: str) -> None:
+        """The task was reloaded from the store: its changes are taken again."""
+        self.refused.discard(task_id)
+
+    async def probe(self) -> bool:
+        """Whether the store takes writes again (a tiny real write while they failed)."""
+        if self.failure is None:
+            return True
+        try:
+            await self.store.probe()
+        except StorageUnavailable as exc:
+            self.failure = exc.reason
+            return False
+        log.info("storage writable again")
+        self.failure = None
+        return True
 
     async def _write_forever(self) -> None:
         while True:
@@ -80,25 +122,77 @@ class Journal:
                 batch.append(self._queue.get_nowait())
             try:
                 await self._commit(batch)
+            except Exception as exc:  # a bug of ours: fail the batch, keep writing
+                log.exception("journal writer failed")
+                for pending in batch:
+                    _settle(pending, exc)
             finally:
                 for _ in batch:
                     self._queue.task_done()
 
     async def _commit(self, batch: list[Pending]) -> None:
-        try:
-            await self.store.write([write for write, _ in batch])
-        except Exception as exc:
-            log.exception("could not store %d change(s)", len(batch))
-            while not self._queue.empty():  # later changes must not land without these
-                batch.append(self._queue.get_nowait())  # (the caller marks them done)
-            for _, done in batch:
-                if not done.done():
-                    done.set_exception(exc)
+        """Commit the batch at once; if that fails, each change alone, in order."""
+        batch = [pending for pending in batch if not self._refuse_if_failed(pending)]
+        if not batch:
             return
-        for write, done in batch:
-            if write.event is not None:
-                task_message, global_message = write.event.messages()
-                self.broker.publish(write.event.task_id, task_message)
+        try:
+            await self._store_and_publish(batch)
+            return
+        except (StorageUnavailable, DuplicateKey) as exc:
+            if len(batch) == 1:
+                self._fail(batch[0], exc)
+                return
+        for pending in batch:
+            if self._refuse_if_failed(pending):
+                continue
+            try:
+                await self._store_and_publish([pending])
+            except (StorageUnavailable, DuplicateKey) as exc:
+                self._fail(pending, exc)
+
+    async def _store_and_publish(self, batch: list[Pending]) -> None:
+        gid = self._next_gid
+        for pending in batch:  # numbered in commit order, so committed ids are contiguous
+            event = pending.write.event
+            if event is not None:
+                pending.write = replace(pending.write, event=replace(event, gid=gid))
+                gid += 1
+        await self.store.write([pending.write for pending in batch])
+        self._next_gid = gid
+        self.failure = None
+        for pending in batch:
+            event = pending.write.event
+            if event is not None:
+                task_message, global_message = event.messages()
+                self.broker.publish(event.task_id, task_message)
                 self.broker.publish(GLOBAL, global_message)
-            if not done.done():
-                done.set_result(None)
+            _settle(pending, None)
+
+    def _fail(self, pending: Pending, exc: Exception) -> None:
+        task_id = pending.write.task_id
+        if isinstance(exc, StorageUnavailable):
+            if self.failure is None:
+                log.error("storage unavailable: %s", exc.reason)
+            self.failure = exc.reason
+        self.refused.add(task_id)
+        _settle(pending, exc)
+        self.on_refused(task_id)
+
+    def _refuse_if_failed(self, pending: Pending) -> bool:
+        if pending.write.task_id not in self.refused:
+            return False
+        _settle(pending, self._refusal())
+        return True
+
+    def _refusal(self) -> StorageUnavailable:
+        return StorageUnavailable(self.failure or "an earlier change of this task was not "
+                                                  "stored; it is being reloaded")
+
+
+def _settle(pending: Pending, error: BaseException | None) -> None:
+    if pending.done.done():
+        return
+    if error is None:
+        pending.done.set_result(None)
+    else:
+        pending.done.set_exception(error)

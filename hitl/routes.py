@@ -9,14 +9,22 @@ from __future__ import annotations
 
 from typing import cast
 
-from quart import Blueprint, current_app
+from quart import Blueprint, current_app, request
 from quart_schema import validate_querystring, validate_request, validate_response
 
 from .broker import Broker
 from .json_asgi import JsonPost
 from .models import Status
 from .runner import Runner
-from .schemas import FeedbackIn, MessageOut, SubmitIn, SubmitOut, TaskQuery, checked_id
+from .schemas import (
+    FeedbackIn,
+    MessageOut,
+    SubmitIn,
+    SubmitOut,
+    TaskQuery,
+    checked_id,
+    idempotency_key,
+)
 
 api = Blueprint("api", __name__)
 
@@ -28,8 +36,8 @@ def broker() -> Broker:
     return cast(Broker, current_app.extensions["broker"])
 
 
-async def submit_task(runner: Runner, data: SubmitIn) -> SubmitOut:
-    task = await runner.submit(data.data)
+async def submit_task(runner: Runner, data: SubmitIn, key: str | None = None) -> SubmitOut:
+    task = await runner.submit(data.data, key)
     return SubmitOut(message="Task submitted", task_id=task.task_id)
 
 
@@ -39,8 +47,7 @@ async def give_feedback(runner: Runner, data: FeedbackIn, task_id: str) -> Messa
     return MessageOut(message=f"Feedback '{data.feedback}' received")
 
 
-JSON_POSTS = (JsonPost("/submit", SubmitIn, 202, submit_task),
-              JsonPost("/feedback/", FeedbackIn, 200, give_feedback))
+JSON_POSTS = (JsonPost("/feedback/", FeedbackIn, 200, give_feedback),)
 
 
 @api.post("/submit")
@@ -48,7 +55,7 @@ JSON_POSTS = (JsonPost("/submit", SubmitIn, 202, submit_task),
 @validate_response(SubmitOut, 202)
 async def submit(data: SubmitIn) -> tuple[SubmitOut, int]:
     """Submit a task; it is processed, then waits for a human review."""
-    return await submit_task(runner(), data), 202
+    return await submit_task(runner(), data, idempotency_key(request.headers)), 202
 
 
 @api.post("/feedback/<task_id>")
@@ -82,7 +89,7 @@ async def cancel_task(task_id: str) -> dict[str, object]:
 
 
 @api.get("/healthz")
-async def healthz() -> dict[str, object]:
-    """Liveness and a few gauges."""
-    return {"status": "ok", "accepting": runner().accepting, "live_tasks": len(runner().trackers),
-            "subscribers": broker().subscriber_count()}
+async def healthz() -> tuple[dict[str, object], int]:
+    """Liveness and a few gauges; 503 while changes cannot be stored."""
+    health = runner().health()
+    return health, 200 if health["status"] == "ok" else 503

@@ -5,11 +5,13 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from werkzeug.datastructures import Headers
 
 from .errors import Invalid
 
 MAX_TEXT = 200_000
 MAX_ID_LENGTH = 64
+MAX_KEY_LENGTH = 255
 
 
 def checked_id(task_id: str) -> str:
@@ -17,6 +19,16 @@ def checked_id(task_id: str) -> str:
     if len(task_id) > MAX_ID_LENGTH:
         raise Invalid(f"task id is too long ({len(task_id)} characters; at most {MAX_ID_LENGTH})")
     return task_id
+
+
+def idempotency_key(headers: Headers) -> str | None:
+    """A submit's ``Idempotency-Key`` header: 1 to 255 visible ASCII characters."""
+    key = headers.get("Idempotency-Key")
+    if key is None:
+        return None
+    if not 0 < len(key) <= MAX_KEY_LENGTH or not (key.isascii() and key.isprintable()):
+        raise Invalid(f"Idempotency-Key must be 1 to {MAX_KEY_LENGTH} visible ASCII characters")
+    return key
 
 
 class SubmitIn(BaseModel):

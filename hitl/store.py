@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
+import os
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -20,7 +22,7 @@ import aiosqlite
 from quart import Quart
 
 from .broker import GLOBAL
-from .errors import StartupError
+from .errors import DuplicateKey, StartupError, StorageUnavailable
 from .lifecycle import attach
 from .models import TERMINAL, Message, Review, Status, Task, TaskEvent
 
@@ -59,7 +61,18 @@ MIGRATIONS: tuple[str, ...] = (
         UNIQUE (task_id, seq)
     );
     """,
+    """
+    CREATE TABLE idempotency_keys (
+        key          TEXT PRIMARY KEY,
+        task_id      TEXT NOT NULL REFERENCES tasks (task_id) ON DELETE CASCADE,
+        request_hash TEXT NOT NULL,
+        created_at   REAL NOT NULL
+    );
+    CREATE INDEX idempotency_keys_by_task ON idempotency_keys (task_id);
+    """,
 )
+
+IDEMPOTENCY_WINDOW = 24 * 3600  # seconds an Idempotency-Key stands for its task
 
 _UPSERT_TASK = """
     INSERT INTO tasks (task_id, task_input, status, attempt, processed_output, final_result,
@@ -79,8 +92,23 @@ _INSERT_MESSAGE = """
     INSERT INTO messages (gid, task_id, seq, status, data)
     VALUES (:gid, :task_id, :seq, :status, :data)
 """
+_FORGET_EXPIRED_KEY = """
+    DELETE FROM idempotency_keys WHERE key = :key AND created_at <= :cutoff
+"""
+_INSERT_KEY = """
+    INSERT INTO idempotency_keys (key, task_id, request_hash, created_at)
+    VALUES (:key, :task_id, :request_hash, :created_at)
+"""
 _TASK_COLUMNS = """task_id, task_input, status, attempt, processed_output, final_result,
                    error, last_seq, created_at, updated_at"""
+
+
+@dataclass(frozen=True, slots=True)
+class IdempotencyKey:
+    """A client's key for one submit, stored with the task it created."""
+
+    key: str
+    request_hash: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,26 +118,35 @@ class Write:
     task: dict[str, Any]
     event: TaskEvent | None = None
     review: Review | None = None
+    idempotency: IdempotencyKey | None = None
+
+    @property
+    def task_id(self) -> str:
+        return str(self.task["task_id"])
 
 
 class Store:
     """The database of one hitl service (or of the CLI reading it)."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, *, exclusive: bool = False) -> None:
         self.path = path
+        self.exclusive = exclusive  # a server's: one process per database file
         self._writer: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
         self._write_lock = asyncio.Lock()  # one transaction at a time on the writer
+        self._lock_fd: int | None = None
 
     def init_app(self, app: Quart) -> None:
         attach(app, "store", self, self.open, self.close)
 
     async def open(self) -> None:
         """Connect, check the file is usable and bring its schema up to date."""
+        in_memory = self.path == ":memory:" or self.path.startswith("file::memory:")
         try:
+            if self.exclusive and not in_memory:
+                self._lock_fd = lock_exclusively(self.path)
             self._writer = await self._connect()
             await self._migrate(self._writer)  # StartupError if the schema is too new
-            in_memory = self.path == ":memory:" or self.path.startswith("file::memory:")
             self._reader = self._writer if in_memory else await self._connect()
         except StartupError:
             await self.close()
@@ -158,7 +195,7 @@ class Store:
             await conn.execute(f"PRAGMA user_version = {len(MIGRATIONS)}")  # a real write
             await conn.execute("COMMIT")
         except BaseException:
-            await conn.execute("ROLLBACK")
+            await _rollback(conn)
             raise
 
     async def close(self) -> None:
@@ -166,6 +203,9 @@ class Store:
         for conn in {id(c): c for c in (self._reader, self._writer) if c is not None}.values():
             await conn.close()
         self._writer = self._reader = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the lock
+            self._lock_fd = None
 
     @property
     def writer(self) -> aiosqlite.Connection:
@@ -180,29 +220,60 @@ class Store:
         return self._reader
 
     async def write(self, batch: Sequence[Write]) -> None:
-        """Apply a batch of changes in one transaction: all of them or none."""
-        tasks = list({w.task["task_id"]: w.task for w in batch}.values())  # newest row wins
-        reviews = [{"task_id": w.task["task_id"], **_review_row(w.review)}
+        """Apply a batch of changes in one transaction: all of them or none.
+
+        Raises :class:`StorageUnavailable` when the database cannot take writes, and
+        :class:`DuplicateKey` when a change breaks a uniqueness rule.
+        """
+        tasks = list({w.task_id: w.task for w in batch}.values())  # newest row wins
+        reviews = [{"task_id": w.task_id, **_review_row(w.review)}
                    for w in batch if w.review is not None]
         messages = [_message_row(w.event) for w in batch if w.event is not None]
+        keys = [{"key": w.idempotency.key, "request_hash": w.idempotency.request_hash,
+                 "task_id": w.task_id, "created_at": w.task["created_at"],
+                 "cutoff": time.time() - IDEMPOTENCY_WINDOW}
+                for w in batch if w.idempotency is not None]
         async with self._transaction() as conn:
             await conn.executemany(_UPSERT_TASK, tasks)
             if reviews:
                 await conn.executemany(_INSERT_REVIEW, reviews)
             if messages:
                 await conn.executemany(_INSERT_MESSAGE, messages)
+            for key in keys:  # a key older than its window may be used again
+                await conn.execute(_FORGET_EXPIRED_KEY, key)
+                await conn.execute(_INSERT_KEY, key)
+
+    async def probe(self) -> None:
+        """A tiny real write: raises :class:`StorageUnavailable` while writes still fail."""
+        async with self._transaction() as conn:
+            await conn.execute(f"PRAGMA user_version = {len(MIGRATIONS)}")
 
     @contextlib.asynccontextmanager
     async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+        """One write transaction; a failed one (commit included) is rolled back, and a
+        database that cannot take it is reported as :class:`StorageUnavailable`."""
         async with self._write_lock:
             conn = self.writer
-            await conn.execute("BEGIN IMMEDIATE")
             try:
+                await conn.execute("BEGIN IMMEDIATE")
                 yield conn
-            except BaseException:
-                await conn.execute("ROLLBACK")
+                await conn.execute("COMMIT")
+            except BaseException as exc:
+                await _rollback(conn)
+                if isinstance(exc, sqlite3.IntegrityError):
+                    raise DuplicateKey(str(exc)) from exc
+                if isinstance(exc, sqlite3.Error | OSError):
+                    raise StorageUnavailable(str(exc)) from exc
                 raise
-            await conn.execute("COMMIT")
+
+    async def find_idempotent(self, key: str) -> tuple[str, str] | None:
+        """The task an Idempotency-Key created within its window, and the request's hash."""
+        rows = await self.reader.execute_fetchall(
+            """SELECT task_id, request_hash FROM idempotency_keys
+                WHERE key = :key AND created_at > :cutoff""",
+            {"key": key, "cutoff": time.time() - IDEMPOTENCY_WINDOW},
+        )
+        return next(((str(row[0]), str(row[1])) for row in rows), None)
 
     async def get_task(self, task_id: str) -> Task | None:
         rows = await self.reader.execute_fetchall(
@@ -306,6 +377,15 @@ class Store:
         )
         return next(iter(rows))[0] if rows else 0
 
+    async def forget_expired_keys(self) -> int:
+        """Delete Idempotency-Keys past their window; how many went."""
+        async with self._transaction() as conn:
+            cursor = await conn.execute(
+                "DELETE FROM idempotency_keys WHERE created_at <= :cutoff",
+                {"cutoff": time.time() - IDEMPOTENCY_WINDOW},
+            )
+            return cursor.rowcount
+
     async def purge_finished(self, older_than_days: float) -> int:
         """Delete finished tasks last updated before the cut-off; how many went."""
         cutoff = time.time() - older_than_days * 86400
@@ -316,6 +396,35 @@ class Store:
                 {"cutoff": cutoff},
             )
             return cursor.rowcount
+
+
+async def _rollback(conn: aiosqlite.Connection) -> None:
+    """Roll back if a transaction is open: SQLite ends some failed ones by itself (a full
+    disk), and a failing ROLLBACK must not hide the error that caused it."""
+    with contextlib.suppress(sqlite3.Error):
+        if conn.in_transaction:
+            await conn.execute("ROLLBACK")
+
+
+def lock_exclusively(path: str) -> int:
+    """Hold ``<path>.lock`` for this process (its file descriptor): a second server on one
+    file would fail every write. The lock ends with the process, however it ends."""
+    lock_path = path.removeprefix("file:").split("?", 1)[0] + ".lock"
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise StartupError(f"cannot use database {path!r}: {exc}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise StartupError(f"database {path!r} is in use by another hitl serve "
+                           f"(pid {holder}); stop it or use another --db") from None
+    with contextlib.suppress(OSError):  # the pid is only for that message
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+    return fd
 
 
 def _task(row: sqlite3.Row) -> Task:

@@ -15,6 +15,7 @@ from .errors import Conflict
 from .journal import Journal
 from .models import Review, Status, Task
 from .processors import Progress
+from .store import IdempotencyKey
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +41,12 @@ class Tracker:
         self.journal = journal
         self.loop = asyncio.get_running_loop()
         self.flow: asyncio.Task[None] | None = None
+        self.active = True  # False once its flow has stopped: late reports are ignored
         self.cancel_requested = False
+        self.finishing = False  # recording its end: no one else stops it now
         self.decision_stored: asyncio.Future[None] | None = None
+        self.decision_recorded = False  # the claimed decision is on its way to the store
+        self.finish_error: Exception | None = None  # why its end could not be stored
         self.shared: SharedStore = {
             "task_id": task.task_id,
             "task_input": task.task_input,
@@ -54,12 +59,17 @@ class Tracker:
         }
 
     async def update(self, status: Status, *, event: dict[str, Any] | None = None,
-                     **changes: Any) -> None:
-        """Move the task to ``status`` with ``changes``; publish ``status`` plus ``event``."""
+                     idempotency: IdempotencyKey | None = None, **changes: Any) -> None:
+        """Move the task to ``status`` with ``changes``; publish ``status`` plus ``event``.
+
+        Returns once stored. If that fails, the runner drops this tracker and reloads the
+        task from the store, which never saw the change.
+        """
         for name, value in changes.items():
             setattr(self.task, name, value)
         self.task.status = status
-        await self.journal.record(self.task, {"status": status.value, **(event or {})})
+        await self.journal.record(self.task, {"status": status.value, **(event or {})},
+                                  idempotency=idempotency)
 
     def reporter(self, attempt: int) -> Progress:
         """A progress callback for one attempt: callable from any thread, never blocks."""
@@ -77,8 +87,9 @@ class Tracker:
         return report
 
     def _progress(self, attempt: int, fraction: float, partial_output: str) -> None:
-        if self.task.status is not Status.RUNNING or self.task.attempt != attempt:
-            return  # a late report from an attempt that has ended
+        if (not self.active or self.task.status is not Status.RUNNING
+                or self.task.attempt != attempt):
+            return  # a late report from an attempt that has ended, or a stopped flow
         payload = {"status": Status.RUNNING.value, "attempt": attempt,
                    "progress": round(min(max(float(fraction), 0.0), 1.0), 4),
                    "partial_output": str(partial_output)}
@@ -116,6 +127,7 @@ class Tracker:
         watcher gets both in one write.
         """
         self.task.reviews.append(review)
+        self.decision_recorded = True
         event = {"feedback_value": review.decision, "comment": review.comment,
                  "reviewer": review.reviewer, "attempt": review.attempt}
         stored = self.journal.record(
