@@ -1,0 +1,121 @@
+"""Races around a task's flow: concurrent cancels, a client leaving mid-submit, a stopped
+processor still reporting, and a decision caught by shutdown. Each is answered exactly."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+from quart import Quart
+
+from hitl import Config, create_app
+from hitl.errors import Conflict, Unavailable
+from hitl.models import Status
+from hitl.processors import Job, Processor
+from hitl.runner import Runner
+
+BOUND = 10
+stop_reporting = threading.Event()
+
+
+def chatty(job: Job) -> str:
+    """Reports progress from its thread until told to stop (even after its flow stopped)."""
+    if job.task_input == "chatty":
+        while not stop_reporting.wait(0.005):
+            job.report(0.5, "still here")
+    return f"{job.task_input} #{job.attempt}"
+
+
+@pytest.fixture
+def processor() -> Processor:
+    stop_reporting.clear()
+    return chatty
+
+
+@pytest.fixture
+def runner(app: Quart) -> Runner:
+    runner: Runner = app.extensions["runner"]
+    return runner
+
+
+async def reach(runner: Runner, task_id: str, status: Status) -> None:
+    async def poll() -> None:
+        while (await runner.get_task(task_id)).status is not status:
+            await asyncio.sleep(0.01)
+
+    try:
+        await asyncio.wait_for(poll(), BOUND)
+    except TimeoutError:
+        task = await runner.get_task(task_id)
+        raise AssertionError(f"{task_id} never reached {status}: it is {task.status}") from None
+
+
+async def test_of_two_concurrent_cancels_exactly_one_wins(runner: Runner) -> None:
+    task = await runner.submit("x")
+    await reach(runner, task.task_id, Status.WAITING_FOR_REVIEW)
+    results = await asyncio.gather(runner.cancel(task.task_id), runner.cancel(task.task_id),
+                                   return_exceptions=True)
+    assert sum(not isinstance(r, BaseException) for r in results) == 1, results
+    assert sum(isinstance(r, Conflict) for r in results) == 1, results
+    assert (await runner.get_task(task.task_id)).status is Status.CANCELLED
+
+
+async def test_a_submit_whose_client_leaves_still_creates_a_running_task(
+        runner: Runner) -> None:
+    submit = asyncio.ensure_future(runner.submit("x"))
+    await asyncio.sleep(0)  # the submit has started: its task is on its way to the store
+    submit.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await submit
+    async def one_task_flowing() -> str:
+        while True:
+            tasks, _ = await runner.list_tasks(None, 10, 0)
+            if tasks and tasks[0].status is Status.WAITING_FOR_REVIEW:
+                return tasks[0].task_id
+            await asyncio.sleep(0.01)
+
+    task_id = await asyncio.wait_for(one_task_flowing(), BOUND)
+    assert task_id in runner.trackers  # a flow is behind it: it can be decided
+    await runner.decide(task_id, "approved")
+    await reach(runner, task_id, Status.COMPLETED)
+
+
+async def test_reports_from_a_processor_abandoned_at_shutdown_are_ignored(
+        runner: Runner) -> None:
+    task = await runner.submit("chatty")
+    await reach(runner, task.task_id, Status.RUNNING)
+    await asyncio.sleep(0.1)  # a few reports stored
+    flow = runner.trackers[task.task_id].flow
+    assert flow is not None
+    runner.accepting = False  # shutting down: the flow stops, the task stays running
+    flow.cancel()
+    await asyncio.wait_for(asyncio.wait([flow]), BOUND)
+    await asyncio.sleep(0.05)
+    last = (await runner.get_task(task.task_id)).last_seq
+    await asyncio.sleep(0.3)  # its thread goes on reporting all this time
+    assert (await runner.get_task(task.task_id)).last_seq == last
+    assert (await runner.get_task(task.task_id)).status is Status.RUNNING
+    stop_reporting.set()
+
+
+async def test_a_decision_caught_by_shutdown_is_answered(config: Config) -> None:
+    app = create_app(config, processor=chatty)
+    async with app.test_app():
+        runner: Runner = app.extensions["runner"]
+        task = await runner.submit("x")
+        await reach(runner, task.task_id, Status.WAITING_FOR_REVIEW)
+        decision = asyncio.ensure_future(runner.decide(task.task_id, "approved"))
+        await asyncio.sleep(0)  # claimed and Event.set(): the flow has not stored it yet
+        flow = runner.trackers[task.task_id].flow
+        assert flow is not None
+        runner.accepting = False  # shutting down, as hitl.server does first
+        flow.cancel()
+        with pytest.raises(Unavailable, match="shutting down"):
+            await asyncio.wait_for(decision, BOUND)
+    app = create_app(config, processor=chatty)  # the task still waits after the restart
+    async with app.test_app():
+        runner = app.extensions["runner"]
+        assert (await runner.get_task(task.task_id)).status is Status.WAITING_FOR_REVIEW
+        await runner.decide(task.task_id, "approved")
+        await reach(runner, task.task_id, Status.COMPLETED)
