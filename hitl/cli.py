@@ -15,6 +15,7 @@ from typing import TextIO
 from .config import SETTINGS, Config, default_db_path, default_of, env_var
 from .errors import ConfigError, StartupError
 from .models import Status, iso
+from .schemas import MAX_INTEGER
 from .store import Store
 
 SERVE_SETTINGS = [s for s in SETTINGS if s.name != "db"]
@@ -49,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     task_commands = tasks.add_subparsers(dest="tasks_command", metavar="ACTION", required=True)
     listing = task_commands.add_parser("list", help="list tasks, newest first")
     listing.add_argument("--status", choices=[s.value for s in Status], help="only this status")
-    listing.add_argument("--limit", type=int, default=50, help="how many (default 50)")
+    listing.add_argument("--limit", type=count, default=50, help="how many (default 50)")
     add_db_option(listing)
     show = task_commands.add_parser("show", help="one task with its reviews, as JSON")
     show.add_argument("task_id")
@@ -58,6 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--output", "-o", help="file to write (default: standard output)")
     add_db_option(export)
     return parser
+
+
+def count(text: str) -> int:
+    """A positive number that SQLite can take (a bigger one is an error there, not here)."""
+    value = int(text)
+    if not 1 <= value <= MAX_INTEGER:
+        raise argparse.ArgumentTypeError(f"must be between 1 and {MAX_INTEGER}, not {text}")
+    return value
 
 
 def add_db_option(parser: argparse.ArgumentParser) -> None:
@@ -129,11 +138,19 @@ async def list_command(store: Store, args: argparse.Namespace | None) -> int:
     status = Status(args.status) if args.status else None
     tasks, total = await store.list_tasks(status, args.limit, 0)
     for task in tasks:
-        excerpt = task.task_input.replace("\n", " ")[:50]
+        texts = one_line(task.task_input)
+        if task.processed_output is not None:
+            texts += " → " + one_line(task.processed_output)
         print(f"{task.task_id}  {task.status.value:<19} attempt {task.attempt}  "
-              f"{iso(task.created_at)}  {excerpt}")
+              f"{iso(task.created_at)}  {texts}")
     print(f"({len(tasks)} of {total} task(s))", file=sys.stderr)
     return 0
+
+
+def one_line(text: str, width: int = 50) -> str:
+    """A text's start on one line, for a listing: ``…`` says it goes on."""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= width else flat[:width - 1] + "…"
 
 
 async def show_command(store: Store, args: argparse.Namespace | None) -> int:

@@ -62,10 +62,11 @@ async def feedback(task_id: str, data: FeedbackIn) -> MessageOut:
 @api.get("/api/tasks")
 @validate_querystring(TaskQuery)
 async def list_tasks(query_args: TaskQuery) -> dict[str, object]:
-    """Tasks, newest first; filter by ``status``, page with ``limit`` and ``offset``."""
+    """Tasks, newest first, each text an excerpt with its length; filter by ``status``,
+    page with ``limit`` (at most 200) and ``offset``."""
     status = Status(query_args.status) if query_args.status else None
     tasks, total = await runner().list_tasks(status, query_args.limit, query_args.offset)
-    return {"tasks": [task.to_json(reviews=False) for task in tasks], "total": total,
+    return {"tasks": [task.to_json() for task in tasks], "total": total,
             "limit": query_args.limit, "offset": query_args.offset}
 
 

@@ -19,7 +19,7 @@ from .errors import Conflict, NotFound, TaskFailed, Unavailable
 from .flow import Step, build_flow
 from .journal import Journal
 from .lifecycle import attach
-from .models import Decision, Review, Status, Task, new_task_id
+from .models import Decision, Review, Status, Task, TaskRow, new_task_id
 from .nodes import check_attempts_left
 from .processors import Processor, ProcessorPool, load_processor
 from .store import Store
@@ -136,8 +136,12 @@ class Runner:
         return state
 
     async def list_tasks(self, status: Status | None, limit: int, offset: int
-                         ) -> tuple[list[Task], int]:
+                         ) -> tuple[list[TaskRow], int]:
         return await self.store.list_tasks(status, limit, offset)
+
+    async def task_row(self, task_id: str) -> TaskRow | None:
+        """One task as lists show it (excerpts), or None once it is deleted."""
+        return await self.store.task_row(task_id)
 
     async def status_counts(self) -> dict[str, int]:
         """How many stored tasks are in each status (for dashboards)."""

@@ -22,7 +22,7 @@ from quart import Quart
 from .broker import GLOBAL
 from .errors import StartupError
 from .lifecycle import attach
-from .models import TERMINAL, Message, Review, Status, Task, TaskEvent
+from .models import EXCERPT, TERMINAL, Message, Review, Status, Task, TaskEvent, TaskRow, excerpt
 
 MIGRATIONS: tuple[str, ...] = (
     """
@@ -81,6 +81,12 @@ _INSERT_MESSAGE = """
 """
 _TASK_COLUMNS = """task_id, task_input, status, attempt, processed_output, final_result,
                    error, last_seq, created_at, updated_at"""
+# A list's columns: each text cut in SQL, so a list never reads a whole text. (SQLite's
+# text functions stop at a NUL character: such a text is cut and measured up to it.)
+_TEXTS = ("task_input", "processed_output", "final_result", "error")
+_ROW_COLUMNS = "task_id, status, attempt, last_seq, created_at, updated_at, " + ", ".join(
+    f"substr({text}, 1, {EXCERPT}) AS {text}, length({text}) AS {text}_length" for text in _TEXTS
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,17 +237,24 @@ class Store:
 
     async def list_tasks(
         self, status: Status | None = None, limit: int = 50, offset: int = 0
-    ) -> tuple[list[Task], int]:
-        """One page of tasks, newest first, and how many match in all."""
+    ) -> tuple[list[TaskRow], int]:
+        """One page of tasks (excerpts), newest first, and how many match in all."""
         where = "WHERE status = :status" if status else ""
         params = {"status": status, "limit": limit, "offset": offset}
         rows = await self.reader.execute_fetchall(
-            f"""SELECT {_TASK_COLUMNS} FROM tasks {where}
+            f"""SELECT {_ROW_COLUMNS} FROM tasks {where}
                  ORDER BY created_at DESC, rowid DESC LIMIT :limit OFFSET :offset""",
             params,
         )
         total = await self.reader.execute_fetchall(f"SELECT count(*) FROM tasks {where}", params)
-        return [_task(row) for row in rows], next(iter(total))[0]
+        return [_task_row(row) for row in rows], next(iter(total))[0]
+
+    async def task_row(self, task_id: str) -> TaskRow | None:
+        """One task as lists show it (a live dashboard row)."""
+        rows = await self.reader.execute_fetchall(
+            f"SELECT {_ROW_COLUMNS} FROM tasks WHERE task_id = :task_id", {"task_id": task_id}
+        )
+        return next((_task_row(row) for row in rows), None)
 
     async def status_counts(self) -> dict[str, int]:
         rows = await self.reader.execute_fetchall(
@@ -322,6 +335,14 @@ def _task(row: sqlite3.Row) -> Task:
     data = dict(row)
     data["status"] = Status(data["status"])
     return Task(**data)
+
+
+def _task_row(row: sqlite3.Row) -> TaskRow:
+    data = dict(row)
+    for text in _TEXTS:
+        data[text] = excerpt(data[text], data[f"{text}_length"])
+    data["status"] = Status(data["status"])
+    return TaskRow(**data)
 
 
 def _event(row: sqlite3.Row) -> TaskEvent:

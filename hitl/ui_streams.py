@@ -21,7 +21,6 @@ from typing import Any, TypeVar, cast
 from quart import Quart, render_template
 
 from .broker import GLOBAL, HEARTBEAT, Broker
-from .errors import NotFound
 from .models import Message, Status, Task, sse_frame
 from .runner import Runner
 from .streams import RETRY_MS
@@ -135,9 +134,9 @@ class Row:
 
 
 async def render_row(runner: Runner, message: Message) -> Row | None:
-    try:
-        task = snapshot(await runner.get_task(message.task_id))
-    except NotFound:  # deleted (retention) since
+    """The task's row as it is now, from its excerpts; None once deleted (retention)."""
+    task = await runner.task_row(message.task_id)
+    if task is None:
         return None
     html = await render_template("_task_row.html", task=task)
     return Row(task.task_id, task.status, frame(f"task-{task.task_id}", html),
