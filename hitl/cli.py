@@ -21,13 +21,22 @@ from .store import Store
 SERVE_SETTINGS = [s for s in SETTINGS if s.name != "db"]
 
 
+PRECEDENCE = "flags win over environment variables, which win over defaults."
+
+
+def shown_default(name: str) -> str:
+    default = default_db_path() if name == "db" else default_of(name)
+    return "off" if default is None else str(default)
+
+
 def settings_epilog() -> str:
-    lines = ["settings (flag, environment variable, default):"]
+    """The settings of ``hitl serve`` as a table, for ``hitl --help``."""
+    lines = ["settings of 'hitl serve' (flag, environment variable, default):"]
     for setting in SETTINGS:
         flag = "--" + setting.name.replace("_", "-")
-        default = default_db_path() if setting.name == "db" else default_of(setting.name)
-        lines.append(f"  {flag:<20} {env_var(setting.name):<22} {default!s:<12} {setting.help}")
-    lines.append("flags win over environment variables, which win over defaults.")
+        lines.append(f"  {flag:<20} {env_var(setting.name):<22} {shown_default(setting.name):<12}"
+                     f" {setting.help}")
+    lines.append(PRECEDENCE)
     return "\n".join(lines)
 
 
@@ -37,15 +46,14 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=settings_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    serve = commands.add_parser("serve", help="run the service (hypercorn)",
-                                epilog=settings_epilog(),
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    # Each option once, with its variable and default; the epilog only adds the precedence.
+    serve = commands.add_parser("serve", help="run the service (hypercorn)", epilog=PRECEDENCE)
     add_db_option(serve)
     for setting in SERVE_SETTINGS:
         serve.add_argument("--" + setting.name.replace("_", "-"), dest=setting.name,
                            metavar=setting.kind.split()[0].upper(),
                            help=f"{setting.help} [{env_var(setting.name)}, "
-                                f"default {default_of(setting.name)}]")
+                                f"default {shown_default(setting.name)}]")
     tasks = commands.add_parser("tasks", help="read tasks from the database")
     task_commands = tasks.add_subparsers(dest="tasks_command", metavar="ACTION", required=True)
     listing = task_commands.add_parser("list", help="list tasks, newest first")

@@ -6,6 +6,7 @@ import asyncio
 import json
 from pathlib import Path
 
+from hitl.config import SETTINGS, default_db_path, default_of, env_var
 from hitl.models import Review, Status, Task
 from hitl.store import Store, Write
 
@@ -33,6 +34,19 @@ def test_tasks_list_shows_one_short_line_per_task(tmp_path: Path) -> None:
     assert line.startswith("a" * 32) and "completed" in line
     assert "first line second xxx" in line and "→ the output yyy" in line
     assert len(line) < 250 and line.count("…") == 2
+
+
+def test_serve_help_lists_each_option_once_with_its_variable_and_default() -> None:
+    result = run_cli("serve", "--help")
+    assert result.returncode == 0
+    options = " ".join(result.stdout.split("options:", 1)[1].split())  # after the usage
+    for setting in SETTINGS:
+        flag = "--" + setting.name.replace("_", "-")
+        default = default_db_path() if setting.name == "db" else default_of(setting.name)
+        assert options.count(f"{flag} ") == 1, flag
+        assert options.count(env_var(setting.name)) == 1, setting.name
+        assert f"default {'off' if default is None else default}" in options, setting.name
+    assert "flags win over environment variables" in options
 
 
 def test_tasks_show_prints_the_whole_task_as_json(tmp_path: Path) -> None:
