@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TextIO
 
 from .config import SETTINGS, Config, default_db_path, default_of, env_var
-from .errors import ConfigError, StartupError
+from .errors import ConfigError, Invalid, StartupError
 from .models import Status, iso
 from .schemas import MAX_INTEGER
 from .store import Store
@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--limit", type=count, default=50, help="how many (default 50)")
     add_db_option(listing)
     show = task_commands.add_parser("show", help="one task with its reviews, as JSON")
-    show.add_argument("task_id")
+    show.add_argument("task_id", help="its id, or a unique prefix of 8 characters or more")
     add_db_option(show)
     export = commands.add_parser("export", help="every task with its reviews, as JSON Lines")
     export.add_argument("--output", "-o", help="file to write (default: standard output)")
@@ -163,7 +163,11 @@ def one_line(text: str, width: int = 50) -> str:
 
 async def show_command(store: Store, args: argparse.Namespace | None) -> int:
     assert args is not None
-    task = await store.get_task(args.task_id)
+    try:
+        task = await store.get_task(await store.resolve_task_id(args.task_id))
+    except Invalid as exc:  # an ambiguous prefix
+        print(f"hitl: {exc}", file=sys.stderr)
+        return 1
     if task is None:
         print(f"hitl: no task with id {args.task_id!r}", file=sys.stderr)
         return 1

@@ -28,14 +28,19 @@ def broker() -> Broker:
     return cast(Broker, current_app.extensions["broker"])
 
 
+async def task_named(task_id: str) -> str:
+    """The full id of the task a URL names: its id, or a unique prefix (8+ characters)."""
+    return await runner().resolve(checked_id(task_id))
+
+
 async def submit_task(runner: Runner, data: SubmitIn) -> SubmitOut:
     task = await runner.submit(data.data)
     return SubmitOut(message="Task submitted", task_id=task.task_id)
 
 
 async def give_feedback(runner: Runner, data: FeedbackIn, task_id: str) -> MessageOut:
-    await runner.decide(checked_id(task_id), data.feedback, data.comment, data.reviewer,
-                        data.attempt)
+    await runner.decide(await runner.resolve(checked_id(task_id)), data.feedback, data.comment,
+                        data.reviewer, data.attempt)
     return MessageOut(message=f"Feedback '{data.feedback}' received")
 
 
@@ -73,13 +78,13 @@ async def list_tasks(query_args: TaskQuery) -> dict[str, object]:
 @api.get("/api/tasks/<task_id>")
 async def get_task(task_id: str) -> dict[str, object]:
     """One task with every review decision."""
-    return (await runner().get_task(checked_id(task_id))).to_json()
+    return (await runner().get_task(await task_named(task_id))).to_json()
 
 
 @api.post("/api/tasks/<task_id>/cancel")
 async def cancel_task(task_id: str) -> dict[str, object]:
     """Cancel an unfinished task (409 if it has already finished)."""
-    return (await runner().cancel(checked_id(task_id))).to_json()
+    return (await runner().cancel(await task_named(task_id))).to_json()
 
 
 @api.get("/healthz")

@@ -121,6 +121,10 @@ class Runner:
             raise NotFound(f"no task with id {task_id!r}")
         return task
 
+    async def resolve(self, task_id: str) -> str:
+        """The full id of the task named by its id or a unique prefix (8+ characters)."""
+        return await self.store.resolve_task_id(task_id)
+
     async def task_state(self, task_id: str) -> tuple[Status, int]:
         """Status and last message number, for a stream to decide what to replay.
 

@@ -20,7 +20,7 @@ import aiosqlite
 from quart import Quart
 
 from .broker import GLOBAL
-from .errors import StartupError
+from .errors import Invalid, StartupError
 from .lifecycle import attach
 from .models import EXCERPT, TERMINAL, Message, Review, Status, Task, TaskEvent, TaskRow, excerpt
 
@@ -87,6 +87,14 @@ _TEXTS = ("task_input", "processed_output", "final_result", "error")
 _ROW_COLUMNS = "task_id, status, attempt, last_seq, created_at, updated_at, " + ", ".join(
     f"substr({text}, 1, {EXCERPT}) AS {text}, length({text}) AS {text}_length" for text in _TEXTS
 )
+ID_LENGTH = 32  # a task id: a uuid4 in hex
+MIN_PREFIX = 8  # the characters of an id the UI shows
+_HEX = frozenset("0123456789abcdef")
+# The ids that start with a hex prefix sort from it up to it + 'g': a range on the primary key.
+_MATCHING_PREFIX = """
+    SELECT count(*) AS matches, min(task_id) AS first FROM tasks
+     WHERE task_id >= :prefix AND task_id < :prefix || 'g'
+"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,6 +217,21 @@ class Store:
                 await conn.execute("ROLLBACK")
                 raise
             await conn.execute("COMMIT")
+
+    async def resolve_task_id(self, prefix: str) -> str:
+        """The id of the one task whose id starts with ``prefix`` (8 hex characters or more).
+
+        Anything else, a whole id included, is returned as it is, with no query: looking it
+        up then finds the task or says there is none. More than one match is Invalid.
+        """
+        if not MIN_PREFIX <= len(prefix) < ID_LENGTH or not _HEX.issuperset(prefix):
+            return prefix
+        rows = await self.reader.execute_fetchall(_MATCHING_PREFIX, {"prefix": prefix})
+        matches, first = next(iter(rows))
+        if matches > 1 and first != prefix:
+            raise Invalid(f"task id {prefix!r} is ambiguous: {matches} tasks start with it; "
+                          "give more of the id")
+        return str(first) if matches else prefix
 
     async def get_task(self, task_id: str) -> Task | None:
         rows = await self.reader.execute_fetchall(
