@@ -18,12 +18,15 @@ import psutil
 import pytest
 from quart.typing import TestClientProtocol as Client
 
+from hitl import models
 from hitl.models import Status, Task
 from hitl.processors import Processor
+from hitl.schemas import MAX_LIMIT
 from hitl.store import Store, Write
 
 from .procs import echo
 from .serverproc import ServerProcess, run_cli
+from .test_docs import README
 
 EXCERPT = 300  # characters of each text a list shows
 LARGE = 200_000  # characters: the largest input /submit takes
@@ -114,6 +117,13 @@ async def test_page_queries_out_of_range_are_a_400_saying_why(
 async def test_the_largest_page_queries_are_answered(client: Client) -> None:
     for query in ("limit=200", "offset=9223372036854775807"):
         assert (await client.get(f"/api/tasks?{query}")).status_code == 200, query
+
+
+def test_the_readme_states_the_excerpt_and_the_cap() -> None:
+    row = next(line for line in README.splitlines() if line.startswith("| `GET /api/tasks` |"))
+    assert models.EXCERPT == EXCERPT and f"first {EXCERPT} characters" in row
+    assert f"`limit` at most {MAX_LIMIT}" in row
+    assert "task_input_length" in row and "processed_output_length" in row
 
 
 def test_the_command_line_list_takes_a_bounded_limit(tmp_path: Path) -> None:
