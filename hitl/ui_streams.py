@@ -161,6 +161,14 @@ def place(row: Row, message: Message, shown: set[str], wanted: Status | None) ->
     return b""
 
 
+async def render_rows(runner: Runner, wanted: Status | None, limit: int, shown: set[str]
+                      ) -> bytes:
+    """The table's rows now; ``shown`` gets their ids, all a watcher keeps of them."""
+    tasks, _ = await runner.list_tasks(wanted, limit, 0)
+    shown.update(task.task_id for task in tasks)
+    return frame("rows", await render_template("_task_rows.html", tasks=tasks))
+
+
 async def render_counts(runner: Runner, wanted: Status | None) -> bytes:
     counts = await runner.status_counts()
     return frame("counts", await render_template("_counts.html", counts=counts, wanted=wanted))
@@ -175,10 +183,9 @@ async def dashboard_events(runner: Runner, broker: Broker, cache: FragmentCache,
     """
     yield RETRY
     async with broker.subscribe(GLOBAL) as subscription:
-        tasks, _ = await runner.list_tasks(wanted, limit, 0)
-        yield frame("rows", await render_template("_task_rows.html", tasks=tasks))
+        shown: set[str] = set()
+        yield await render_rows(runner, wanted, limit, shown)
         yield await render_counts(runner, wanted)
-        shown = {task.task_id for task in tasks}
         counts_stale = False
         async for message in subscription:
             if message is HEARTBEAT:
