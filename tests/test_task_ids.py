@@ -97,6 +97,14 @@ async def test_the_resolver_searches_the_primary_key_never_scans(tmp_path: Path)
         await store.close()
 
 
+async def test_whole_ids_and_names_that_are_no_prefix_take_no_query(tmp_path: Path) -> None:
+    store = Store(str(tmp_path / "hitl.db"))  # never opened: any query would raise
+    for name in ("a" * 32, "abcdef0", "craftedpending", "ABCDEF0123", "a" * 64):
+        assert await store.resolve_task_id(name) == name
+    with pytest.raises(RuntimeError, match="not open"):
+        await store.resolve_task_id("abcdef01")
+
+
 def stored(db: Path, *task_ids: str) -> None:
     async def write() -> None:
         store = Store(str(db))
