@@ -13,20 +13,30 @@ from pathlib import Path
 from typing import TextIO
 
 from .config import SETTINGS, Config, default_db_path, default_of, env_var
-from .errors import ConfigError, StartupError
+from .errors import ConfigError, Invalid, StartupError
 from .models import Status, iso
+from .schemas import MAX_INTEGER
 from .store import Store
 
 SERVE_SETTINGS = [s for s in SETTINGS if s.name != "db"]
 
 
+PRECEDENCE = "flags win over environment variables, which win over defaults."
+
+
+def shown_default(name: str) -> str:
+    default = default_db_path() if name == "db" else default_of(name)
+    return "off" if default is None else str(default)
+
+
 def settings_epilog() -> str:
-    lines = ["settings (flag, environment variable, default):"]
+    """The settings of ``hitl serve`` as a table, for ``hitl --help``."""
+    lines = ["settings of 'hitl serve' (flag, environment variable, default):"]
     for setting in SETTINGS:
         flag = "--" + setting.name.replace("_", "-")
-        default = default_db_path() if setting.name == "db" else default_of(setting.name)
-        lines.append(f"  {flag:<20} {env_var(setting.name):<22} {default!s:<12} {setting.help}")
-    lines.append("flags win over environment variables, which win over defaults.")
+        lines.append(f"  {flag:<20} {env_var(setting.name):<22} {shown_default(setting.name):<12}"
+                     f" {setting.help}")
+    lines.append(PRECEDENCE)
     return "\n".join(lines)
 
 
@@ -36,28 +46,35 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=settings_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    serve = commands.add_parser("serve", help="run the service (hypercorn)",
-                                epilog=settings_epilog(),
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    # Each option once, with its variable and default; the epilog only adds the precedence.
+    serve = commands.add_parser("serve", help="run the service (hypercorn)", epilog=PRECEDENCE)
     add_db_option(serve)
     for setting in SERVE_SETTINGS:
         serve.add_argument("--" + setting.name.replace("_", "-"), dest=setting.name,
                            metavar=setting.kind.split()[0].upper(),
                            help=f"{setting.help} [{env_var(setting.name)}, "
-                                f"default {default_of(setting.name)}]")
+                                f"default {shown_default(setting.name)}]")
     tasks = commands.add_parser("tasks", help="read tasks from the database")
     task_commands = tasks.add_subparsers(dest="tasks_command", metavar="ACTION", required=True)
     listing = task_commands.add_parser("list", help="list tasks, newest first")
     listing.add_argument("--status", choices=[s.value for s in Status], help="only this status")
-    listing.add_argument("--limit", type=int, default=50, help="how many (default 50)")
+    listing.add_argument("--limit", type=count, default=50, help="how many (default 50)")
     add_db_option(listing)
     show = task_commands.add_parser("show", help="one task with its reviews, as JSON")
-    show.add_argument("task_id")
+    show.add_argument("task_id", help="its id, or a unique prefix of 8 characters or more")
     add_db_option(show)
     export = commands.add_parser("export", help="every task with its reviews, as JSON Lines")
     export.add_argument("--output", "-o", help="file to write (default: standard output)")
     add_db_option(export)
     return parser
+
+
+def count(text: str) -> int:
+    """A positive number that SQLite can take (a bigger one is an error there, not here)."""
+    value = int(text)
+    if not 1 <= value <= MAX_INTEGER:
+        raise argparse.ArgumentTypeError(f"must be between 1 and {MAX_INTEGER}, not {text}")
+    return value
 
 
 def add_db_option(parser: argparse.ArgumentParser) -> None:
@@ -130,16 +147,28 @@ async def list_command(store: Store, args: argparse.Namespace | None) -> int:
     status = Status(args.status) if args.status else None
     tasks, total = await store.list_tasks(status, args.limit, 0)
     for task in tasks:
-        excerpt = task.task_input.replace("\n", " ")[:50]
+        texts = one_line(task.task_input)
+        if task.processed_output is not None:
+            texts += " → " + one_line(task.processed_output)
         print(f"{task.task_id}  {task.status.value:<19} attempt {task.attempt}  "
-              f"{iso(task.created_at)}  {excerpt}")
+              f"{iso(task.created_at)}  {texts}")
     print(f"({len(tasks)} of {total} task(s))", file=sys.stderr)
     return 0
 
 
+def one_line(text: str, width: int = 50) -> str:
+    """A text's start on one line, for a listing: ``…`` says it goes on."""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= width else flat[:width - 1] + "…"
+
+
 async def show_command(store: Store, args: argparse.Namespace | None) -> int:
     assert args is not None
-    task = await store.get_task(args.task_id)
+    try:
+        task = await store.get_task(await store.resolve_task_id(args.task_id))
+    except Invalid as exc:  # an ambiguous prefix
+        print(f"hitl: {exc}", file=sys.stderr)
+        return 1
     if task is None:
         print(f"hitl: no task with id {args.task_id!r}", file=sys.stderr)
         return 1

@@ -99,6 +99,47 @@ class Task:
         return data
 
 
+EXCERPT = 300  # characters of each text a list shows
+ELLIPSIS = "…"  # ends an excerpt that was cut
+
+
+def excerpt(text: str | None, length: int | None) -> str | None:
+    """A text read cut to its first :data:`EXCERPT` characters, marked if that cut it."""
+    if text is None or length is None or length <= EXCERPT:
+        return text
+    return text[:EXCERPT] + ELLIPSIS
+
+
+@dataclass(frozen=True, slots=True)
+class TaskRow:
+    """A task as lists show it: each text an excerpt, with the full text's length.
+
+    Lists never hold whole texts: 100 tasks of 200,000 characters are 40 MB a page,
+    held by every dashboard watcher. The whole task is :class:`Task`, read one at a time.
+    """
+
+    task_id: str
+    status: Status
+    attempt: int
+    task_input: str
+    task_input_length: int
+    processed_output: str | None
+    processed_output_length: int | None
+    final_result: str | None
+    final_result_length: int | None
+    error: str | None
+    error_length: int | None
+    last_seq: int
+    created_at: float
+    updated_at: float
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.update(status=self.status.value, created_at=iso(self.created_at),
+                    updated_at=iso(self.updated_at))
+        return data
+
+
 @dataclass(frozen=True, slots=True)
 class Message:
     """One published event, encoded once: its JSON and its SSE frame for one topic.

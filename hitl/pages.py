@@ -19,8 +19,8 @@ from werkzeug.http import HTTP_STATUS_CODES
 
 from .errors import Invalid
 from .models import Status, iso
-from .routes import broker, runner
-from .schemas import FeedbackIn, SubmitIn, checked_id
+from .routes import broker, runner, task_named
+from .schemas import FeedbackIn, SubmitIn
 from .streams import sse_response
 from .ui_streams import FragmentCache, dashboard_events, snapshot, task_events
 
@@ -137,9 +137,15 @@ async def submit() -> ResponseReturnValue:
 
 
 @pages.get("/tasks/<task_id>")
-async def task_page(task_id: str) -> str:
-    """One task: its status, the output under review, the decision form, its history."""
-    task = snapshot(await runner().get_task(checked_id(task_id)))
+async def task_page(task_id: str) -> ResponseReturnValue:
+    """One task: its status, the output under review, the decision form, its history.
+
+    A prefix of the id (as the UI shows it) redirects to the task's own address.
+    """
+    full_id = await task_named(task_id)
+    if full_id != task_id:
+        return redirect(url_for("pages.task_page", task_id=full_id), 303)
+    task = snapshot(await runner().get_task(full_id))
     return await render_template("task.html", task=task, progress=None)
 
 
@@ -147,18 +153,19 @@ async def task_page(task_id: str) -> str:
 async def decide(task_id: str) -> ResponseReturnValue:
     """Approve or reject. htmx gets a notice (the stream updates the page); a form, a 303."""
     form = await form_data(FeedbackIn)
-    await runner().decide(checked_id(task_id), form.feedback, form.comment,
-                          form.reviewer.strip(), form.attempt)
+    full_id = await task_named(task_id)
+    await runner().decide(full_id, form.feedback, form.comment, form.reviewer.strip(),
+                          form.attempt)
     if is_htmx():
         return await render_template("_notice.html", decision=form.feedback,
                                      attempt=form.attempt)
-    return redirect(url_for("pages.task_page", task_id=task_id), 303)
+    return redirect(url_for("pages.task_page", task_id=full_id), 303)
 
 
 @pages.get("/tasks/<task_id>/stream")
 async def task_stream(task_id: str) -> Response:
     """The task page's live regions as named HTML events; ends once the task has."""
-    task = await runner().get_task(checked_id(task_id))
+    task = await runner().get_task(await task_named(task_id))
     events = stream_with_context(task_events)(runner(), broker(), fragments(), task)
     return sse_response(events)
 

@@ -36,14 +36,19 @@ def broker() -> Broker:
     return cast(Broker, current_app.extensions["broker"])
 
 
+async def task_named(task_id: str) -> str:
+    """The full id of the task a URL names: its id, or a unique prefix (8+ characters)."""
+    return await runner().resolve(checked_id(task_id))
+
+
 async def submit_task(runner: Runner, data: SubmitIn, key: str | None = None) -> SubmitOut:
     task = await runner.submit(data.data, key)
     return SubmitOut(message="Task submitted", task_id=task.task_id)
 
 
 async def give_feedback(runner: Runner, data: FeedbackIn, task_id: str) -> MessageOut:
-    await runner.decide(checked_id(task_id), data.feedback, data.comment, data.reviewer,
-                        data.attempt)
+    await runner.decide(await runner.resolve(checked_id(task_id)), data.feedback, data.comment,
+                        data.reviewer, data.attempt)
     return MessageOut(message=f"Feedback '{data.feedback}' received")
 
 
@@ -69,23 +74,24 @@ async def feedback(task_id: str, data: FeedbackIn) -> MessageOut:
 @api.get("/api/tasks")
 @validate_querystring(TaskQuery)
 async def list_tasks(query_args: TaskQuery) -> dict[str, object]:
-    """Tasks, newest first; filter by ``status``, page with ``limit`` and ``offset``."""
+    """Tasks, newest first, each text an excerpt with its length; filter by ``status``,
+    page with ``limit`` (at most 200) and ``offset``."""
     status = Status(query_args.status) if query_args.status else None
     tasks, total = await runner().list_tasks(status, query_args.limit, query_args.offset)
-    return {"tasks": [task.to_json(reviews=False) for task in tasks], "total": total,
+    return {"tasks": [task.to_json() for task in tasks], "total": total,
             "limit": query_args.limit, "offset": query_args.offset}
 
 
 @api.get("/api/tasks/<task_id>")
 async def get_task(task_id: str) -> dict[str, object]:
     """One task with every review decision."""
-    return (await runner().get_task(checked_id(task_id))).to_json()
+    return (await runner().get_task(await task_named(task_id))).to_json()
 
 
 @api.post("/api/tasks/<task_id>/cancel")
 async def cancel_task(task_id: str) -> dict[str, object]:
     """Cancel an unfinished task (409 if it has already finished)."""
-    return (await runner().cancel(checked_id(task_id))).to_json()
+    return (await runner().cancel(await task_named(task_id))).to_json()
 
 
 @api.get("/healthz")

@@ -27,7 +27,7 @@ from .errors import (
 from .flow import Step, build_flow
 from .journal import Journal
 from .lifecycle import attach
-from .models import Decision, Review, Status, Task, new_task_id
+from .models import Decision, Review, Status, Task, TaskRow, new_task_id
 from .nodes import check_attempts_left
 from .processors import Processor, ProcessorPool, load_processor
 from .store import IdempotencyKey, Store
@@ -176,6 +176,10 @@ class Runner:
             raise NotFound(f"no task with id {task_id!r}")
         return task
 
+    async def resolve(self, task_id: str) -> str:
+        """The full id of the task named by its id or a unique prefix (8+ characters)."""
+        return await self.store.resolve_task_id(task_id)
+
     async def task_state(self, task_id: str) -> tuple[Status, int]:
         """Status and last message number, for a stream to decide what to replay.
 
@@ -191,8 +195,12 @@ class Runner:
         return state
 
     async def list_tasks(self, status: Status | None, limit: int, offset: int
-                         ) -> tuple[list[Task], int]:
+                         ) -> tuple[list[TaskRow], int]:
         return await self.store.list_tasks(status, limit, offset)
+
+    async def task_row(self, task_id: str) -> TaskRow | None:
+        """One task as lists show it (excerpts), or None once it is deleted."""
+        return await self.store.task_row(task_id)
 
     async def status_counts(self) -> dict[str, int]:
         """How many stored tasks are in each status (for dashboards)."""

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
 from werkzeug.datastructures import Headers
 
 from .errors import Invalid
@@ -12,6 +13,8 @@ from .errors import Invalid
 MAX_TEXT = 200_000
 MAX_ID_LENGTH = 64
 MAX_KEY_LENGTH = 255
+MAX_LIMIT = 200  # tasks one list answers at most
+MAX_INTEGER = 2**63 - 1  # SQLite's largest: beyond it a query cannot even be asked
 
 
 def checked_id(task_id: str) -> str:
@@ -60,11 +63,28 @@ class MessageOut(BaseModel):
     message: str
 
 
+def between(low: int, high: int) -> AfterValidator:
+    """An integer bound with a plain message ('at most 200'), documented in OpenAPI."""
+
+    def check(value: int) -> int:
+        if value < low:
+            raise PydanticCustomError("too_small", "at least {low}", {"low": low})
+        if value > high:
+            raise PydanticCustomError("too_large", "at most {high}", {"high": high})
+        return value
+
+    return AfterValidator(check)
+
+
 class TaskQuery(BaseModel):
+    """A page of a task list: lists carry excerpts, so a page is small; ``limit`` is capped."""
+
     status: Literal["pending", "running", "waiting_for_review", "processing_feedback",
                     "completed", "failed", "cancelled"] | None = None
-    limit: int = Field(50, ge=1, le=500)
-    offset: int = Field(0, ge=0)
+    limit: Annotated[int, between(1, MAX_LIMIT),
+                     Field(json_schema_extra={"minimum": 1, "maximum": MAX_LIMIT})] = 50
+    offset: Annotated[int, between(0, MAX_INTEGER),
+                      Field(json_schema_extra={"minimum": 0, "maximum": MAX_INTEGER})] = 0
 
 
 class ErrorOut(BaseModel):

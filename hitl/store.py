@@ -22,9 +22,9 @@ import aiosqlite
 from quart import Quart
 
 from .broker import GLOBAL
-from .errors import DuplicateKey, StartupError, StorageUnavailable
+from .errors import DuplicateKey, Invalid, StartupError, StorageUnavailable
 from .lifecycle import attach
-from .models import TERMINAL, Message, Review, Status, Task, TaskEvent
+from .models import EXCERPT, TERMINAL, Message, Review, Status, Task, TaskEvent, TaskRow, excerpt
 
 MIGRATIONS: tuple[str, ...] = (
     """
@@ -101,6 +101,20 @@ _INSERT_KEY = """
 """
 _TASK_COLUMNS = """task_id, task_input, status, attempt, processed_output, final_result,
                    error, last_seq, created_at, updated_at"""
+# A list's columns: each text cut in SQL, so a list never reads a whole text. (SQLite's
+# text functions stop at a NUL character: such a text is cut and measured up to it.)
+_TEXTS = ("task_input", "processed_output", "final_result", "error")
+_ROW_COLUMNS = "task_id, status, attempt, last_seq, created_at, updated_at, " + ", ".join(
+    f"substr({text}, 1, {EXCERPT}) AS {text}, length({text}) AS {text}_length" for text in _TEXTS
+)
+ID_LENGTH = 32  # a task id: a uuid4 in hex
+MIN_PREFIX = 8  # the characters of an id the UI shows
+_HEX = frozenset("0123456789abcdef")
+# The ids that start with a hex prefix sort from it up to it + 'g': a range on the primary key.
+_MATCHING_PREFIX = """
+    SELECT count(*) AS matches, min(task_id) AS first FROM tasks
+     WHERE task_id >= :prefix AND task_id < :prefix || 'g'
+"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -275,6 +289,21 @@ class Store:
         )
         return next(((str(row[0]), str(row[1])) for row in rows), None)
 
+    async def resolve_task_id(self, prefix: str) -> str:
+        """The id of the one task whose id starts with ``prefix`` (8 hex characters or more).
+
+        Anything else, a whole id included, is returned as it is, with no query: looking it
+        up then finds the task or says there is none. More than one match is Invalid.
+        """
+        if not MIN_PREFIX <= len(prefix) < ID_LENGTH or not _HEX.issuperset(prefix):
+            return prefix
+        rows = await self.reader.execute_fetchall(_MATCHING_PREFIX, {"prefix": prefix})
+        matches, first = next(iter(rows))
+        if matches > 1 and first != prefix:
+            raise Invalid(f"task id {prefix!r} is ambiguous: {matches} tasks start with it; "
+                          "give more of the id")
+        return str(first) if matches else prefix
+
     async def get_task(self, task_id: str) -> Task | None:
         rows = await self.reader.execute_fetchall(
             f"SELECT {_TASK_COLUMNS} FROM tasks WHERE task_id = :task_id", {"task_id": task_id}
@@ -302,17 +331,24 @@ class Store:
 
     async def list_tasks(
         self, status: Status | None = None, limit: int = 50, offset: int = 0
-    ) -> tuple[list[Task], int]:
-        """One page of tasks, newest first, and how many match in all."""
+    ) -> tuple[list[TaskRow], int]:
+        """One page of tasks (excerpts), newest first, and how many match in all."""
         where = "WHERE status = :status" if status else ""
         params = {"status": status, "limit": limit, "offset": offset}
         rows = await self.reader.execute_fetchall(
-            f"""SELECT {_TASK_COLUMNS} FROM tasks {where}
+            f"""SELECT {_ROW_COLUMNS} FROM tasks {where}
                  ORDER BY created_at DESC, rowid DESC LIMIT :limit OFFSET :offset""",
             params,
         )
         total = await self.reader.execute_fetchall(f"SELECT count(*) FROM tasks {where}", params)
-        return [_task(row) for row in rows], next(iter(total))[0]
+        return [_task_row(row) for row in rows], next(iter(total))[0]
+
+    async def task_row(self, task_id: str) -> TaskRow | None:
+        """One task as lists show it (a live dashboard row)."""
+        rows = await self.reader.execute_fetchall(
+            f"SELECT {_ROW_COLUMNS} FROM tasks WHERE task_id = :task_id", {"task_id": task_id}
+        )
+        return next((_task_row(row) for row in rows), None)
 
     async def status_counts(self) -> dict[str, int]:
         rows = await self.reader.execute_fetchall(
@@ -431,6 +467,14 @@ def _task(row: sqlite3.Row) -> Task:
     data = dict(row)
     data["status"] = Status(data["status"])
     return Task(**data)
+
+
+def _task_row(row: sqlite3.Row) -> TaskRow:
+    data = dict(row)
+    for text in _TEXTS:
+        data[text] = excerpt(data[text], data[f"{text}_length"])
+    data["status"] = Status(data["status"])
+    return TaskRow(**data)
 
 
 def _event(row: sqlite3.Row) -> TaskEvent:

@@ -21,7 +21,6 @@ from typing import Any, TypeVar, cast
 from quart import Quart, render_template
 
 from .broker import GLOBAL, HEARTBEAT, Broker
-from .errors import NotFound
 from .models import Message, Status, Task, sse_frame
 from .runner import Runner
 from .streams import RETRY_MS
@@ -135,9 +134,9 @@ class Row:
 
 
 async def render_row(runner: Runner, message: Message) -> Row | None:
-    try:
-        task = snapshot(await runner.get_task(message.task_id))
-    except NotFound:  # deleted (retention) since
+    """The task's row as it is now, from its excerpts; None once deleted (retention)."""
+    task = await runner.task_row(message.task_id)
+    if task is None:
         return None
     html = await render_template("_task_row.html", task=task)
     return Row(task.task_id, task.status, frame(f"task-{task.task_id}", html),
@@ -162,6 +161,14 @@ def place(row: Row, message: Message, shown: set[str], wanted: Status | None) ->
     return b""
 
 
+async def render_rows(runner: Runner, wanted: Status | None, limit: int, shown: set[str]
+                      ) -> bytes:
+    """The table's rows now; ``shown`` gets their ids, all a watcher keeps of them."""
+    tasks, _ = await runner.list_tasks(wanted, limit, 0)
+    shown.update(task.task_id for task in tasks)
+    return frame("rows", await render_template("_task_rows.html", tasks=tasks))
+
+
 async def render_counts(runner: Runner, wanted: Status | None) -> bytes:
     counts = await runner.status_counts()
     return frame("counts", await render_template("_counts.html", counts=counts, wanted=wanted))
@@ -176,10 +183,9 @@ async def dashboard_events(runner: Runner, broker: Broker, cache: FragmentCache,
     """
     yield RETRY
     async with broker.subscribe(GLOBAL) as subscription:
-        tasks, _ = await runner.list_tasks(wanted, limit, 0)
-        yield frame("rows", await render_template("_task_rows.html", tasks=tasks))
+        shown: set[str] = set()
+        yield await render_rows(runner, wanted, limit, shown)
         yield await render_counts(runner, wanted)
-        shown = {task.task_id for task in tasks}
         counts_stale = False
         async for message in subscription:
             if message is HEARTBEAT:

@@ -22,3 +22,8 @@ def gated(job: Job) -> str:
         time.sleep(0.02)
     comment = job.reviews[-1].comment if job.reviews else ""
     return f"{job.task_input} (attempt {job.attempt}) {comment}".strip()
+
+
+def echo(job: Job) -> str:
+    """Returns the input unchanged: a large input makes an equally large output."""
+    return job.task_input
