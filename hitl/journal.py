@@ -26,7 +26,7 @@ from quart import Quart
 from .broker import GLOBAL, Broker
 from .errors import DuplicateKey, StorageUnavailable
 from .lifecycle import attach
-from .models import Review, Task, TaskEvent
+from .models import Attempt, Review, Task, TaskEvent
 from .store import IdempotencyKey, Store, Write
 
 log = logging.getLogger(__name__)
@@ -73,9 +73,10 @@ class Journal:
         self._writer = None
 
     def record(self, task: Task, payload: dict[str, Any] | None = None,
-               review: Review | None = None, idempotency: IdempotencyKey | None = None
-               ) -> asyncio.Future[None]:
-        """Queue the task's current row (and an event, a review); done once committed.
+               review: Review | None = None, idempotency: IdempotencyKey | None = None,
+               attempt: Attempt | None = None) -> asyncio.Future[None]:
+        """Queue the task's current row (and an event, a review, an attempt's record);
+        done once committed.
 
         The task's message number is given here, synchronously, so a task's messages
         follow the order of the calls.
@@ -90,7 +91,9 @@ class Journal:
             task.last_seq += 1
             event = TaskEvent.create(task.task_id, task.last_seq, 0,
                                      {"task_id": task.task_id, **payload})
-        self._queue.put_nowait(Pending(Write(task.row(), event, review, idempotency), done))
+        attempt_row = attempt.row(task.task_id) if attempt is not None else None
+        self._queue.put_nowait(Pending(Write(task.row(), event, review, idempotency,
+                                             attempt_row), done))
         return done
 
     def check_writable(self, task_id: str) -> None:

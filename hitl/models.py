@@ -57,6 +57,35 @@ class Review:
 
 
 @dataclass(slots=True)
+class Attempt:
+    """One attempt's output (or the processor's error), with when it ran and how many tries.
+
+    ``known`` is False for attempts made before hitl kept them: their output is unknown.
+    """
+
+    attempt: int
+    output: str | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    error: str | None = None
+    tries: int = 0
+    known: bool = True
+
+    def row(self, task_id: str) -> dict[str, Any]:
+        return {"task_id": task_id, "attempt": self.attempt, "output": self.output,
+                "started_at": self.started_at, "finished_at": self.finished_at,
+                "error": self.error, "tries": self.tries, "known": int(self.known)}
+
+    def to_json(self, reviews: list[Review]) -> dict[str, Any]:
+        return {"attempt": self.attempt, "output": self.output, "output_known": self.known,
+                "started_at": iso(self.started_at) if self.started_at else None,
+                "finished_at": iso(self.finished_at) if self.finished_at else None,
+                "error": self.error, "tries": self.tries,
+                "reviews": [review.to_json() for review in reviews
+                            if review.attempt == self.attempt]}
+
+
+@dataclass(slots=True)
 class Task:
     """The durable record of one task. Mutated only by its flow, through the tracker."""
 
@@ -71,6 +100,7 @@ class Task:
     created_at: float = field(default_factory=time.time)
     updated_at: float = field(default_factory=time.time)
     reviews: list[Review] = field(default_factory=list)
+    attempts: list[Attempt] = field(default_factory=list)  # loaded for one task, not lists
 
     @property
     def rejections(self) -> int:
@@ -96,7 +126,14 @@ class Task:
         data.update(created_at=iso(self.created_at), updated_at=iso(self.updated_at))
         if reviews:
             data["reviews"] = [review.to_json() for review in self.reviews]
+            data["attempts"] = [attempt.to_json(self.reviews) for attempt in self.attempts]
         return data
+
+    def current_attempt(self) -> Attempt:
+        """The record of the attempt the task is on (made if it has none yet)."""
+        if not self.attempts or self.attempts[-1].attempt != self.attempt:
+            self.attempts.append(Attempt(self.attempt))
+        return self.attempts[-1]
 
 
 EXCERPT = 300  # characters of each text a list shows

@@ -8,6 +8,8 @@ next action.
 from __future__ import annotations
 
 import asyncio
+import time
+from dataclasses import dataclass
 from typing import Any, cast
 
 from pocketflow import AsyncNode
@@ -25,26 +27,44 @@ class ProcessNode(AsyncNode):  # type: ignore[misc]
         super().__init__(max_retries=retries, wait=wait)
         self.pool = pool
         self.delay = delay
+        self.tries = 0  # of the current attempt: set per run, as the flow runs a copy
 
     async def prep_async(self, shared: SharedStore) -> Job:
         tracker = shared["tracker"]
         attempt = tracker.task.rejections + 1
         shared["current_attempt"] = attempt
+        self.tries = 0
         await tracker.update(Status.RUNNING, attempt=attempt, processed_output=None,
-                             event={"attempt": attempt, "progress": 0.0})
+                             event={"attempt": attempt, "progress": 0.0},
+                             attempt_record={"started_at": time.time(), "finished_at": None,
+                                             "output": None, "error": None, "tries": 0})
         return Job(shared["task_input"], attempt, tuple(tracker.task.reviews),
                    tracker.reporter(attempt), self.delay)
 
     async def exec_async(self, job: Job) -> str:
+        self.tries += 1
         return await self.pool.run(job)
 
-    async def exec_fallback_async(self, job: Job, exc: Exception) -> str:
-        tries = "1 try" if self.max_retries == 1 else f"{self.max_retries} tries"
-        raise TaskFailed(f"processing failed after {tries}: {type(exc).__name__}: {exc}")
+    async def exec_fallback_async(self, job: Job, exc: Exception) -> ProcessingFailed:
+        tries = "1 try" if self.tries == 1 else f"{self.tries} tries"
+        return ProcessingFailed(f"processing failed after {tries}: {type(exc).__name__}: {exc}")
 
-    async def post_async(self, shared: SharedStore, job: Job, output: str) -> str:
+    async def post_async(self, shared: SharedStore, job: Job,
+                         output: str | ProcessingFailed) -> str:
+        if isinstance(output, ProcessingFailed):  # the attempt keeps its error; the task fails
+            await shared["tracker"].record_attempt(error=output.error, finished_at=time.time(),
+                                                   tries=self.tries)
+            raise TaskFailed(output.error)
         shared["processed_output"] = output
+        shared["tries"] = self.tries
         return "default"
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessingFailed:
+    """What an attempt whose every try raised produces instead of an output."""
+
+    error: str
 
 
 class ReviewNode(AsyncNode):  # type: ignore[misc]
@@ -64,6 +84,8 @@ class ReviewNode(AsyncNode):  # type: ignore[misc]
             await tracker.update(
                 Status.WAITING_FOR_REVIEW, processed_output=output,
                 event={"output_to_review": output, "attempt": shared["current_attempt"]},
+                attempt_record={"output": output, "finished_at": time.time(),
+                                "tries": shared["tries"]},
             )
         return event
 

@@ -24,7 +24,18 @@ from quart import Quart
 from .broker import GLOBAL
 from .errors import DuplicateKey, Invalid, StartupError, StorageUnavailable
 from .lifecycle import attach
-from .models import EXCERPT, TERMINAL, Message, Review, Status, Task, TaskEvent, TaskRow, excerpt
+from .models import (
+    EXCERPT,
+    TERMINAL,
+    Attempt,
+    Message,
+    Review,
+    Status,
+    Task,
+    TaskEvent,
+    TaskRow,
+    excerpt,
+)
 
 MIGRATIONS: tuple[str, ...] = (
     """
@@ -70,6 +81,24 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX idempotency_keys_by_task ON idempotency_keys (task_id);
     """,
+    """
+    CREATE TABLE attempts (
+        task_id     TEXT NOT NULL REFERENCES tasks (task_id) ON DELETE CASCADE,
+        attempt     INTEGER NOT NULL,
+        output      TEXT,
+        started_at  REAL,
+        finished_at REAL,
+        error       TEXT,
+        tries       INTEGER NOT NULL DEFAULT 0,
+        known       INTEGER NOT NULL DEFAULT 1,
+        PRIMARY KEY (task_id, attempt)
+    );
+    INSERT INTO attempts (task_id, attempt, output, known)
+        WITH RECURSIVE numbers (n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM numbers
+                                       WHERE n < (SELECT max(attempt) FROM tasks))
+        SELECT task_id, n, CASE WHEN n = attempt THEN processed_output END, n = attempt
+          FROM tasks JOIN numbers ON n <= attempt;
+    """,
 )
 
 IDEMPOTENCY_WINDOW = 24 * 3600  # seconds an Idempotency-Key stands for its task
@@ -98,6 +127,14 @@ _FORGET_EXPIRED_KEY = """
 _INSERT_KEY = """
     INSERT INTO idempotency_keys (key, task_id, request_hash, created_at)
     VALUES (:key, :task_id, :request_hash, :created_at)
+"""
+_UPSERT_ATTEMPT = """
+    INSERT INTO attempts (task_id, attempt, output, started_at, finished_at, error, tries, known)
+    VALUES (:task_id, :attempt, :output, :started_at, :finished_at, :error, :tries, :known)
+    ON CONFLICT (task_id, attempt) DO UPDATE SET
+        output = excluded.output, started_at = excluded.started_at,
+        finished_at = excluded.finished_at, error = excluded.error, tries = excluded.tries,
+        known = excluded.known
 """
 _TASK_COLUMNS = """task_id, task_input, status, attempt, processed_output, final_result,
                    error, last_seq, created_at, updated_at"""
@@ -133,6 +170,7 @@ class Write:
     event: TaskEvent | None = None
     review: Review | None = None
     idempotency: IdempotencyKey | None = None
+    attempt: dict[str, Any] | None = None  # the attempt's row, as it now is
 
     @property
     def task_id(self) -> str:
@@ -243,6 +281,8 @@ class Store:
         reviews = [{"task_id": w.task_id, **_review_row(w.review)}
                    for w in batch if w.review is not None]
         messages = [_message_row(w.event) for w in batch if w.event is not None]
+        attempts = list({(w.task_id, w.attempt["attempt"]): w.attempt
+                         for w in batch if w.attempt is not None}.values())
         keys = [{"key": w.idempotency.key, "request_hash": w.idempotency.request_hash,
                  "task_id": w.task_id, "created_at": w.task["created_at"],
                  "cutoff": time.time() - IDEMPOTENCY_WINDOW}
@@ -253,6 +293,8 @@ class Store:
                 await conn.executemany(_INSERT_REVIEW, reviews)
             if messages:
                 await conn.executemany(_INSERT_MESSAGE, messages)
+            if attempts:
+                await conn.executemany(_UPSERT_ATTEMPT, attempts)
             for key in keys:  # a key older than its window may be used again
                 await conn.execute(_FORGET_EXPIRED_KEY, key)
                 await conn.execute(_INSERT_KEY, key)
@@ -312,6 +354,7 @@ class Store:
             return None
         task = _task(next(iter(rows)))
         task.reviews = await self.reviews(task_id)
+        task.attempts = await self.attempts(task_id)
         return task
 
     async def task_state(self, task_id: str) -> tuple[Status, int] | None:
@@ -320,6 +363,14 @@ class Store:
             "SELECT status, last_seq FROM tasks WHERE task_id = :task_id", {"task_id": task_id}
         )
         return next(((Status(row[0]), int(row[1])) for row in rows), None)
+
+    async def attempts(self, task_id: str) -> list[Attempt]:
+        rows = await self.reader.execute_fetchall(
+            """SELECT attempt, output, started_at, finished_at, error, tries, known
+                 FROM attempts WHERE task_id = :task_id ORDER BY attempt""",
+            {"task_id": task_id},
+        )
+        return [Attempt(**{**dict(row), "known": bool(row["known"])}) for row in rows]
 
     async def reviews(self, task_id: str) -> list[Review]:
         rows = await self.reader.execute_fetchall(
@@ -365,6 +416,7 @@ class Store:
         tasks = [_task(row) for row in rows]
         for task in tasks:
             task.reviews = await self.reviews(task.task_id)
+            task.attempts = await self.attempts(task.task_id)
         return tasks
 
     async def iter_tasks(self, batch: int = 500) -> AsyncIterator[Task]:
@@ -379,6 +431,7 @@ class Store:
             for row in rows:
                 task = _task(row)
                 task.reviews = await self.reviews(task.task_id)
+                task.attempts = await self.attempts(task.task_id)
                 yield task
             if len(rows) < batch:
                 return

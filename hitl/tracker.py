@@ -13,7 +13,7 @@ from typing import Any, TypedDict
 
 from .errors import Conflict
 from .journal import Journal
-from .models import Review, Status, Task
+from .models import Attempt, Review, Status, Task
 from .processors import Progress
 from .store import IdempotencyKey
 
@@ -27,6 +27,7 @@ class SharedStore(TypedDict):
     task_input: str
     current_attempt: int
     processed_output: str | None
+    tries: int  # how many tries the processor took for the latest output
     feedback: Review | None
     review_event: asyncio.Event
     final_result: str | None
@@ -52,6 +53,7 @@ class Tracker:
             "task_input": task.task_input,
             "current_attempt": task.attempt,
             "processed_output": task.processed_output,
+            "tries": 0,
             "feedback": None,
             "review_event": asyncio.Event(),
             "final_result": task.final_result,
@@ -59,8 +61,10 @@ class Tracker:
         }
 
     async def update(self, status: Status, *, event: dict[str, Any] | None = None,
-                     idempotency: IdempotencyKey | None = None, **changes: Any) -> None:
-        """Move the task to ``status`` with ``changes``; publish ``status`` plus ``event``.
+                     idempotency: IdempotencyKey | None = None,
+                     attempt_record: dict[str, Any] | None = None, **changes: Any) -> None:
+        """Move the task to ``status`` with ``changes`` (and its current attempt's record
+        with ``attempt_record``); publish ``status`` plus ``event``.
 
         Returns once stored. If that fails, the runner drops this tracker and reloads the
         task from the store, which never saw the change.
@@ -69,7 +73,19 @@ class Tracker:
             setattr(self.task, name, value)
         self.task.status = status
         await self.journal.record(self.task, {"status": status.value, **(event or {})},
-                                  idempotency=idempotency)
+                                  idempotency=idempotency, attempt=self._attempt(attempt_record))
+
+    async def record_attempt(self, **changes: Any) -> None:
+        """Store a change to the current attempt's record alone (no status, no message)."""
+        await self.journal.record(self.task, attempt=self._attempt(changes))
+
+    def _attempt(self, changes: dict[str, Any] | None) -> Attempt | None:
+        if changes is None:
+            return None
+        record = self.task.current_attempt()
+        for name, value in changes.items():
+            setattr(record, name, value)
+        return record
 
     def reporter(self, attempt: int) -> Progress:
         """A progress callback for one attempt: callable from any thread, never blocks."""
