@@ -37,7 +37,7 @@ def create_app(config: Config | None = None, *, processor: Processor | None = No
     QuartSchema(app, info={"title": "hitl", "version": "0.1.0"},  # the UIs load from CDNs
                 swagger_ui_path=None, redoc_ui_path=None, scalar_ui_path=None)
 
-    store = Store(config.db, exclusive=True)
+    store = Store(config.db)
     broker = Broker(queue_size=config.queue_size, history_size=config.history_size,
                     heartbeat=config.heartbeat)
     journal = Journal(store, broker)

@@ -16,7 +16,7 @@ from .config import SETTINGS, Config, default_db_path, default_of, env_var
 from .errors import ConfigError, Invalid, StartupError
 from .models import Status, iso
 from .schemas import MAX_INTEGER
-from .store import Store
+from .store import Store, lock_exclusively
 
 SERVE_SETTINGS = [s for s in SETTINGS if s.name != "db"]
 
@@ -116,8 +116,10 @@ def run_server(config: Config) -> int:
 
     logging.basicConfig(level=config.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # Fail early, with one line: unusable file, full disk, or another server on it.
-    asyncio.run(with_store(config.db, lambda store, _: asyncio.sleep(0), None, exclusive=True))
+    # Fail early, with one line: another server on the file (its lock is held until this
+    # process ends), an unusable file, or a full disk.
+    lock_exclusively(config.db)  # its descriptor stays open: held until the process ends
+    asyncio.run(with_store(config.db, lambda store, _: asyncio.sleep(0), None))
     app = create_app(config)
     logging.getLogger(__name__).info("hitl on http://%s:%s (database %s, pid %d)",
                                      config.host, config.port, config.db, os.getpid())
@@ -132,8 +134,8 @@ def run_server(config: Config) -> int:
 
 async def with_store(path: str, command: Callable[[Store, argparse.Namespace | None],
                                                   Awaitable[object]],
-                     args: argparse.Namespace | None, *, exclusive: bool = False) -> int:
-    store = Store(path, exclusive=exclusive)
+                     args: argparse.Namespace | None) -> int:
+    store = Store(path)
     await store.open()
     try:
         result = await command(store, args)

@@ -40,6 +40,7 @@ class Pending:
 
     write: Write
     done: asyncio.Future[None]
+    generation: int  # of its task: a change made before the task was reloaded is stale
 
 
 class Journal:
@@ -50,6 +51,7 @@ class Journal:
         self.broker = broker
         self.failure: str | None = None  # why writes fail, while they do
         self.refused: set[str] = set()  # tasks whose last change could not be stored
+        self._generations: dict[str, int] = {}  # of tasks reloaded after a refusal
         self.on_refused: Callable[[str], None] = lambda task_id: None
         self._queue: asyncio.Queue[Pending] = asyncio.Queue()
         self._writer: asyncio.Task[None] | None = None
@@ -93,7 +95,8 @@ class Journal:
                                      {"task_id": task.task_id, **payload})
         attempt_row = attempt.row(task.task_id) if attempt is not None else None
         self._queue.put_nowait(Pending(Write(task.row(), event, review, idempotency,
-                                             attempt_row), done))
+                                             attempt_row), done,
+                                       self._generations.get(task.task_id, 0)))
         return done
 
     def check_writable(self, task_id: str) -> None:
@@ -102,8 +105,11 @@ class Journal:
             raise self._refusal()
 
     def forgive(self, task_id: str) -> None:
-        """The task was reloaded from the store: its changes are taken again."""
-        self.refused.discard(task_id)
+        """The task was reloaded from the store: its changes are taken again, except those
+        its stopped flow made before (still queued, maybe)."""
+        if task_id in self.refused:
+            self.refused.discard(task_id)
+            self._generations[task_id] = self._generations.get(task_id, 0) + 1
 
     async def probe(self) -> bool:
         """Whether the store takes writes again (a tiny real write while they failed)."""
@@ -128,7 +134,8 @@ class Journal:
             except Exception as exc:  # a bug of ours: fail the batch, keep writing
                 log.exception("journal writer failed")
                 for pending in batch:
-                    _settle(pending, exc)
+                    if not pending.done.done():
+                        self._fail(pending, StorageUnavailable(f"{type(exc).__name__}: {exc}"))
             finally:
                 for _ in batch:
                     self._queue.task_done()
@@ -182,7 +189,9 @@ class Journal:
         self.on_refused(task_id)
 
     def _refuse_if_failed(self, pending: Pending) -> bool:
-        if pending.write.task_id not in self.refused:
+        task_id = pending.write.task_id
+        if (task_id not in self.refused
+                and pending.generation == self._generations.get(task_id, 0)):
             return False
         _settle(pending, self._refusal())
         return True

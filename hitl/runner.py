@@ -54,6 +54,7 @@ class Runner:
         self._janitor: asyncio.Task[None] | None = None
         self._recovery: asyncio.Task[None] | None = None
         self._submitting: dict[str, asyncio.Future[Task]] = {}  # by Idempotency-Key
+        self._stranded: set[str] = set()  # unfinished tasks whose flow stopped on a failure
         self._finished: OrderedDict[str, tuple[Status, int]] = OrderedDict()
         journal.on_refused = self._strand
 
@@ -121,8 +122,9 @@ class Runner:
                 return await self._create(task_input, key)
             except DuplicateKey:  # another process took the key first
                 stored = await self.store.find_idempotent(key.key)
-                if stored is None:
-                    raise
+                if stored is None:  # ... and its window ended in between
+                    raise Conflict(f"Idempotency-Key {key.key!r} is in use; "
+                                   "send it again") from None
         return await self.get_task(stored[0])
 
     async def _check_same_request(self, task: Task, key: IdempotencyKey) -> Task:
@@ -165,9 +167,12 @@ class Runner:
         tracker.cancel_requested = True
         tracker.flow.cancel()
         await asyncio.wait([tracker.flow])
-        if tracker.finish_error is not None:
-            raise tracker.finish_error
-        return tracker.task
+        if tracker.ended and tracker.task.status is Status.CANCELLED:
+            return tracker.task
+        if tracker.ended:  # it finished before the cancel reached it
+            raise Conflict(f"task {task_id} is already {tracker.task.status}")
+        raise tracker.finish_error or Unavailable(f"task {task_id} was not cancelled; "
+                                                  "send it again shortly")
 
     async def get_task(self, task_id: str) -> Task:
         """The task as stored: what the API shows is never ahead of the database."""
@@ -214,14 +219,20 @@ class Runner:
                 **({"error": f"storage unavailable: {failure}"} if failure else {})}
 
     async def _live(self, task_id: str) -> Tracker:
+        """The tracker of a task whose flow runs, or the reason a change cannot be made."""
         tracker = self.trackers.get(task_id)
         if tracker is None:
             task = await self.get_task(task_id)  # NotFound, or finished
-            if not task.status.terminal:  # its flow stopped when a write failed
-                self._recover_soon()
-                raise StorageUnavailable(self.journal.failure or "the task is being reloaded; "
-                                                                 "send it again shortly")
-            raise Conflict(f"task {task_id} is already {task.status}")
+            if task.status.terminal:
+                raise Conflict(f"task {task_id} is already {task.status}")
+            if not self.accepting:
+                raise Unavailable("the service is shutting down; send it again shortly")
+            self._stranded.add(task_id)  # unfinished with no flow: its flow stopped on a
+            self._recover_soon()  # failed write; it resumes once writes succeed
+            raise StorageUnavailable(self.journal.failure or "the task is being reloaded; "
+                                                             "send it again shortly")
+        if not tracker.started:  # resumed this very moment: its flow takes over first
+            raise Unavailable(f"task {task_id} is being reloaded; send it again shortly")
         self.journal.check_writable(task_id)
         return tracker
 
@@ -243,43 +254,49 @@ class Runner:
         flow = build_flow(self.config, self.pool, step)
         tracker.flow = asyncio.create_task(self._drive(tracker, flow),
                                            name=f"hitl-task-{tracker.task.task_id}")
+        # Whatever ends the flow, even a cancel before its first step, ends its tracker.
+        tracker.flow.add_done_callback(lambda _: self._flow_done(tracker))
 
     async def _drive(self, tracker: Tracker, flow: AsyncFlow) -> None:
+        tracker.started = True
         task = tracker.task
-        finished = False
         try:
             if task.status is Status.PROCESSING_FEEDBACK and task.reviews:
                 check_attempts_left(tracker.shared, self.config.max_attempts)
             await flow.run_async(tracker.shared)
-            finished = True
+            tracker.ended = True
         except asyncio.CancelledError:
             if tracker.cancel_requested and task.task_id in self.journal.refused:
                 tracker.finish_error = self._why_stopped(task.task_id)
             elif tracker.cancel_requested:
-                finished = await self._finish(tracker, Status.CANCELLED,
-                                              error="cancelled by request")
+                tracker.ended = await self._finish(tracker, Status.CANCELLED,
+                                                   error="cancelled by request")
             # else: shutting down, or a write failed; the task stays as stored, and
             # resumes at the next start or once storage recovers
         except StorageUnavailable as exc:
             log.warning("task %s stopped: %s", task.task_id, exc)
         except TaskFailed as exc:
-            finished = await self._finish(tracker, Status.FAILED, error=str(exc))
+            tracker.ended = await self._finish(tracker, Status.FAILED, error=str(exc))
         except Exception as exc:
             log.exception("task %s failed", task.task_id)
-            finished = await self._finish(tracker, Status.FAILED,
-                                          error=f"{type(exc).__name__}: {exc}")
-        finally:
-            tracker.active = False
-            self.trackers.pop(task.task_id, None)
-            if not tracker.decision_recorded:  # claimed, but the flow stopped before storing it
-                tracker.settle_decision(self._why_stopped(task.task_id))
-            if finished:
-                self.broker.release(task.task_id)
-                self._finished[task.task_id] = (task.status, task.last_seq)
-                if len(self._finished) > RECENTLY_FINISHED:
-                    self._finished.popitem(last=False)
-            elif self.accepting:  # not shutting down: bring it back from the store
-                self._recover_soon()
+            tracker.ended = await self._finish(tracker, Status.FAILED,
+                                               error=f"{type(exc).__name__}: {exc}")
+
+    def _flow_done(self, tracker: Tracker) -> None:
+        task = tracker.task
+        tracker.active = False
+        if self.trackers.get(task.task_id) is tracker:
+            del self.trackers[task.task_id]
+        if not tracker.decision_recorded:  # claimed, but the flow stopped before storing it
+            tracker.settle_decision(self._why_stopped(task.task_id))
+        if tracker.ended:
+            self.broker.release(task.task_id)
+            self._finished[task.task_id] = (task.status, task.last_seq)
+            if len(self._finished) > RECENTLY_FINISHED:
+                self._finished.popitem(last=False)
+        elif self.accepting:  # not shutting down: bring it back from the store
+            self._stranded.add(task.task_id)
+            self._recover_soon()
 
     def _why_stopped(self, task_id: str) -> Exception:
         if task_id in self.journal.refused:
@@ -315,23 +332,31 @@ class Runner:
             self._recovery = asyncio.create_task(self._recover(), name="hitl-recovery")
 
     async def _recover(self) -> None:
-        """Once the store takes writes again, resume every unfinished task with no flow."""
+        """Once the store takes writes again, resume every stranded task from a fresh read.
+
+        A task is read only once its old flow is gone, and resumed only if no flow took it
+        meanwhile: nothing but a flow changes a task, so that read is its stored state.
+        """
         wait, longest = RECOVERY_WAIT
         while self.accepting:
             await asyncio.sleep(wait)
             wait = min(wait * 2, longest)
-            stopping = [t.flow for t in self.trackers.values()
-                        if t.task.task_id in self.journal.refused and t.flow is not None]
-            if stopping or not await self.journal.probe():
+            if not await self.journal.probe():
                 continue
-            try:
-                unfinished = await self.store.unfinished_tasks()
-            except Exception:
-                log.exception("could not read the tasks to resume")
-                continue
-            for task in unfinished:
-                if task.task_id not in self.trackers and self.accepting:
+            for task_id in list(self._stranded):
+                if task_id in self.trackers:  # its old flow is still stopping
+                    continue
+                try:
+                    task = await self.store.get_task(task_id)
+                except Exception:
+                    log.exception("could not read task %s to resume it", task_id)
+                    break
+                if task_id in self.trackers or not self.accepting:
+                    continue
+                self._stranded.discard(task_id)
+                if task is not None and not task.status.terminal:
                     self._resume(task)
-            self.journal.refused.intersection_update(self.trackers)
-            if not self.journal.refused and self.journal.failure is None:
+                else:
+                    self.journal.forgive(task_id)
+            if not self._stranded and self.journal.failure is None:
                 return

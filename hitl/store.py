@@ -180,13 +180,11 @@ class Write:
 class Store:
     """The database of one hitl service (or of the CLI reading it)."""
 
-    def __init__(self, path: str, *, exclusive: bool = False) -> None:
+    def __init__(self, path: str) -> None:
         self.path = path
-        self.exclusive = exclusive  # a server's: one process per database file
         self._writer: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
         self._write_lock = asyncio.Lock()  # one transaction at a time on the writer
-        self._lock_fd: int | None = None
 
     def init_app(self, app: Quart) -> None:
         attach(app, "store", self, self.open, self.close)
@@ -195,8 +193,6 @@ class Store:
         """Connect, check the file is usable and bring its schema up to date."""
         in_memory = self.path == ":memory:" or self.path.startswith("file::memory:")
         try:
-            if self.exclusive and not in_memory:
-                self._lock_fd = lock_exclusively(self.path)
             self._writer = await self._connect()
             await self._migrate(self._writer)  # StartupError if the schema is too new
             self._reader = self._writer if in_memory else await self._connect()
@@ -255,9 +251,6 @@ class Store:
         for conn in {id(c): c for c in (self._reader, self._writer) if c is not None}.values():
             await conn.close()
         self._writer = self._reader = None
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)  # releases the lock
-            self._lock_fd = None
 
     @property
     def writer(self) -> aiosqlite.Connection:
@@ -316,7 +309,7 @@ class Store:
                 await conn.execute("COMMIT")
             except BaseException as exc:
                 await _rollback(conn)
-                if isinstance(exc, sqlite3.IntegrityError):
+                if isinstance(exc, sqlite3.IntegrityError) and "idempotency_keys" in str(exc):
                     raise DuplicateKey(str(exc)) from exc
                 if isinstance(exc, sqlite3.Error | OSError):
                     raise StorageUnavailable(str(exc)) from exc
@@ -495,10 +488,13 @@ async def _rollback(conn: aiosqlite.Connection) -> None:
             await conn.execute("ROLLBACK")
 
 
-def lock_exclusively(path: str) -> int:
-    """Hold ``<path>.lock`` for this process (its file descriptor): a second server on one
-    file would fail every write. The lock ends with the process, however it ends."""
-    lock_path = path.removeprefix("file:").split("?", 1)[0] + ".lock"
+def lock_exclusively(path: str) -> int | None:
+    """Hold ``<path>.lock`` for this process (its file descriptor; None for ``:memory:``):
+    a second server on one file would fail every write. The lock ends with the process,
+    however it ends, or when the descriptor is closed."""
+    if path == ":memory:" or path.startswith("file::memory:"):
+        return None
+    lock_path = os.path.realpath(path.removeprefix("file:").split("?", 1)[0]) + ".lock"
     try:
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
     except OSError as exc:

@@ -42,6 +42,8 @@ class Tracker:
         self.journal = journal
         self.loop = asyncio.get_running_loop()
         self.flow: asyncio.Task[None] | None = None
+        self.started = False  # its flow has taken its first step
+        self.ended = False  # its end (completed, failed, cancelled) is stored
         self.active = True  # False once its flow has stopped: late reports are ignored
         self.cancel_requested = False
         self.finishing = False  # recording its end: no one else stops it now

@@ -4,6 +4,7 @@ write fails only its own change; a task's messages never skip a number."""
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -14,13 +15,13 @@ from hitl.broker import GLOBAL, Broker
 from hitl.errors import Conflict, DuplicateKey, StartupError, StorageUnavailable
 from hitl.journal import Journal
 from hitl.models import Review, Status, Task
-from hitl.store import IdempotencyKey, Store, Write
+from hitl.store import IdempotencyKey, Store, Write, lock_exclusively
 from hitl.tracker import Tracker
 
 
 @pytest.fixture
 async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    store = Store(str(tmp_path / "hitl.db"), exclusive=True)
+    store = Store(str(tmp_path / "hitl.db"))
     await store.open()
     yield store
     await store.close()
@@ -100,13 +101,24 @@ async def test_a_probe_reports_a_database_that_takes_no_writes(store: Store) -> 
     await store.probe()
 
 
-async def test_a_database_is_served_by_one_process_at_a_time(store: Store) -> None:
-    second = Store(store.path, exclusive=True)
-    with pytest.raises(StartupError, match="in use by another hitl serve"):
-        await second.open()
-    reader = Store(store.path)  # the CLI reads while the server runs
-    await reader.open()
-    await reader.close()
+async def test_a_database_is_served_by_one_process_at_a_time(store: Store,
+                                                             tmp_path: Path) -> None:
+    lock = lock_exclusively(store.path)
+    try:
+        link = tmp_path / "link.db"
+        link.symlink_to(store.path)
+        for path in (store.path, str(link)):  # the same file by another name too
+            with pytest.raises(StartupError, match="in use by another hitl serve"):
+                lock_exclusively(path)
+        reader = Store(store.path)  # the CLI reads while the server runs
+        await reader.open()
+        await reader.close()
+    finally:
+        assert lock is not None
+        os.close(lock)
+    again = lock_exclusively(store.path)  # released with its descriptor
+    assert again is not None
+    os.close(again)
 
 
 async def test_a_version_1_database_is_migrated_keeping_its_tasks(tmp_path: Path) -> None:

@@ -119,3 +119,80 @@ async def test_a_decision_caught_by_shutdown_is_answered(config: Config) -> None
         assert (await runner.get_task(task.task_id)).status is Status.WAITING_FOR_REVIEW
         await runner.decide(task.task_id, "approved")
         await reach(runner, task.task_id, Status.COMPLETED)
+
+
+# --- requests racing the recovery of a task whose write failed (found in review) ---------
+
+def strand(runner: Runner, task_id: str) -> None:
+    """What the journal does when a write of the task fails (a read-only spell)."""
+    runner.journal.refused.add(task_id)
+    runner._strand(task_id)
+
+
+async def recovered(runner: Runner) -> None:
+    recovery = runner._recovery
+    assert recovery is not None
+    await asyncio.wait_for(recovery, BOUND)
+
+
+@pytest.mark.parametrize("request_kind", ["cancel", "decide"])
+async def test_a_request_just_as_recovery_resumes_a_task_is_answered_truly(
+        runner: Runner, request_kind: str) -> None:
+    task_id = (await runner.submit("x")).task_id
+    await reach(runner, task_id, Status.WAITING_FOR_REVIEW)
+    requests: list[asyncio.Future[object]] = []
+    launch = runner._launch
+
+    def launch_with_a_request_queued(tracker: object, step: object) -> None:
+        call = (runner.cancel(task_id) if request_kind == "cancel"
+                else runner.decide(task_id, "approved"))
+        requests.append(asyncio.ensure_future(call))  # ready in the same loop iteration
+        launch(tracker, step)  # type: ignore[arg-type]
+
+    runner._launch = launch_with_a_request_queued  # type: ignore[method-assign]
+    strand(runner, task_id)
+    await recovered(runner)
+    runner._launch = launch  # type: ignore[method-assign]
+    try:
+        await asyncio.wait_for(requests[0], BOUND)  # answered, never left hanging
+    except Unavailable:  # 503: being reloaded; nothing was changed
+        assert (await runner.get_task(task_id)).status is Status.WAITING_FOR_REVIEW
+        await runner.decide(task_id, "approved")  # the task works on
+        await reach(runner, task_id, Status.COMPLETED)
+    else:  # 200 only for what is stored
+        wanted = Status.CANCELLED if request_kind == "cancel" else Status.COMPLETED
+        await reach(runner, task_id, wanted)
+
+
+async def test_recovery_does_not_resume_a_task_that_finished_meanwhile(
+        runner: Runner) -> None:
+    task_id = (await runner.submit("x")).task_id
+    await reach(runner, task_id, Status.WAITING_FOR_REVIEW)
+    runner._stranded.add(task_id)  # seen with no flow an instant ago (it has one again)
+    runner._recover_soon()
+    await runner.cancel(task_id)  # stored cancelled, its tracker gone
+    await recovered(runner)
+    assert (await runner.get_task(task_id)).status is Status.CANCELLED
+    assert task_id not in runner.trackers, "a cancelled task was resumed"
+
+
+async def test_recovery_does_not_drop_a_task_stranded_while_it_runs(runner: Runner) -> None:
+    from hitl.errors import StorageUnavailable
+
+    write = runner.store.write
+    armed = [True]
+
+    async def failing_write(batch: list[object]) -> None:  # the victim's RUNNING write
+        if armed[0] and any(w.task["task_input"] == "victim"  # type: ignore[attr-defined]
+                            and w.task["status"] == "running" for w in batch):  # type: ignore[attr-defined]
+            armed[0] = False
+            raise StorageUnavailable("injected: disk full")
+        await write(batch)  # type: ignore[arg-type]
+
+    runner._stranded.add("ghost")  # a recovery is under way
+    runner._recover_soon()
+    runner.store.write = failing_write  # type: ignore[method-assign]
+    task = await runner.submit("victim")
+    await runner.submit("other")  # another task's write succeeds meanwhile
+    await reach(runner, task.task_id, Status.WAITING_FOR_REVIEW)  # resumed, not dropped
+    assert task.task_id in runner.trackers
