@@ -17,7 +17,7 @@ from .errors import BODY_TIMEOUT_ERROR, INTERNAL_ERROR, HitlError
 from .journal import Journal
 from .pages import error_page, pages, wants_html
 from .processors import Processor
-from .routes import JSON_POSTS, api
+from .routes import api
 from .runner import Runner
 from .security import SECURITY_HEADERS
 from .store import Store
@@ -49,7 +49,7 @@ def create_app(config: Config | None = None, *, processor: Processor | None = No
     app.register_blueprint(api)
     app.register_blueprint(pages)
     register_error_handlers(app)
-    app.asgi_app = HotPaths(app, app.asgi_app, JSON_POSTS)  # type: ignore[method-assign,assignment]
+    app.asgi_app = HotPaths(app, app.asgi_app)  # type: ignore[method-assign,assignment]
     return app
 
 

@@ -1,27 +1,19 @@
-"""The hot endpoints, answered in plain ASGI ahead of Quart.
+"""The app's ASGI entry: the JSON event streams take a lean path, everything else is Quart's.
 
-Quart's per-request machinery (request and app contexts, request and response objects,
-a receiver task, quart-schema's conversions) costs about 0.25 ms of CPU per request,
-and about 12 KiB for each open stream. On the paths that every watcher and every
-automated client takes, that was most of the server's work (``python -m bench
-throughput``), so two kinds of request are answered here:
-
-- ``GET /stream`` and ``GET /stream/<task_id>``: see :mod:`hitl.sse_asgi`;
-- the JSON POSTs in :data:`hitl.routes.JSON_POSTS` with a well-formed body: the same
-  handlers and pydantic models as their Quart routes (see :mod:`hitl.json_asgi`).
-
-Everything else goes on to Quart, including every malformed POST (with its body
-replayed), so the wording of errors and the OpenAPI document are written once, there.
+A watcher is a long-lived request: Quart's per-request machinery (request and app
+contexts, request and response objects, a receiver task) would cost about 12 KiB for
+each open stream, so ``GET /stream`` and ``GET /stream/<task_id>`` are answered in plain
+ASGI (:mod:`hitl.sse_asgi`), with the same service functions. Every other request, every
+POST included, goes through Quart: one path to guard, parse and answer it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, MutableMapping, Sequence
+from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from quart import Quart
 
-from .json_asgi import JsonPost, serve_json_post
 from .sse_asgi import is_stream_path, serve_stream
 
 Scope = MutableMapping[str, Any]
@@ -32,12 +24,11 @@ ASGIApp = Callable[[Any, Any, Any], Awaitable[None]]
 
 
 class HotPaths:
-    """ASGI middleware: answers the hot endpoints itself, passes every other request on."""
+    """ASGI middleware: answers the JSON event streams itself, passes every other request on."""
 
-    def __init__(self, app: Quart, inner: ASGIApp, posts: Sequence[JsonPost]) -> None:
+    def __init__(self, app: Quart, inner: ASGIApp) -> None:
         self.app = app
         self.inner = inner
-        self.posts = posts
 
     def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
         """The coroutine that answers this request, for the server to await.
@@ -46,14 +37,6 @@ class HotPaths:
         server must be told this is ASGI (``hitl.server`` passes hypercorn ``mode="asgi"``);
         the Quart app object itself stays a plain async ASGI app for any server.
         """
-        if scope["type"] == "http":
-            method, path = scope["method"], scope["path"]
-            if method == "GET" and is_stream_path(path):
-                return serve_stream(self.app, path, scope, receive, send)
-            if method == "POST":
-                for post in self.posts:
-                    arguments = post.match(path)
-                    if arguments is not None:
-                        return serve_json_post(self.app, self.inner, post, arguments, scope,
-                                               receive, send)
+        if scope["type"] == "http" and scope["method"] == "GET" and is_stream_path(scope["path"]):
+            return serve_stream(self.app, scope["path"], scope, receive, send)
         return self.inner(scope, receive, send)

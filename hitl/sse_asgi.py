@@ -9,18 +9,18 @@ client leaving (``python -m bench fanout``: memory per idle watcher).
 from __future__ import annotations
 
 import asyncio
+import json
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import parse_qs
 
 from quart import Quart
 
 from .broker import GLOBAL, Broker, Subscription
 from .errors import HitlError
-from .json_asgi import send_json
 from .runner import Runner
 from .schemas import checked_id
-from .security import SECURITY_HEADERS
+from .security import RAW_SECURITY_HEADERS, SECURITY_HEADERS
 from .streams import HEADERS as STREAM_HEADERS
 from .streams import RETRY, STREAM_CLOSED, encode, parse_last_id
 
@@ -111,3 +111,11 @@ async def until_disconnect(receive: Receive, subscription: Subscription) -> None
     while (await receive())["type"] != "http.disconnect":
         pass
     subscription.close()
+
+
+async def send_json(send: Send, status: int, body: dict[str, Any]) -> None:
+    payload = (json.dumps(body, separators=(",", ":"), sort_keys=True) + "\n").encode()  # as Quart
+    await send({"type": "http.response.start", "status": status, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", b"%d" % len(payload)),
+        *RAW_SECURITY_HEADERS]})
+    await send({"type": "http.response.body", "body": payload, "more_body": False})
