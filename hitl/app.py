@@ -10,16 +10,16 @@ from quart.typing import ResponseReturnValue
 from quart_schema import QuartSchema, RequestSchemaValidationError
 from werkzeug.exceptions import HTTPException
 
-from .asgi import HotPaths
+from .asgi import Edge
 from .broker import Broker
 from .config import Config
-from .errors import BODY_TIMEOUT_ERROR, INTERNAL_ERROR, HitlError
+from .errors import BODY_TIMEOUT_ERROR, INTERNAL_ERROR, HitlError, error_body
 from .journal import Journal
 from .pages import error_page, pages, wants_html
 from .processors import Processor
 from .routes import api
 from .runner import Runner
-from .security import SECURITY_HEADERS
+from .sse_asgi import answer_refused
 from .store import Store
 from .ui_streams import FragmentCache
 
@@ -46,10 +46,11 @@ def create_app(config: Config | None = None, *, processor: Processor | None = No
     for part in (store, broker, journal, runner, FragmentCache()):
         part.init_app(app)
 
+    app.before_request(answer_refused)
     app.register_blueprint(api)
     app.register_blueprint(pages)
     register_error_handlers(app)
-    app.asgi_app = HotPaths(app, app.asgi_app)  # type: ignore[method-assign,assignment]
+    app.asgi_app = Edge(app, app.asgi_app)  # type: ignore[method-assign,assignment]
     return app
 
 
@@ -69,7 +70,7 @@ async def error_response(message: str, status: int) -> ResponseReturnValue:
     """``{"error": "..."}`` for the API; a readable page (or htmx fragment) for the browser UI."""
     if wants_html():
         return await error_page(message, status)
-    return {"error": message}, status
+    return Response(error_body(message), status, content_type="application/json")
 
 
 def register_error_handlers(app: Quart) -> None:
@@ -97,12 +98,6 @@ def register_error_handlers(app: Quart) -> None:
     async def unexpected(error: Exception) -> ResponseReturnValue:
         log.exception("unhandled error on %s %s", request.method, request.path)
         return await error_response(INTERNAL_ERROR, 500)
-
-    @app.after_request
-    async def security_headers(response: Response) -> Response:
-        for name, value in SECURITY_HEADERS.items():
-            response.headers.setdefault(name, value)
-        return response
 
 
 def describe_validation(error: Exception) -> str:

@@ -4,33 +4,36 @@ A watcher is a long-lived request, and Quart's per-request machinery would cost 
 12 KiB of memory per open stream and CPU per message (see :mod:`hitl.asgi`). Here a
 stream costs a subscription, the coroutine sending it, and one task that notices the
 client leaving (``python -m bench fanout``: memory per idle watcher).
+
+This path only ever answers a stream it could open. A request it refuses (or a bug in
+checking it) is handed to Quart with the error, so Quart's error handlers answer it as
+they answer every other error: one renderer, JSON or a page for a browser.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, cast
 from urllib.parse import parse_qs
 
-from quart import Quart
+from quart import Quart, request
 
 from .broker import GLOBAL, Broker, Subscription
-from .errors import HitlError
 from .runner import Runner
 from .schemas import checked_id
-from .security import RAW_SECURITY_HEADERS, SECURITY_HEADERS
+from .security import secured
 from .streams import HEADERS as STREAM_HEADERS
 from .streams import RETRY, STREAM_CLOSED, encode, parse_last_id
 
 if TYPE_CHECKING:
-    from .asgi import Receive, Scope, Send
+    from .asgi import ASGIApp, Receive, Scope, Send
 
-# An event stream is never rendered as a page: it needs no Content-Security-Policy.
-RAW_HEADERS = [(name.lower().encode(), value.encode())
-               for name, value in {**STREAM_HEADERS, **SECURITY_HEADERS}.items()
-               if name != "Content-Security-Policy"]
+RAW_HEADERS = secured([(name.lower().encode(), value.encode())
+                       for name, value in STREAM_HEADERS.items()])
+
+# Where a refused stream request carries its error to Quart (see :func:`answer_refused`).
+REFUSED = "hitl.refused"
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,9 +51,9 @@ def is_stream_path(path: str) -> bool:
                                  and len(path) > len("/stream/"))
 
 
-async def check_stream(app: Quart, path: str, scope: Scope) -> Stream:
+async def check_stream(app: Quart, scope: Scope) -> Stream:
     """Parse and check a stream request; raises HitlError for a bad one."""
-    task_id = path.removeprefix("/stream").removeprefix("/")
+    task_id = scope["path"].removeprefix("/stream").removeprefix("/")
     last_id = parse_last_id(last_event_id(scope))
     if not task_id:
         return Stream(GLOBAL, last_id, finished=False)
@@ -59,17 +62,18 @@ async def check_stream(app: Quart, path: str, scope: Scope) -> Stream:
     return Stream(task_id, last_id, finished=status.terminal and (last_id or 0) >= last_seq)
 
 
-async def serve_stream(app: Quart, path: str, scope: Scope, receive: Receive,
-                       send: Send) -> None:
+async def serve_stream(app: Quart, scope: Scope, receive: Receive, send: Send,
+                       quart: ASGIApp) -> None:
     """Replay, then live messages, until the task finishes, the client leaves or we stop.
 
     Every object this keeps while it waits is kept once per idle watcher: so the loop is
     inline, and neither the last batch nor its chunk outlives its send.
     """
     try:
-        stream = await check_stream(app, path, scope)
-    except HitlError as error:
-        await send_json(send, error.status, {"error": error.message})
+        stream = await check_stream(app, scope)
+    except Exception as error:  # refused, or a bug: Quart answers it, as every error
+        scope[REFUSED] = error
+        await quart(scope, receive, send)
         return
     await send({"type": "http.response.start", "status": 200, "headers": RAW_HEADERS})
     if stream.finished:
@@ -97,6 +101,13 @@ async def serve_stream(app: Quart, path: str, scope: Scope, receive: Receive,
         await send({"type": "http.response.body", "body": head, "more_body": False})
 
 
+async def answer_refused() -> None:
+    """Quart's ``before_request``: a stream request refused above fails here, with its error."""
+    error = request.scope.get(REFUSED)
+    if isinstance(error, Exception):
+        raise error
+
+
 def last_event_id(scope: Scope) -> str | None:
     """The ``Last-Event-ID`` header, else a ``last_event_id`` query parameter."""
     for name, value in scope["headers"]:
@@ -111,11 +122,3 @@ async def until_disconnect(receive: Receive, subscription: Subscription) -> None
     while (await receive())["type"] != "http.disconnect":
         pass
     subscription.close()
-
-
-async def send_json(send: Send, status: int, body: dict[str, Any]) -> None:
-    payload = (json.dumps(body, separators=(",", ":"), sort_keys=True) + "\n").encode()  # as Quart
-    await send({"type": "http.response.start", "status": status, "headers": [
-        (b"content-type", b"application/json"), (b"content-length", b"%d" % len(payload)),
-        *RAW_SECURITY_HEADERS]})
-    await send({"type": "http.response.body", "body": payload, "more_body": False})

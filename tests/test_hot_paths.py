@@ -8,7 +8,7 @@ import pytest
 from quart import Quart
 from quart.typing import TestClientProtocol as Client
 
-from hitl.asgi import HotPaths
+from hitl.asgi import Edge
 
 from .test_api import submit, wait_status
 
@@ -17,7 +17,7 @@ from .test_api import submit, wait_status
 def quart_calls(app: Quart) -> list[str]:
     """``METHOD path`` of every request that reached Quart."""
     hot = app.asgi_app
-    assert isinstance(hot, HotPaths)
+    assert isinstance(hot, Edge)
     calls: list[str] = []
     inner = hot.inner
 
