@@ -14,6 +14,7 @@ from .asgi import Edge
 from .broker import Broker
 from .config import Config
 from .errors import BODY_TIMEOUT_ERROR, INTERNAL_ERROR, HitlError, error_body
+from .guard import Guard
 from .journal import Journal
 from .pages import error_page, pages, wants_html
 from .processors import Processor
@@ -43,10 +44,10 @@ def create_app(config: Config | None = None, *, processor: Processor | None = No
     journal = Journal(store, broker)
     runner = Runner(config, store, journal, broker, processor)
     broker.loader = store.load_history
-    for part in (store, broker, journal, runner, FragmentCache()):
+    for part in (Guard(config), store, broker, journal, runner, FragmentCache()):
         part.init_app(app)
 
-    app.before_request(answer_refused)
+    app.before_request(answer_refused)  # after the guard's check: see hitl.sse_asgi
     app.register_blueprint(api)
     app.register_blueprint(pages)
     register_error_handlers(app)

@@ -20,6 +20,7 @@ from urllib.parse import parse_qs
 from quart import Quart, request
 
 from .broker import GLOBAL, Broker, Subscription
+from .guard import Guard
 from .runner import Runner
 from .schemas import checked_id
 from .security import secured
@@ -52,7 +53,9 @@ def is_stream_path(path: str) -> bool:
 
 
 async def check_stream(app: Quart, scope: Scope) -> Stream:
-    """Parse and check a stream request; raises HitlError for a bad one."""
+    """Check a stream request as Quart checks every other one, then parse it; raises
+    HitlError for a bad one."""
+    cast(Guard, app.extensions["guard"]).check_request(scope)
     task_id = scope["path"].removeprefix("/stream").removeprefix("/")
     last_id = parse_last_id(last_event_id(scope))
     if not task_id:
