@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import logging
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
-from quart import Quart, Request, Response, request
+from quart import Quart, Request, Response, redirect, request
 from quart.typing import ResponseReturnValue
 from quart_schema import QuartSchema, RequestSchemaValidationError
 from werkzeug.exceptions import HTTPException
+from werkzeug.routing import RequestRedirect
 
 from .asgi import Edge
 from .broker import Broker
@@ -76,6 +78,17 @@ async def error_response(message: str, status: int) -> ResponseReturnValue:
 
 def register_error_handlers(app: Quart) -> None:
     """Every error becomes a 4xx with a message (5xx only for our bugs)."""
+
+    @app.before_request
+    async def local_redirect() -> ResponseReturnValue | None:
+        """werkzeug's redirect to a canonical URL (``/tasks//x`` to ``/tasks/x``) names the
+        request's Host, and Quart sends it past every error handler: send the path only."""
+        error = request.routing_exception
+        if not isinstance(error, RequestRedirect):
+            return None
+        url = urlsplit(error.new_url)
+        return redirect(urlunsplit(("", "", "/" + url.path.lstrip("/"), url.query, "")),
+                        error.code)
 
     @app.errorhandler(HitlError)
     async def domain_error(error: HitlError) -> ResponseReturnValue:

@@ -240,3 +240,25 @@ async def test_the_host_check_holds_over_real_http(live_server: LiveServer) -> N
             assert response.status_code == 400, (method, path)
             assert response.headers["content-type"] == "application/json"
         assert live_server.app.extensions["broker"].subscriber_count() == 0
+
+
+@pytest.mark.parametrize(("path", "location"), [
+    ("/tasks//abc", "/tasks/abc"), ("/static//hitl.css", "/static/hitl.css"),
+    ("/api//tasks?limit=2", "/api/tasks?limit=2"), ("/tasks//abc//", None),
+])
+async def test_redirects_name_no_host(client: Client, path: str, location: str | None) -> None:
+    response = await client.get(path, headers={"Host": "localhost:8000"})
+    if location is None:
+        assert "Location" not in response.headers
+        return
+    assert response.status_code == 308
+    assert response.headers["Location"] == location
+
+
+async def test_redirects_name_no_host_over_real_http(live_server: LiveServer) -> None:
+    async with live_server.http() as http:
+        for host in (live_server.url.removeprefix("http://"), "localhost"):
+            response = await http.get("/tasks//abc", headers={"Host": host})
+            assert (response.status_code, response.headers["location"]) == (308, "/tasks/abc")
+        response = await http.get("//evil.example/", headers={"Host": "localhost"})
+        assert not response.headers.get("location", "/").startswith("//")
