@@ -49,7 +49,7 @@ class Edge:
         """
         if scope["type"] != "http":
             return self.inner(scope, receive, send)  # lifespan
-        if scope["method"] == "GET" and is_stream_path(scope["path"]):
+        if scope["method"] in ("GET", "HEAD") and is_stream_path(scope["path"]):
             return serve_stream(self.app, scope, receive, send, self.quart)
         return self.quart(scope, receive, send)
 

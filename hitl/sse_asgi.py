@@ -1,4 +1,4 @@
-"""The JSON SSE endpoints, ``GET /stream`` and ``GET /stream/<task_id>``, in plain ASGI.
+"""The JSON SSE endpoints, ``/stream`` and ``/stream/<task_id>``, in plain ASGI.
 
 A watcher is a long-lived request, and Quart's per-request machinery would cost about
 12 KiB of memory per open stream and CPU per message (see :mod:`hitl.asgi`). Here a
@@ -79,6 +79,9 @@ async def serve_stream(app: Quart, scope: Scope, receive: Receive, send: Send,
         await quart(scope, receive, send)
         return
     await send({"type": "http.response.start", "status": 200, "headers": RAW_HEADERS})
+    if scope["method"] == "HEAD":  # the headers it would have, at once, and no subscription
+        await send({"type": "http.response.body", "body": b""})
+        return
     if stream.finished:
         await send({"type": "http.response.body", "body": RETRY + STREAM_CLOSED})
         return
