@@ -4,9 +4,9 @@ On SIGTERM or SIGINT the SSE streams are ended first (with a ``retry:`` hint alr
 sent, browsers come back), because hypercorn alone waits for open streams forever on
 Python 3.12+ (hypercorn issue #308). A second signal exits at once.
 
-hypercorn answers some requests itself, before the app sees them (a malformed request
-line or header: 400; a header block over 16 KiB: 431). :class:`H11Protocol` makes those
-answers hitl's own too: a JSON error with the security headers.
+HTTP/1.1 is served with hitl's subclass of hypercorn's protocol (:mod:`hitl.protocol`):
+hypercorn's own answers to broken requests are hitl's JSON errors with the security
+headers, and a request pipelined behind a stream ends the stream.
 """
 
 from __future__ import annotations
@@ -18,19 +18,15 @@ import os
 import signal
 from typing import cast
 
-import h11
 import hypercorn.protocol
 from hypercorn.asyncio import serve as hypercorn_serve
 from hypercorn.config import Config as HypercornConfig
-from hypercorn.protocol.h11 import H11Protocol as HypercornH11Protocol
 from quart import Quart
-from werkzeug.http import HTTP_STATUS_CODES
 
 from .broker import Broker
 from .config import Config
-from .errors import error_body
+from .protocol import H11Protocol
 from .runner import Runner
-from .security import secured
 
 log = logging.getLogger(__name__)
 
@@ -68,35 +64,11 @@ async def serve(app: Quart, config: Config, *, stop: asyncio.Event | None = None
         await cast(Broker, app.extensions["broker"]).close()
 
     tune_gc()
-    hypercorn.protocol.H11Protocol = H11Protocol  # type: ignore[attr-defined]  # see the class
+    hypercorn.protocol.H11Protocol = H11Protocol  # type: ignore[attr-defined]
     # Quart.__call__ only awaits app.asgi_app: serving that directly saves a frame per
     # open stream (hitl.asgi.Edge, the app's entry, is outermost there).
     await hypercorn_serve(app.asgi_app, settings, shutdown_trigger=shutdown_trigger,
                           mode="asgi")  # Edge is a plain callable returning coroutines
-
-
-class H11Protocol(HypercornH11Protocol):
-    """hypercorn 0.18's HTTP/1.1 protocol, whose own error answers are hitl's: JSON, secured.
-
-    hypercorn builds one per HTTP/1.1 connection (``hypercorn.protocol.ProtocolWrapper``
-    looks the class up in its module, where :func:`serve` puts this one).
-    """
-
-    async def _send_error_response(self, status_code: int) -> None:
-        """Answer a request h11 refused (and close): hypercorn sends no body, no headers."""
-        limit = self.config.h11_max_incomplete_size // 1024
-        body = error_body(PROTOCOL_ERRORS.get(status_code, "").format(limit=limit)
-                          or HTTP_STATUS_CODES.get(status_code, "bad request").lower())
-        headers = secured([(b"content-type", b"application/json"),
-                           (b"content-length", b"%d" % len(body)), (b"connection", b"close")])
-        await self._send_h11_event(h11.Response(
-            status_code=status_code, headers=headers + self.config.response_headers("h11")))
-        await self._send_h11_event(h11.Data(data=body))
-        await self._send_h11_event(h11.EndOfMessage())
-
-
-PROTOCOL_ERRORS = {400: "malformed HTTP request",
-                   431: "request header fields too large ({limit} KiB at most)"}
 
 
 def tune_gc() -> None:
