@@ -159,7 +159,7 @@ async def test_a_page_of_exactly_the_rest_has_no_next(store: Store) -> None:
 
 @pytest.mark.parametrize(("search", "found"), [
     ("%", [0]), ("_", [1]), ("'", [2]), ('"', [3]), ("\\", [4]), ("SNAKE", [1]),
-    ("% s", [0]), ("t", [0, 1, 2, 4, 5]), ("nowhere", []), ("e_c", [1]), ("s%", []),
+    ("% s", [0]), ("I", [2, 3, 5]), ("nowhere", []), ("e_c", [1]), ("s%", []),
 ])
 async def test_search_finds_text_literally_whatever_it_holds(
     store: Store, search: str, found: list[int]
@@ -216,7 +216,8 @@ async def test_the_api_takes_the_same_order_search_and_pages(client: Client) -> 
     assert [t["task_id"] for t in body["tasks"]] == [tid(2), tid(3)]
     assert body["total"] == 3 and body["next"]
     assert body["tasks"][0]["waiting_since"] == iso(20)
-    rest = await api(client, f"status=waiting_for_review&order=waiting&limit=2&after={body['next']}")
+    queue = "status=waiting_for_review&order=waiting&limit=2"
+    rest = await api(client, f"{queue}&after={body['next']}")
     assert [t["task_id"] for t in rest["tasks"]] == [tid(1)] and rest["next"] is None
     assert [t["task_id"] for t in (await api(client, "q=NUMBER%204"))["tasks"]] == [tid(4)]
     assert (await api(client, "q="))["total"] == 4  # an empty search is no search
@@ -338,7 +339,6 @@ async def test_review_next_with_none_waiting_shows_the_empty_queue(client: Clien
 
 # The dashboard's stream
 
-@pytest.mark.parametrize("seed", [[]])
 async def test_the_stream_catches_up_from_the_page_and_announces_new_work(
     live_server: LiveServer, actions: ReviewActions
 ) -> None:
