@@ -429,14 +429,14 @@ class Store:
         if after is not None:
             params["after_key"], params["after_id"] = parse_cursor(after)
             page_clauses.append(f"({key}, task_id) {beyond} (:after_key, :after_id)")
-        rows = await self.reader.execute_fetchall(
+        rows = list(await self.reader.execute_fetchall(
             f"""SELECT {_ROW_COLUMNS} FROM tasks {_where(page_clauses)}
                  ORDER BY {key} {direction}, task_id {direction} LIMIT :limit OFFSET :offset""",
             {**params, "limit": limit + 1, "offset": offset},
-        )
+        ))
         total = await self.reader.execute_fetchall(
             f"SELECT count(*) FROM tasks {_where(clauses)}", params)
-        tasks = [_task_row(row) for row in list(rows)[:limit]]
+        tasks = [_task_row(row) for row in rows[:limit]]
         more = len(rows) > limit
         return TaskPage(tasks, next(iter(total))[0],
                         cursor(tasks[-1], view.order) if more else None, since)
