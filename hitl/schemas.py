@@ -106,6 +106,12 @@ class TaskQuery(BaseModel):
         return View(Status(self.status) if self.status else None, self.q.strip(), self.order)
 
 
+class DashboardStreamQuery(TaskQuery):
+    """The dashboard's stream: its page's view, and the last message before its page."""
+
+    since: Annotated[int, between(0, MAX_INTEGER)] | None = None
+
+
 class NextQuery(BaseModel):
     """``GET /next``: the task after which to look (the one on screen), if any."""
 
