@@ -381,3 +381,17 @@ async def read_until(http: Any, path: str, last: str) -> list[Named]:
                     return events
                 name, data = "message", []
     return events
+
+
+async def test_a_long_catch_up_says_to_read_the_list_anew(
+    live_server: LiveServer, actions: ReviewActions, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("hitl.ui_streams.CATCH_UP", 2)
+    for n in range(3):
+        await actions.watch(await actions.submit(f"task {n}")).wait_for("waiting_for_review")
+    events = await asyncio.wait_for(read_until(actions.http, "/dashboard/stream?since=0",
+                                               "counts"), 5)
+    names = [event.event for event in events]
+    assert names[-2:] == ["stale", "counts"] and "Reload the list" in events[-2].html
+    assert len([name for name in names if name.startswith("task-") and name != "task-new"]) == 2
+    assert names.count("task-new") == 2  # submitted after message 0: new to every task's view
