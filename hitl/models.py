@@ -170,10 +170,18 @@ class TaskRow:
     created_at: float
     updated_at: float
 
+    @property
+    def waiting_since(self) -> float | None:
+        """When the attempt under review came up for it: a waiting task changes no more
+        until it is decided, so its last change is when it began to wait."""
+        return self.updated_at if self.status is Status.WAITING_FOR_REVIEW else None
+
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
+        since = self.waiting_since
         data.update(status=self.status.value, created_at=iso(self.created_at),
-                    updated_at=iso(self.updated_at))
+                    updated_at=iso(self.updated_at),
+                    waiting_since=iso(since) if since is not None else None)
         return data
 
 

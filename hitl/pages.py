@@ -7,7 +7,10 @@ user input: templates rely on Jinja's autoescaping and never mark it ``|safe``.
 
 from __future__ import annotations
 
+import sqlite3
 import time
+from collections.abc import Mapping
+from dataclasses import replace
 from typing import TypeVar, cast
 
 from pydantic import BaseModel, ValidationError
@@ -20,16 +23,18 @@ from werkzeug.http import HTTP_STATUS_CODES
 from .errors import Invalid
 from .models import Status, iso
 from .routes import broker, runner, task_named
-from .schemas import FeedbackIn, SubmitIn
+from .schemas import DashboardStreamQuery, FeedbackIn, NextQuery, SubmitIn, TaskQuery
+from .store import View
 from .streams import sse_response
 from .ui_streams import FragmentCache, dashboard_events, snapshot, task_events
 
 pages = Blueprint("pages", __name__)
 
 RECENT = 10  # tasks listed under the submit form
-DASHBOARD = 100  # tasks the dashboard lists (new ones are added live)
+DASHBOARD = 50  # rows of a dashboard page; "Load more" adds the next
 FIELD_LABELS = {"data": "Text", "feedback": "Decision", "comment": "Comment",
-                "reviewer": "Your name", "attempt": "Attempt"}
+                "reviewer": "Your name", "attempt": "Attempt", "q": "Search",
+                "status": "Status", "after": "Page", "since": "Stream"}
 
 Form = TypeVar("Form", bound=BaseModel)
 
@@ -59,8 +64,12 @@ def normalise(text: str) -> str:
 async def form_data(model: type[Form]) -> Form:
     """Validate a form post with the JSON API's own schema, or a readable 400."""
     form = await request.form
+    return checked(model, {key: normalise(value) for key, value in form.items()})
+
+
+def checked(model: type[Form], values: Mapping[str, str]) -> Form:
     try:
-        return model.model_validate({key: normalise(value) for key, value in form.items()})
+        return model.model_validate(dict(values))
     except ValidationError as exc:
         raise Invalid("; ".join(describe(error) for error in exc.errors())) from None
 
@@ -71,13 +80,18 @@ def describe(error: ErrorDetails) -> str:
     return f"{FIELD_LABELS.get(field, 'Form')}: {error['msg'].removeprefix('Value error, ')}"
 
 
-def status_filter() -> Status | None:
-    """The dashboard's ``?status=`` filter; none (every task) when empty."""
-    raw = request.args.get("status", "")
-    try:
-        return Status(raw) if raw else None
-    except ValueError:
-        raise Invalid(f"unknown status {raw[:40]!r}") from None
+def dashboard_view(query: TaskQuery) -> View:
+    """The dashboard's view, checked by the API's own schema: waiting tasks the longest
+    waiting first (a review queue), any other list the newest first."""
+    view = query.view()
+    return replace(view, order="waiting" if view.status is Status.WAITING_FOR_REVIEW
+                   else "newest")
+
+
+def view_args(view: View) -> dict[str, str]:
+    """The query string that names ``view`` in a dashboard URL."""
+    return {key: value for key, value in (("status", view.status), ("q", view.search))
+            if value}
 
 
 async def error_page(message: str, status: int) -> ResponseReturnValue:
@@ -120,6 +134,17 @@ def age(timestamp: float) -> str:
 @pages.app_template_global("STATUSES")
 def statuses() -> list[Status]:
     return list(Status)
+
+
+@pages.app_template_global("waiting_count")
+async def waiting_count() -> int | None:
+    """How many tasks wait for review, for a page's title; None when the store cannot say
+    (an error page must still render)."""
+    try:
+        counts = await runner().status_counts()
+    except (sqlite3.Error, RuntimeError):
+        return None
+    return counts.get(Status.WAITING_FOR_REVIEW.value, 0)
 
 
 @pages.get("/")
@@ -173,17 +198,41 @@ async def task_stream(task_id: str) -> Response:
 
 @pages.get("/dashboard")
 async def dashboard() -> str:
-    """Every task (or those in one status) with counts per status, kept live."""
-    wanted = status_filter()
-    tasks, total = await runner().list_tasks(wanted, DASHBOARD, 0)
+    """Every task, or those in one status or matching a search, a page at a time, with
+    counts per status; kept live. Waiting for review is the queue: the longest waiting first."""
+    query = checked(TaskQuery, request.args)
+    view = dashboard_view(query)
+    page = await runner().task_page(view, DASHBOARD, query.after)
     counts = await runner().status_counts()
-    return await render_template("dashboard.html", tasks=tasks, total=total, counts=counts,
-                                 wanted=wanted)
+    return await render_template("dashboard.html", page=page, view=view, counts=counts,
+                                 args=view_args(view), after=query.after)
+
+
+@pages.get("/dashboard/rows")
+async def dashboard_rows() -> str:
+    """A dashboard page's rows alone, for htmx: "Load more", or the list anew ("show")."""
+    query = checked(TaskQuery, request.args)
+    view = dashboard_view(query)
+    page = await runner().task_page(view, DASHBOARD, query.after)
+    return await render_template("_task_rows.html", tasks=page.rows, page=page, view=view,
+                                 args=view_args(view), after=query.after)
 
 
 @pages.get("/dashboard/stream")
 async def dashboard_stream() -> Response:
-    """The dashboard's one stream: its table and counts, then each change."""
+    """The dashboard's one stream: what changed since its page was read, then each change."""
+    query = checked(DashboardStreamQuery, request.args)
     events = stream_with_context(dashboard_events)(runner(), broker(), fragments(),
-                                                   status_filter(), DASHBOARD)
+                                                   dashboard_view(query), query.since)
     return sse_response(events)
+
+
+@pages.get("/next")
+async def review_next() -> ResponseReturnValue:
+    """Open the task that has waited longest for review (with ``?after=<id>``, the one
+    after that task in the queue); the empty queue when none waits."""
+    query = checked(NextQuery, request.args)
+    task_id = await runner().oldest_waiting(query.after)
+    if task_id is None:
+        return redirect(url_for("pages.dashboard", status=Status.WAITING_FOR_REVIEW.value), 303)
+    return redirect(url_for("pages.task_page", task_id=task_id), 303)

@@ -11,7 +11,6 @@ from quart import Blueprint, current_app, request
 from quart_schema import validate_querystring, validate_request, validate_response
 
 from .broker import Broker
-from .models import Status
 from .runner import Runner
 from .schemas import (
     FeedbackIn,
@@ -61,12 +60,12 @@ async def feedback(task_id: str, data: FeedbackIn) -> MessageOut:
 @api.get("/api/tasks")
 @validate_querystring(TaskQuery)
 async def list_tasks(query_args: TaskQuery) -> dict[str, object]:
-    """Tasks, newest first, each text an excerpt with its length; filter by ``status``,
-    page with ``limit`` (at most 200) and ``offset``."""
-    status = Status(query_args.status) if query_args.status else None
-    tasks, total = await runner().list_tasks(status, query_args.limit, query_args.offset)
-    return {"tasks": [task.to_json() for task in tasks], "total": total,
-            "limit": query_args.limit, "offset": query_args.offset}
+    """Tasks, newest first (or ``order=waiting``), each text an excerpt with its length;
+    filter by ``status`` and ``q``, page with ``limit`` (at most 200) and ``after``."""
+    page = await runner().task_page(query_args.view(), query_args.limit, query_args.after,
+                                    query_args.offset)
+    return {"tasks": [task.to_json() for task in page.rows], "total": page.total,
+            "next": page.next, "limit": query_args.limit, "offset": query_args.offset}
 
 
 @api.get("/api/tasks/<task_id>")

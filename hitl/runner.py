@@ -30,7 +30,7 @@ from .lifecycle import attach
 from .models import Decision, Review, Status, Task, TaskRow, new_task_id
 from .nodes import check_attempts_left
 from .processors import Processor, ProcessorPool, load_processor
-from .store import IdempotencyKey, Store
+from .store import IdempotencyKey, Store, TaskPage, View
 from .tracker import Tracker
 
 log = logging.getLogger(__name__)
@@ -202,6 +202,16 @@ class Runner:
     async def list_tasks(self, status: Status | None, limit: int, offset: int
                          ) -> tuple[list[TaskRow], int]:
         return await self.store.list_tasks(status, limit, offset)
+
+    async def task_page(self, view: View, limit: int, after: str | None = None,
+                        offset: int = 0) -> TaskPage:
+        return await self.store.task_page(view, limit, after, offset)
+
+    async def oldest_waiting(self, after: str | None = None) -> str | None:
+        return await self.store.oldest_waiting(after)
+
+    async def changes_since(self, since: int, limit: int) -> list[tuple[TaskRow, bool]]:
+        return await self.store.changes_since(since, limit)
 
     async def task_row(self, task_id: str) -> TaskRow | None:
         """One task as lists show it (excerpts), or None once it is deleted."""

@@ -9,12 +9,15 @@ from pydantic_core import PydanticCustomError
 from werkzeug.datastructures import Headers
 
 from .errors import Invalid
+from .models import Status
+from .store import View
 
 MAX_TEXT = 200_000
 MAX_ID_LENGTH = 64
 MAX_KEY_LENGTH = 255
 MAX_LIMIT = 200  # tasks one list answers at most
 MAX_INTEGER = 2**63 - 1  # SQLite's largest: beyond it a query cannot even be asked
+MAX_SEARCH = 200  # characters of a search
 
 
 def checked_id(task_id: str) -> str:
@@ -76,15 +79,43 @@ def between(low: int, high: int) -> AfterValidator:
     return AfterValidator(check)
 
 
-class TaskQuery(BaseModel):
-    """A page of a task list: lists carry excerpts, so a page is small; ``limit`` is capped."""
+StatusName = Literal["pending", "running", "waiting_for_review", "processing_feedback",
+                     "completed", "failed", "cancelled"]
+# A page's cursor, as the store writes it: a sort key (a time, exactly) and a task id.
+CURSOR = r"^\d{1,16}(\.\d{1,20})?(e-\d{1,3})?_[\w-]{1,64}$"
 
-    status: Literal["pending", "running", "waiting_for_review", "processing_feedback",
-                    "completed", "failed", "cancelled"] | None = None
+
+class TaskQuery(BaseModel):
+    """A page of a task list: lists carry excerpts, so a page is small; ``limit`` is capped.
+
+    ``q`` finds text literally (``%`` and ``_`` are plain characters); ``after`` is the
+    ``next`` of the page before, so pages follow on while tasks change.
+    """
+
+    status: StatusName | None = None
+    q: str = Field("", max_length=MAX_SEARCH, description="text in the input, output or id")
+    order: Literal["newest", "waiting"] = Field(
+        "newest", description="newest first, or the oldest change first (the longest waiting)")
+    after: str | None = Field(None, pattern=CURSOR, description="the previous page's next")
     limit: Annotated[int, between(1, MAX_LIMIT),
                      Field(json_schema_extra={"minimum": 1, "maximum": MAX_LIMIT})] = 50
     offset: Annotated[int, between(0, MAX_INTEGER),
                       Field(json_schema_extra={"minimum": 0, "maximum": MAX_INTEGER})] = 0
+
+    def view(self) -> View:
+        return View(Status(self.status) if self.status else None, self.q.strip(), self.order)
+
+
+class DashboardStreamQuery(TaskQuery):
+    """The dashboard's stream: its page's view, and the last message before its page."""
+
+    since: Annotated[int, between(0, MAX_INTEGER)] | None = None
+
+
+class NextQuery(BaseModel):
+    """``GET /next``: the task after which to look (the one on screen), if any."""
+
+    after: str | None = Field(None, max_length=MAX_ID_LENGTH)
 
 
 class ErrorOut(BaseModel):

@@ -14,7 +14,7 @@ import asyncio
 import json
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from functools import partial
 from typing import Any, TypeVar, cast
 
@@ -23,6 +23,7 @@ from quart import Quart, render_template
 from .broker import GLOBAL, HEARTBEAT, Broker
 from .models import Message, Status, Task, sse_frame
 from .runner import Runner
+from .store import View
 from .streams import RETRY_MS
 
 T = TypeVar("T")
@@ -122,82 +123,80 @@ async def task_events(runner: Runner, broker: Broker, cache: FragmentCache,
                 return
 
 
-@dataclass(frozen=True, slots=True)
-class Row:
-    """One dashboard row after a message, framed for each way a page may need it."""
-
-    task_id: str
-    status: Status
-    update: bytes  # replaces the row already on the page
-    new: bytes  # inserted at the top of the table
-    remove: bytes  # an empty outerHTML swap: the row leaves a filtered view
+CATCH_UP = 200  # changed rows a dashboard stream sends on (re)connecting, at most
 
 
-async def render_row(runner: Runner, message: Message) -> Row | None:
-    """The task's row as it is now, from its excerpts; None once deleted (retention)."""
-    task = await runner.task_row(message.task_id)
+async def render_row(runner: Runner, task_id: str) -> bytes | None:
+    """The task's row as it is now, framed to replace its row on any page showing it (a
+    page ignores the rows it does not show); None once deleted (retention)."""
+    task = await runner.task_row(task_id)
     if task is None:
         return None
-    html = await render_template("_task_row.html", task=task)
-    return Row(task.task_id, task.status, frame(f"task-{task.task_id}", html),
-               frame("task-new", html), frame(f"task-{task.task_id}", ""))
+    return frame(f"task-{task.task_id}", await render_template("_task_row.html", task=task))
 
 
-def place(row: Row, message: Message, shown: set[str], wanted: Status | None) -> bytes:
-    """Update a row on the page, add a new (or newly matching) one, or drop one.
-
-    A row shows the task as it is now, maybe a step past ``message``: whether the task
-    is new is the message's to say (its first status), whether it matches a filter the row's.
-    """
-    if row.task_id in shown:
-        if wanted is None or row.status is wanted:
-            return row.update
-        shown.discard(row.task_id)
-        return row.remove
-    joins = row.status is wanted if wanted else message.status == Status.PENDING
-    if joins:
-        shown.add(row.task_id)
-        return row.new
-    return b""
+def joins(view: View, status: str, submitted: bool) -> bool:
+    """Whether a task is new work for ``view``: just submitted, for every task's view;
+    come into the status, for one status's. A search announces none: it lists what
+    matched when it was made (its rows are still kept up to date)."""
+    if view.search:
+        return False
+    return status == view.status if view.status else submitted
 
 
-async def render_rows(runner: Runner, wanted: Status | None, limit: int, shown: set[str]
-                      ) -> bytes:
-    """The table's rows now; ``shown`` gets their ids, all a watcher keeps of them."""
-    tasks, _ = await runner.list_tasks(wanted, limit, 0)
-    shown.update(task.task_id for task in tasks)
-    return frame("rows", await render_template("_task_rows.html", tasks=tasks))
+def announce(task_id: str) -> bytes:
+    """New work for a page: it counts it in its "new tasks" bar, never moves a row for it."""
+    return frame("task-new", task_id)
 
 
-async def render_counts(runner: Runner, wanted: Status | None) -> bytes:
+async def render_counts(runner: Runner, view: View) -> bytes:
     counts = await runner.status_counts()
-    return frame("counts", await render_template("_counts.html", counts=counts, wanted=wanted))
+    return frame("counts", await render_template("_counts.html", counts=counts,
+                                                 wanted=view.status))
+
+
+async def catch_up(runner: Runner, view: View, since: int) -> AsyncIterator[bytes]:
+    """The rows changed since the page was read, and the new work among them: a page
+    stays true across the moment before its stream connects, and across reconnects."""
+    changes = await runner.changes_since(since, CATCH_UP + 1)
+    for task, submitted in changes[:CATCH_UP]:
+        yield frame(f"task-{task.task_id}", await render_template("_task_row.html", task=task))
+        if joins(view, task.status, submitted):
+            yield announce(task.task_id)
+    if len(changes) > CATCH_UP:
+        yield frame("stale", await render_template("_stale.html"))
 
 
 async def dashboard_events(runner: Runner, broker: Broker, cache: FragmentCache,
-                           wanted: Status | None, limit: int) -> AsyncIterator[bytes]:
-    """The dashboard's one stream: the table and counts now, then each row as it changes.
+                           view: View, since: int | None) -> AsyncIterator[bytes]:
+    """The dashboard's one stream: what changed since its page (``since``), the counts,
+    then each task's row as it changes, rows in place and new work only announced.
 
+    Each row is rendered once per message for every watcher, and sent to all: a page
+    keeps the rows it loaded ("Load more") up to date without telling the server which.
     Counts are re-rendered only once this watcher has caught up, so a burst of messages
     costs one count query, not one per message.
     """
     yield RETRY
-    async with broker.subscribe(GLOBAL) as subscription:
-        shown: set[str] = set()
-        yield await render_rows(runner, wanted, limit, shown)
-        yield await render_counts(runner, wanted)
+    async with broker.subscribe(GLOBAL) as subscription:  # first: no change in between
+        if since is not None:
+            async for update in catch_up(runner, view, since):
+                yield update
+        yield await render_counts(runner, view)
         counts_stale = False
         async for message in subscription:
             if message is HEARTBEAT:
                 yield message.frame
                 continue
             if not is_progress_tick(message):  # progress shows on the task page only
-                row = await cache.get(("row", message.id), partial(render_row, runner, message))
-                update = place(row, message, shown, wanted) if row is not None else b""
-                if update:
-                    yield update
+                row = await cache.get(("row", message.id),
+                                      partial(render_row, runner, message.task_id))
+                if row is not None:
+                    submitted = message.status == Status.PENDING  # a task's first message
+                    yield row + (announce(message.task_id)
+                                 if joins(view, message.status, submitted) else b"")
                 counts_stale = True
             if counts_stale and not subscription.ready():  # caught up: counts now
-                yield await cache.get(("counts", message.id, wanted),
-                                      partial(render_counts, runner, wanted))
+                yield await cache.get(("counts", message.id, view.status),
+                                      partial(render_counts, runner, view))
                 counts_stale = False

@@ -63,18 +63,19 @@ async def test_a_task_stream_starts_with_the_current_state_then_follows_it(
     assert [e.event for e in again] == ["status", "review", "history", "result", "close"]
 
 
-async def test_the_dashboard_stream_sends_table_and_counts_then_new_rows(
+async def test_the_dashboard_stream_sends_counts_then_rows_and_announces_new_work(
     actions: ReviewActions,
 ) -> None:
     await actions.watch(await actions.submit("already there")).wait_for("waiting_for_review")
     reader = asyncio.create_task(read_named(actions.http, "/dashboard/stream", 3))
     await asyncio.sleep(0.3)
     task_id = await actions.submit("brand new")
-    rows, counts, new = await asyncio.wait_for(reader, 5)
-    assert (rows.event, counts.event) == ("rows", "counts")
-    assert "already there" in rows.html and "brand new" not in rows.html
-    assert 'data-count="pending"' in counts.html
-    assert new.event == "task-new" and f'id="task-{task_id}"' in new.html
+    counts, row, new = await asyncio.wait_for(reader, 5)
+    assert counts.event == "counts" and 'data-count="pending"' in counts.html
+    assert "already there" not in counts.html + row.html  # the page has it already
+    assert row.event == f"task-{task_id}" and f'id="task-{task_id}"' in row.html
+    assert "brand new" in row.html
+    assert (new.event, new.html) == ("task-new", task_id)  # announced; the page places it
 
 
 async def test_each_message_is_rendered_once_however_many_pages_watch(

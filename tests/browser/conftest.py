@@ -28,6 +28,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
+AXE = Path(__file__).resolve().parent / "node_modules" / "axe-core" / "axe.min.js"
 
 # Browser tests carry both marks; without Debian's chromium they skip, saying why.
 browser_test = [
@@ -35,6 +36,21 @@ browser_test = [
     pytest.mark.skipif(not CHROMIUM.exists(),
                        reason=f"{CHROMIUM} is missing (apt-get install -y chromium)"),
 ]
+
+
+# axe-core from the npm registry, for the tests only (`npm ci --prefix tests/browser`).
+axe_test = pytest.mark.skipif(not AXE.exists(),
+                              reason=f"{AXE} is missing (npm ci --prefix tests/browser)")
+
+
+async def axe_violations(page: Page) -> list[str]:
+    """What axe-core finds wrong on the page, one line per rule and element. The page's
+    context needs ``bypass_csp=True``: the CSP rightly refuses an injected script."""
+    await page.add_script_tag(path=str(AXE))
+    found: list[dict[str, Any]] = await page.evaluate(
+        "axe.run(document).then(result => result.violations)")
+    return [f"{rule['id']} ({rule['impact']}): {node['target']} {node['failureSummary']}"
+            for rule in found for node in rule["nodes"]]
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -39,6 +39,7 @@ async def test_review_loop_is_live_on_task_page_and_dashboard(
     await page.evaluate("window.__hitl_marker = 'kept'")  # a new page after the form post
     status = page.locator("#task-status [data-status]")
     row = dashboard.locator(f"#task-{task_id}")
+    await dashboard.get_by_role("link", name="1 new task — show").click()  # announced
 
     await expect(status).to_have_attribute("data-status", "waiting_for_review")
     await expect(row).to_have_attribute("data-status", "waiting_for_review")
@@ -78,7 +79,7 @@ async def test_review_loop_is_live_on_task_page_and_dashboard(
         assert await marker_kept(watcher), f"{watcher.url} was reloaded"
 
 
-async def test_dashboard_uses_one_stream_and_adds_new_tasks_live(
+async def test_dashboard_uses_one_stream_and_announces_new_tasks_live(
     session: Session, actions: ReviewActions
 ) -> None:
     dashboard = await session.open("/dashboard")
@@ -88,12 +89,15 @@ async def test_dashboard_uses_one_stream_and_adds_new_tasks_live(
     await expect(dashboard.locator("#task-rows .empty-row")).to_be_visible()
     await dashboard.evaluate("window.__hitl_marker = 'kept'")
     ids = [await actions.submit(f"task number {n}") for n in range(3)]
+    show = dashboard.get_by_role("link", name="3 new tasks — show")
+    await expect(show).to_be_visible()  # announced; the list holds still until asked
+    await expect(dashboard.locator(".count-all .count-n")).to_have_text("3")
+    await show.click()
     for task_id in ids:
         await expect(dashboard.locator(f"#task-{task_id}")).to_have_attribute(
             "data-status", "waiting_for_review")
     await expect(dashboard.locator("#task-rows tr[data-status]")).to_have_count(3)
     await expect(dashboard.locator("#task-rows .empty-row")).to_be_hidden()
-    await expect(dashboard.locator(".count-all .count-n")).to_have_text("3")
     await actions.approve(ids[0])
     await expect(dashboard.locator(f"#task-{ids[0]}")).to_have_attribute(
         "data-status", "completed")
@@ -102,10 +106,13 @@ async def test_dashboard_uses_one_stream_and_adds_new_tasks_live(
 
     waiting = await session.open("/dashboard?status=waiting_for_review")
     await expect(waiting.locator("#task-rows tr[data-status]")).to_have_count(2)
-    await actions.approve(ids[1])  # leaves the filtered view, live
-    await expect(waiting.locator("#task-rows tr[data-status]")).to_have_count(1)
-    new_id = await actions.submit("arrives while filtered")  # joins once it waits
+    await actions.approve(ids[1])  # leaves the filtered view: its row stays, marked
+    await expect(waiting.locator(f"#task-{ids[1]}")).to_have_attribute(
+        "data-status", "completed")
+    new_id = await actions.submit("arrives while filtered")  # announced once it waits
+    await waiting.get_by_role("link", name="1 new task — show").click()
     await expect(waiting.locator(f"#task-{new_id}")).to_be_visible()
+    await expect(waiting.locator("#task-rows tr[data-status]")).to_have_count(2)
     assert await marker_kept(waiting)
 
 
