@@ -194,6 +194,10 @@ class Runner:
             raise NotFound(f"no task with id {task_id!r}")
         return state
 
+    async def longest_waiting(self, skip: str | None = None) -> str | None:
+        """The id of the task that has waited longest for review, but ``skip``; or None."""
+        return await self.store.longest_waiting(skip)
+
     async def list_tasks(self, status: Status | None, limit: int, offset: int
                          ) -> tuple[list[TaskRow], int]:
         return await self.store.list_tasks(status, limit, offset)

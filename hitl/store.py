@@ -364,6 +364,20 @@ class Store:
         )
         return next(((Status(row[0]), int(row[1])) for row in rows), None)
 
+    async def longest_waiting(self, skip: str | None = None) -> str | None:
+        """The task that has waited longest for review (but ``skip``), or None.
+
+        A waiting task's row is not written until it is decided, so ``updated_at`` is
+        when its wait began.
+        """
+        rows = await self.reader.execute_fetchall(
+            """SELECT task_id FROM tasks
+                WHERE status = 'waiting_for_review' AND task_id IS NOT :skip
+                ORDER BY updated_at, rowid LIMIT 1""",
+            {"skip": skip},
+        )
+        return next((str(row[0]) for row in rows), None)
+
     async def attempts(self, task_id: str) -> list[Attempt]:
         rows = await self.reader.execute_fetchall(
             """SELECT attempt, output, started_at, finished_at, error, tries, known
