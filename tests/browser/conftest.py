@@ -28,6 +28,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
+AXE = Path(__file__).parent / "node_modules" / "axe-core" / "axe.min.js"  # npm ci --prefix
 
 # Browser tests carry both marks; without Debian's chromium they skip, saying why.
 browser_test = [
@@ -166,6 +167,20 @@ async def save_screenshots(pages: list[Page], name: str) -> None:
         if not page.is_closed():
             await page.screenshot(path=str(ARTIFACTS / f"{name}-page{number}.png"),
                                   full_page=True, caret="initial")
+
+
+async def axe_violations(page: Page) -> list[str]:
+    """What axe-core finds wrong on ``page`` now, one line per rule broken.
+
+    The script is injected inline, which the page's CSP forbids: open the page in a
+    session made with ``bypass_csp=True``. Skips when axe-core is not installed.
+    """
+    if not AXE.exists():
+        pytest.skip(f"axe-core is not installed ({AXE}): npm ci --prefix tests/browser")
+    await page.add_script_tag(path=str(AXE))
+    results = await page.evaluate("axe.run(document, {resultTypes: ['violations']})")
+    return [f"{rule['id']} ({rule['impact']}): {rule['help']}: "
+            f"{[node['target'] for node in rule['nodes']][:5]}" for rule in results["violations"]]
 
 
 async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 10) -> None:
