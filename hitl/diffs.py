@@ -57,7 +57,9 @@ def word_diff(before: str, after: str, budget: int = BUDGET) -> WordDiff:
             parts.append(Markup("<del>{}</del>").format(gone))
             deleted += i2 - i1
         if j1 < j2:
-            parts.append(Markup("<ins>{}</ins>").format("".join(new[j1:j2])))
+            text = "".join(new[j1:j2])
+            words = text.rstrip() or text  # the space after is not underlined as new
+            parts += [Markup("<ins>{}</ins>").format(words), escape(text[len(words):])]
             inserted += j2 - j1
     return WordDiff(Markup("").join(parts), inserted, deleted)
 
