@@ -26,7 +26,7 @@ from .routes import broker, runner, task_named
 from .schemas import DashboardStreamQuery, FeedbackIn, NextQuery, SubmitIn, TaskQuery
 from .store import View
 from .streams import sse_response
-from .ui_streams import FragmentCache, dashboard_events, snapshot, task_events
+from .ui_streams import FragmentCache, dashboard_events, task_events, task_view
 
 pages = Blueprint("pages", __name__)
 
@@ -94,12 +94,17 @@ def view_args(view: View) -> dict[str, str]:
             if value}
 
 
+# What a failed post from the task page did not do, said before the reason.
+NOT_DONE = {"pages.decide": "Your decision was not recorded", "pages.cancel":
+            "The task was not cancelled"}
+
+
 async def error_page(message: str, status: int) -> ResponseReturnValue:
     """A readable error: a fragment for htmx (swapped into the page), else a full page."""
     back = "/"
-    if request.view_args and request.endpoint == "pages.decide":
+    if request.view_args and request.endpoint in NOT_DONE:
         back = url_for("pages.task_page", task_id=request.view_args["task_id"])
-        message = f"Your decision was not recorded: {message}"
+        message = f"{NOT_DONE[request.endpoint]}: {message}"
     template = "_error.html" if is_htmx() else "error.html"
     title = HTTP_STATUS_CODES.get(status, "Error")
     return await render_template(template, message=message, status=status, title=title,
@@ -119,6 +124,12 @@ def iso_time(timestamp: float) -> str:
 @pages.app_template_filter("clock")
 def clock(timestamp: float) -> str:
     return time.strftime("%H:%M:%S UTC", time.gmtime(timestamp))
+
+
+@pages.app_template_filter("utc")
+def utc(timestamp: float) -> str:
+    """The date and time in UTC: a time's tooltip, once hitl.js shows it in local time."""
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(timestamp))
 
 
 @pages.app_template_filter("age")
@@ -171,20 +182,36 @@ async def task_page(task_id: str) -> ResponseReturnValue:
     full_id = await task_named(task_id)
     if full_id != task_id:
         return redirect(url_for("pages.task_page", task_id=full_id), 303)
-    task = snapshot(await runner().get_task(full_id))
-    return await render_template("task.html", task=task, progress=None)
+    view = await task_view(runner(), await runner().get_task(full_id))
+    return await render_template("task.html", progress=None, **view)
 
 
 @pages.post("/tasks/<task_id>/decision")
 async def decide(task_id: str) -> ResponseReturnValue:
-    """Approve or reject. htmx gets a notice (the stream updates the page); a form, a 303."""
+    """Approve or reject. htmx gets a notice (the stream updates the page); a form, a 303.
+
+    The form asks for a comment with a rejection (the JSON API does not: the PocketFlow
+    reference page rejects without one).
+    """
     form = await form_data(FeedbackIn)
+    if form.feedback == "rejected" and not form.comment.strip():
+        raise Invalid("Comment: say what the next attempt should change")
     full_id = await task_named(task_id)
     await runner().decide(full_id, form.feedback, form.comment, form.reviewer.strip(),
                           form.attempt)
     if is_htmx():
         return await render_template("_notice.html", decision=form.feedback,
                                      attempt=form.attempt)
+    return redirect(url_for("pages.task_page", task_id=full_id), 303)
+
+
+@pages.post("/tasks/<task_id>/cancel")
+async def cancel(task_id: str) -> ResponseReturnValue:
+    """Stop an unfinished task, as the API's cancel does. htmx gets a notice; a form, a 303."""
+    full_id = await task_named(task_id)
+    await runner().cancel(full_id)
+    if is_htmx():
+        return await render_template("_task_notice.html", message="The task was cancelled.")
     return redirect(url_for("pages.task_page", task_id=full_id), 303)
 
 

@@ -21,6 +21,7 @@ from typing import Any, TypeVar, cast
 from quart import Quart, render_template
 
 from .broker import GLOBAL, HEARTBEAT, Broker
+from .diffs import attempt_views
 from .models import Message, Status, Task, sse_frame
 from .runner import Runner
 from .store import View
@@ -84,7 +85,17 @@ def progress_of(task: Task, message: Message) -> dict[str, Any] | None:
 
 def snapshot(task: Task) -> Task:
     """A copy to render from: a live task's record keeps changing under its flow."""
-    return replace(task, reviews=list(task.reviews))
+    return replace(task, reviews=list(task.reviews), attempts=list(task.attempts))
+
+
+async def task_view(runner: Runner, task: Task) -> dict[str, Any]:
+    """What the task page's regions render from: the task and its attempts compared.
+
+    The word diffs of long outputs take a while, so they are made in a worker thread.
+    """
+    task = snapshot(task)
+    return {"task": task, "attempts": await asyncio.to_thread(attempt_views, task),
+            "max_attempts": runner.config.max_attempts}
 
 
 async def render_task_message(runner: Runner, message: Message, full: bool) -> bytes:
@@ -94,8 +105,9 @@ async def render_task_message(runner: Runner, message: Message, full: bool) -> b
     parts = [frame("status", await render_template("_task_status.html", task=task,
                                                    progress=progress))]
     if full:
+        view = await task_view(runner, task)
         for region in ("review", "history", "result"):
-            parts.append(frame(region, await render_template(f"_task_{region}.html", task=task)))
+            parts.append(frame(region, await render_template(f"_task_{region}.html", **view)))
     if message.terminal:
         parts.append(CLOSE)
     return b"".join(parts)

@@ -216,3 +216,155 @@
     });
   }, 5000);
 })();
+
+// ---- Task page: local times, keys, attempts left open, unsent comments kept ----
+// Its own closure, apart from the rest: it shares nothing but the page with it.
+(function () {
+  "use strict";
+
+  // Times are written in UTC by the server (kept as the tooltip); show local time.
+  function localise(root) {
+    if (!root.querySelectorAll) return;
+    root.querySelectorAll("time[data-local]").forEach(function (time) {
+      var when = new Date(time.dateTime);
+      if (isNaN(when.getTime())) return;
+      var today = when.toDateString() === new Date().toDateString();
+      time.textContent = today ? when.toLocaleTimeString() : when.toLocaleString();
+    });
+  }
+  document.addEventListener("DOMContentLoaded", function () { localise(document); });
+  document.addEventListener("htmx:load", function (event) { localise(event.target); });
+
+  // Keys: a approves, r moves to the comment (to reject), n opens the next task waiting.
+  // Never while typing in a field, nor with a modifier (the browser's own shortcuts).
+  var KEYS = {
+    a: '.decision-form button[value="approved"]',
+    r: ".decision-form textarea[name=comment]",
+    n: 'a[data-key="n"]'
+  };
+  function typing(element) {
+    return element.isContentEditable || /^(INPUT|TEXTAREA|SELECT)$/.test(element.tagName);
+  }
+  document.addEventListener("keydown", function (event) {
+    var task = document.querySelector("article.task");
+    if (!task || !Object.prototype.hasOwnProperty.call(KEYS, event.key) || event.repeat
+        || event.defaultPrevented || event.ctrlKey || event.metaKey || event.altKey
+        || typing(event.target)) return;
+    var target = task.querySelector(KEYS[event.key]);
+    if (!target || target.matches(":disabled")) return;
+    event.preventDefault(); // so the r is not typed into the comment it moves to
+    if (event.key === "r") target.focus();
+    else target.click();
+  });
+
+  // An attempt the reader opened (or closed) stays so when the history is redrawn.
+  var opened = {};
+  document.addEventListener("click", function (event) {
+    var summary = event.target.closest && event.target.closest("details.attempt > summary");
+    if (summary) opened[summary.parentNode.dataset.attempt] = !summary.parentNode.open;
+  });
+  document.addEventListener("htmx:sseMessage", function (event) {
+    if (event.detail.type !== "history") return;
+    event.target.querySelectorAll("details.attempt[data-attempt]").forEach(function (details) {
+      var open = opened[details.dataset.attempt];
+      if (open !== undefined) details.open = open;
+    });
+  });
+
+  // A half-written comment survives a live update of the review card: it moves into
+  // the new form, or (once the task has ended) into a box of its own, and a notice
+  // says who decided meanwhile. This page's own decision clears it, once recorded.
+  var mine = {}; // attempt -> comment: this page's decisions (dropped if not recorded)
+  var carried = null; // {attempt, text}: the comment in the form a live update replaces
+
+  function commentIn(root) {
+    return root ? root.querySelector(".decision-form textarea[name=comment]") : null;
+  }
+  function isDecisionForm(element) {
+    return element && element.classList && element.classList.contains("decision-form");
+  }
+
+  function notice(decided, attempt) {
+    if (decided && decided.dataset.attempt === attempt) {
+      return "Attempt " + attempt + " was " + decided.querySelector("strong").textContent
+        + " by " + decided.querySelector(".reviewer").textContent
+        + " while you were writing; your comment was not sent.";
+    }
+    var status = document.querySelector("#task-status [data-status]");
+    return "The task is " + (status ? status.textContent : "no longer waiting for you")
+      + " now; your comment was not sent.";
+  }
+
+  function put(field, text) {
+    field.value = text;
+    field.dispatchEvent(new Event("input", { bubbles: true })); // saved as its draft too
+  }
+
+  function keep(text, attempt) {
+    var box = document.getElementById("comment-kept");
+    var review = document.getElementById("task-review");
+    if (!box || !review) return;
+    var field = commentIn(review);
+    var message = document.createElement("p");
+    message.className = "notice notice-warn";
+    message.textContent = notice(review.querySelector(".decided"), attempt)
+      + (field ? " It is kept in the form below." : " Here it is:");
+    box.replaceChildren(message);
+    if (field) {
+      put(field, text);
+      return;
+    }
+    var label = document.createElement("label");
+    label.htmlFor = "kept-text";
+    label.textContent = "Your unsent text";
+    var copy = document.createElement("textarea");
+    copy.id = "kept-text";
+    copy.rows = 3;
+    copy.value = text;
+    box.append(label, copy);
+  }
+
+  function attemptOf(form) {
+    return form.elements.namedItem("attempt").value;
+  }
+  document.addEventListener("htmx:beforeRequest", function (event) {
+    var form = event.detail.elt;
+    if (isDecisionForm(form)) mine[attemptOf(form)] = form.elements.namedItem("comment").value;
+  });
+  // The answer lands in #flash; the form that asked may be gone by then (a live update
+  // replaced it), and htmx's afterRequest on a detached form reaches no listener.
+  document.addEventListener("htmx:afterSwap", function (event) {
+    var config = event.detail.requestConfig;
+    if (event.target.id !== "flash" || !config || !isDecisionForm(config.elt)) return;
+    var attempt = attemptOf(config.elt), sent = mine[attempt] || "";
+    var box = document.getElementById("comment-kept");
+    if (event.detail.xhr.status < 300) {
+      if (box) box.replaceChildren();
+      return;
+    }
+    delete mine[attempt]; // not recorded
+    if (event.detail.xhr.status === 409 && sent.trim()) keep(sent, attempt); // another was first
+  });
+
+  document.addEventListener("htmx:sseBeforeMessage", function (event) {
+    if (event.detail.type !== "review") return;
+    var field = commentIn(event.target);
+    carried = field && field.value.trim()
+      ? { attempt: attemptOf(field.form), text: field.value } : null;
+  });
+  document.addEventListener("htmx:sseMessage", function (event) {
+    if (event.detail.type !== "review" || !carried) return;
+    var text = carried.text, attempt = carried.attempt;
+    carried = null;
+    var decided = event.target.querySelector(".decided");
+    if (decided && Object.prototype.hasOwnProperty.call(mine, decided.dataset.attempt)) {
+      return; // this page's own decision, or a lost race its answer will tell
+    }
+    var field = commentIn(event.target);
+    if (field && !(decided && decided.dataset.attempt === attempt)) {
+      put(field, text); // no news about the attempt it was written on: carry it on
+    } else {
+      keep(text, attempt); // decided by someone else, or the form is gone: say so
+    }
+  });
+})();

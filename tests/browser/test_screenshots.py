@@ -18,6 +18,7 @@ from hitl.processors import Job, Processor, simulate
 
 from ..conftest import ReviewActions
 from .conftest import ARTIFACTS, Session, browser_test
+from .test_task_page import waiting_on
 
 pytestmark = [*browser_test, pytest.mark.screenshots]
 
@@ -70,3 +71,17 @@ async def test_screenshots_of_task_page_and_dashboard(
 
     await page.set_viewport_size({"width": 390, "height": 844})
     await page.screenshot(path=str(target / "task-narrow.png"), full_page=True, caret="initial")
+
+    letter = await actions.submit("Write to Ann: her refund is late")
+    for attempt, comment in ((1, "Use her name"), (2, "Say how much and when")):
+        await waiting_on(actions, letter, attempt)
+        assert (await actions.reject(letter, comment, reviewer="Ann Lee")).status_code == 200
+    await waiting_on(actions, letter, 3)
+    history = await session.open(f"/tasks/{letter}")
+    await history.get_by_role("button", name="Approve").click()
+    await expect(history.locator("#task-status [data-status]")).to_have_attribute(
+        "data-status", "completed")
+    await history.locator("#task-history summary").nth(1).click()
+    await history.locator("#flash").evaluate("flash => flash.replaceChildren()")
+    await history.screenshot(path=str(target / "task-attempts.png"), full_page=True,
+                             caret="initial")
