@@ -46,7 +46,8 @@ def assert_contiguous(ids: Sequence[int], start: int | None = None) -> None:
     """Message ids run one by one: no gap, no repeat, none out of order (from ``start``)."""
     assert ids, "no message ids at all"
     first = ids[0] if start is None else start
-    assert list(ids) == list(range(first, first + len(ids))), f"ids not contiguous: {ids}"
+    for at, (got, wanted) in enumerate(zip(ids, range(first, first + len(ids)), strict=True)):
+        assert got == wanted, f"id {wanted} expected, got {got} after {list(ids[:at][-3:])}"
 
 
 @pytest.fixture
