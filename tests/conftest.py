@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import pytest
@@ -18,6 +18,36 @@ from quart.typing import TestClientProtocol as Client
 from hitl import Config, create_app
 from hitl.processors import Processor
 from hitl.server import serve
+
+T = TypeVar("T")
+
+
+async def within(awaitable: Awaitable[T], seconds: float, what: str) -> T:
+    """Await ``awaitable`` for at most ``seconds``; past that, fail saying what it was."""
+    try:
+        async with asyncio.timeout(seconds) as scope:
+            return await awaitable
+    except TimeoutError:
+        if scope.expired():
+            raise AssertionError(f"timed out after {seconds} s waiting for {what}") from None
+        raise
+
+
+async def until(check: Callable[[], bool], what: str, timeout: float = 10) -> None:
+    """Poll ``check`` every 10 ms until it holds, for at most ``timeout`` seconds."""
+    async def poll() -> None:
+        while not check():
+            await asyncio.sleep(0.01)
+
+    await within(poll(), timeout, what)
+
+
+def assert_contiguous(ids: Sequence[int], start: int | None = None) -> None:
+    """Message ids run one by one: no gap, no repeat, none out of order (from ``start``)."""
+    assert ids, "no message ids at all"
+    first = ids[0] if start is None else start
+    for at, (got, wanted) in enumerate(zip(ids, range(first, first + len(ids)), strict=True)):
+        assert got == wanted, f"id {wanted} expected, got {got} after {list(ids[:at][-3:])}"
 
 
 @pytest.fixture
@@ -69,19 +99,24 @@ async def start_server(config: Config, processor: Processor | None = None, port:
     stop = asyncio.Event()
     task = asyncio.create_task(serve(app, config, stop=stop, bind=[f"fd://{sock.detach()}"]))
     url = f"http://127.0.0.1:{port}"
-    async with httpx.AsyncClient(base_url=url) as http:
-        for _ in range(200):
-            try:
-                if (await http.get("/healthz")).status_code == 200:
-                    break
-            except httpx.TransportError:
-                await asyncio.sleep(0.02)
+
+    async def answering() -> None:
+        async with httpx.AsyncClient(base_url=url, timeout=2) as http:
+            while not task.done():
+                try:
+                    await http.get("/healthz")
+                    return
+                except httpx.TransportError:
+                    await asyncio.sleep(0.02)
+        raise AssertionError(f"the server stopped before it answered: {task.exception()!r}")
+
+    await within(answering(), 15, f"the server on {url} to answer /healthz")
     return LiveServer(app, url, stop, task)
 
 
 async def stop_server(server: LiveServer) -> None:
     server.stop.set()
-    await asyncio.wait_for(server.task, 15)
+    await within(server.task, 15, f"the server on {server.url} to stop")
 
 
 @pytest.fixture
@@ -116,17 +151,35 @@ class Watcher:
     def ids(self) -> list[int]:
         return [event.id for event in self.events if event.id is not None]
 
-    async def wait_for(self, status: str, timeout: float = 10) -> Event:
+    async def wait_for(self, status: str, timeout: float = 10, **fields: Any) -> Event:
+        """The first message with ``status`` (and these ``fields``), once it has arrived."""
+        def matches(event: Event) -> bool:
+            return event.data.get("status") == status and all(
+                event.data.get(name) == value for name, value in fields.items())
+
         async def seen() -> Event:
             while True:
                 for event in self.events:
-                    if event.data.get("status") == status:
+                    if matches(event):
                         return event
                 if self.done.is_set():
-                    raise AssertionError(f"stream ended without {status!r}: {self.statuses()}")
+                    raise AssertionError(f"stream ended without {status!r} {fields}: "
+                                         f"{self.statuses()}")
                 await asyncio.sleep(0.01)
 
-        return await asyncio.wait_for(seen(), timeout)
+        try:
+            return await asyncio.wait_for(seen(), timeout)
+        except TimeoutError:
+            raise AssertionError(f"no {status!r} {fields} within {timeout} s: "
+                                 f"{self.statuses()}") from None
+
+    async def ended(self, timeout: float = 10) -> None:
+        """Wait until the stream has ended (closed by the server, or the server went away)."""
+        try:
+            await asyncio.wait_for(self.done.wait(), timeout)
+        except TimeoutError:
+            raise AssertionError(f"stream still open after {timeout} s: "
+                                 f"{self.statuses()}") from None
 
 
 async def read_sse(http: httpx.AsyncClient, path: str, watcher: Watcher,

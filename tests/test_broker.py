@@ -10,6 +10,8 @@ import pytest
 from hitl.broker import GLOBAL, HEARTBEAT, Broker
 from hitl.models import Message, TaskEvent
 
+from .conftest import within
+
 
 def event(seq: int, status: str = "running", task_id: str = "t1") -> TaskEvent:
     return TaskEvent.create(task_id, seq, 100 + seq, {"task_id": task_id, "status": status})
@@ -31,7 +33,16 @@ async def broker() -> AsyncIterator[Broker]:
 
 
 async def take(subscription: AsyncIterator[Message], count: int) -> list[int]:
-    return [(await anext(subscription)).id for _ in range(count)]
+    return [(await within(anext(subscription), 2, f"message {n + 1} of {count}")).id
+            for n in range(count)]
+
+
+async def rest(subscription: AsyncIterator[Message]) -> list[Message]:
+    """What the subscription still yields, until it ends."""
+    async def drain() -> list[Message]:
+        return [message async for message in subscription]
+
+    return await within(drain(), 2, "the subscription to end")
 
 
 async def test_every_subscriber_gets_every_message_in_order(broker: Broker) -> None:
@@ -46,7 +57,8 @@ async def test_every_subscriber_gets_every_message_in_order(broker: Broker) -> N
 async def test_a_message_is_encoded_once_and_shared_by_subscribers(broker: Broker) -> None:
     async with broker.subscribe("t1") as a, broker.subscribe("t1") as b:
         publish(broker, event(1))
-        first, second = await anext(a), await anext(b)
+        first = await within(anext(a), 2, "the message on the first subscription")
+        second = await within(anext(b), 2, "the message on the second subscription")
         assert first is second
         assert first.frame == b'id: 1\ndata: {"task_id":"t1","status":"running"}\n\n'
 
@@ -106,10 +118,10 @@ async def test_slow_subscriber_is_dropped_without_slowing_the_others(broker: Bro
         for n in range(1, 31):
             publish(broker, event(n))  # never awaits: the slow one cannot hold it up
             await asyncio.sleep(0)
-        await asyncio.wait_for(reader, 2)
+        await within(reader, 2, "the fast subscriber to get all 30")
         assert received == list(range(1, 31))
         assert slow.dropped and broker.subscriber_count("t1") == 1
-        assert [m.id async for m in slow] == list(range(1, 9))  # what it had, then the end
+        assert [m.id for m in await rest(slow)] == list(range(1, 9))  # what it had, then end
         assert broker.dropped_total == 1
 
 
@@ -125,7 +137,8 @@ async def test_subscribers_are_removed_at_once_when_they_leave(broker: Broker) -
     assert broker.subscriber_count("t1") == 10
     for watcher in watchers:
         watcher.cancel()
-    await asyncio.gather(*watchers, return_exceptions=True)
+    await within(asyncio.gather(*watchers, return_exceptions=True), 2,
+                 "the cancelled watchers to finish")
     assert broker.subscriber_count() == 0
 
 
@@ -145,16 +158,16 @@ async def test_close_ends_every_stream(broker: Broker) -> None:
     reader = asyncio.create_task(drain())
     await asyncio.sleep(0.01)
     await broker.close()
-    assert await asyncio.wait_for(reader, 1) == []
+    assert await within(reader, 1, "close to end the stream") == []
     async with broker.subscribe("t1") as after_close:
-        assert [m async for m in after_close] == []
+        assert await rest(after_close) == []
 
 
 async def test_idle_subscribers_get_heartbeats() -> None:
     broker = Broker(heartbeat=0.02)
     await broker.start()
     async with broker.subscribe("t1") as sub:
-        assert await asyncio.wait_for(anext(sub), 1) is HEARTBEAT
+        assert await within(anext(sub), 1, "a heartbeat") is HEARTBEAT
     await broker.close()
 
 
@@ -174,7 +187,8 @@ async def test_a_reconnect_storm_reads_the_store_once_and_forgets_a_finished_tas
         async with broker.subscribe("t1", last_id=2) as sub:
             return [m.id for m in await sub.batch()]
 
-    results = await asyncio.gather(*(watch_until_terminal() for _ in range(50)))
+    results = await within(asyncio.gather(*(watch_until_terminal() for _ in range(50))), 5,
+                           "fifty replays")
     assert results == [[3, 4]] * 50
     assert calls == [("t1", 2)]  # one read for all fifty
     assert broker.topic_count() == 0  # finished and unwatched: nothing kept

@@ -16,7 +16,7 @@ import pytest
 from hitl.models import Review, Status, Task, TaskEvent
 from hitl.store import Store, Write
 
-from .conftest import ReviewActions
+from .conftest import ReviewActions, assert_contiguous
 from .serverproc import ServerProcess, run_cli
 
 
@@ -57,13 +57,17 @@ def restart(server: ServerProcess, how: signal.Signals) -> None:
     server.start()
 
 
-def message_ids(server: ServerProcess, task_id: str, last_id: int = 0) -> list[dict[str, Any]]:
-    """Read a finished task's stream to its end (with Last-Event-ID)."""
+def message_ids(server: ServerProcess, task_id: str, last_id: int = 0,
+                timeout: float = 10) -> list[dict[str, Any]]:
+    """Read a finished task's stream to its end (with Last-Event-ID), in ``timeout`` s."""
     events: list[dict[str, Any]] = []
-    with httpx.stream("GET", f"{server.url}/stream/{task_id}", timeout=10,
+    deadline = time.monotonic() + timeout
+    with httpx.stream("GET", f"{server.url}/stream/{task_id}", timeout=timeout,
                       headers={"Last-Event-ID": str(last_id)}) as response:
         current: dict[str, Any] = {}
-        for line in response.iter_lines():
+        for line in response.iter_lines():  # heartbeats or a read timeout keep this bounded
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{task_id}'s stream did not end within {timeout} s")
             if line.startswith("id:"):
                 current["id"] = int(line[3:])
             elif line.startswith("data:"):
@@ -90,7 +94,7 @@ async def test_task_waiting_for_review_survives_a_restart(server: ServerProcess,
     done = await reach(server, task_id, "completed")
     assert done["final_result"] == before["processed_output"]
     events = message_ids(server, task_id)
-    assert [e["id"] for e in events[:-1]] == list(range(1, len(events)))
+    assert_contiguous([e["id"] for e in events[:-1]], start=1)
     assert [e["status"] for e in events][-3:] == ["processing_feedback", "completed",
                                                   "stream_closed"]
 
@@ -109,8 +113,7 @@ async def test_running_task_is_processed_again_for_the_same_attempt(
     httpx.post(f"{server.url}/feedback/{task_id}", json={"feedback": "approved"})
     await reach(server, task_id, "completed")
     events = message_ids(server, task_id, last_id=0)
-    ids = [e["id"] for e in events if "id" in e]
-    assert ids == list(range(1, len(ids) + 1))  # ids continue, never reused
+    assert_contiguous([e["id"] for e in events if "id" in e], start=1)  # ids continue, never reused
     assert [e["status"] for e in events].count("pending") == 1
 
 
@@ -146,11 +149,11 @@ async def test_reconnect_with_last_event_id_after_a_restart_gets_what_it_missed(
         seen = watcher.ids()[-1]
         server.signal(signal.SIGKILL)
         server.wait()
-        await asyncio.wait_for(watcher.done.wait(), 5)
+        await watcher.ended(5)
         server.start()
         assert (await actions.approve(task_id)).status_code == 200
         again = actions.watch(task_id, last_id=seen)
-        await asyncio.wait_for(again.done.wait(), 10)
+        await again.ended(10)
     assert again.statuses() == ["processing_feedback", "completed", "stream_closed"]
     assert again.ids() == [seen + 1, seen + 2]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from .conftest import LiveServer, ReviewActions
+from .conftest import LiveServer, ReviewActions, assert_contiguous, until
 
 
 async def test_three_watchers_each_get_every_message_of_a_reject_then_approve_run(
@@ -17,22 +17,15 @@ async def test_three_watchers_each_get_every_message_of_a_reject_then_approve_ru
     assert rejected.status_code == 200
     for watcher in watchers:
         await watcher.wait_for("processing_feedback")
-    await asyncio.sleep(0.05)
-    while True:
-        second = [e for e in watchers[0].events if e.data.get("attempt") == 2
-                  and e.data["status"] == "waiting_for_review"]
-        if second:
-            break
-        await asyncio.sleep(0.01)
-    assert "shorter, please" in second[0].data["output_to_review"]
+    second = await watchers[0].wait_for("waiting_for_review", attempt=2)
+    assert "shorter, please" in second.data["output_to_review"]
     assert (await actions.approve(task_id, attempt=2)).status_code == 200
     for watcher in watchers:
-        await asyncio.wait_for(watcher.done.wait(), 10)
+        await watcher.ended()
     expected = watchers[0].events
     assert [e.data["status"] for e in expected][-3:] == ["processing_feedback", "completed",
                                                           "stream_closed"]
-    ids = [e.id for e in expected if e.id is not None]
-    assert ids == list(range(1, len(ids) + 1))
+    assert_contiguous([e.id for e in expected if e.id is not None], start=1)
     for watcher in watchers[1:]:
         assert watcher.events == expected
     assert watchers[0].retry == 3000
@@ -49,11 +42,7 @@ async def test_subscriber_count_returns_to_zero_after_clients_go_away(
     for watcher in watchers:
         assert watcher.task is not None
         watcher.task.cancel()
-    for _ in range(200):
-        if broker.subscriber_count() == 0:
-            break
-        await asyncio.sleep(0.01)
-    assert broker.subscriber_count() == 0
+    await until(lambda: broker.subscriber_count() == 0, "every subscriber to be removed", 2)
 
 
 async def test_late_joiner_gets_the_current_state_at_once(actions: ReviewActions) -> None:
@@ -78,7 +67,7 @@ async def test_reconnect_with_last_event_id_gets_exactly_what_was_missed(
     await actions.watch(task_id).wait_for("processing_feedback")
     back = actions.watch(task_id, last_id=seen)
     await back.wait_for("processing_feedback")
-    assert back.ids()[0] == seen + 1
+    assert_contiguous(back.ids(), start=seen + 1)
     assert back.events[0].data["comment"] == "again"
 
 
@@ -90,7 +79,7 @@ async def test_twenty_concurrent_approvals_give_exactly_one_200(actions: ReviewA
         *(actions.approve(task_id, reviewer=f"r{n}") for n in range(20)))
     codes = sorted(r.status_code for r in responses)
     assert codes == [200] + [409] * 19
-    await asyncio.wait_for(watcher.done.wait(), 10)
+    await watcher.ended()
     assert watcher.statuses().count("processing_feedback") == 1
 
 
@@ -100,8 +89,10 @@ async def test_dashboard_stream_carries_every_task_with_its_id(actions: ReviewAc
     ids = [await actions.submit(f"task {n}") for n in range(3)]
     for task_id in ids:
         await actions.watch(task_id).wait_for("waiting_for_review")
-    await asyncio.sleep(0.05)
-    waiting = {e.data["task_id"] for e in dashboard.events
-               if e.data["status"] == "waiting_for_review"}
-    assert waiting == set(ids)
-    assert dashboard.ids() == sorted(dashboard.ids())
+
+    def waiting() -> set[str]:
+        return {e.data["task_id"] for e in dashboard.events
+                if e.data["status"] == "waiting_for_review"}
+
+    await until(lambda: waiting() == set(ids), "the dashboard to show every task waiting", 5)
+    assert_contiguous(dashboard.ids())

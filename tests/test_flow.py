@@ -16,7 +16,10 @@ from hitl.models import Status
 from hitl.processors import Job, Processor
 from hitl.runner import Runner
 
+from .conftest import until, within
+
 calls: list[Job] = []
+blocking = threading.Event()
 release_blocker = threading.Event()
 
 
@@ -25,6 +28,7 @@ def recording(job: Job) -> str:
     calls.append(job)
     job.report(0.5, "half way")
     if job.task_input == "block":
+        blocking.set()
         release_blocker.wait(5)
     if job.task_input.startswith("fail"):
         raise RuntimeError(f"boom on try {sum(c.task_input == job.task_input for c in calls)}")
@@ -39,6 +43,7 @@ def recording(job: Job) -> str:
 @pytest.fixture
 def processor() -> Processor:
     calls.clear()
+    blocking.clear()
     release_blocker.clear()
     return recording
 
@@ -103,18 +108,33 @@ async def test_processor_returning_non_text_fails_clearly(runner: Runner) -> Non
     assert "returned int, not str" in task.error
 
 
+async def loop_lags(seconds: float, tick: float = 0.01) -> list[float]:
+    """How late each ``tick`` sleep wakes, sampled for ``seconds``: the event loop's lag."""
+    lags: list[float] = []
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        started = time.perf_counter()
+        await asyncio.sleep(tick)
+        lags.append(time.perf_counter() - started - tick)
+    return lags
+
+
 async def test_blocking_processor_does_not_stall_other_tasks(runner: Runner) -> None:
-    blocked = await runner.submit("block")
-    await asyncio.sleep(0.05)
-    started = time.perf_counter()
-    fast = await runner.submit("fast")
-    await settle(runner, fast.task_id, Status.WAITING_FOR_REVIEW)
-    assert time.perf_counter() - started < 1.0
-    lag_start = time.perf_counter()
-    await asyncio.sleep(0.01)
-    assert time.perf_counter() - lag_start < 0.1  # the event loop is free
-    assert (await runner.get_task(blocked.task_id)).status is Status.RUNNING
-    release_blocker.set()
+    sampling = asyncio.create_task(loop_lags(1.0))  # from before the block begins
+    try:
+        blocked = await runner.submit("block")
+        await until(blocking.is_set, "the processor to block its thread")
+        started = time.perf_counter()
+        fast = await runner.submit("fast")
+        await settle(runner, fast.task_id, Status.WAITING_FOR_REVIEW)
+        assert time.perf_counter() - started < 1.0
+        lags = await within(sampling, 5, "a second of lag samples")
+        assert len(lags) > 20 and max(lags) < 0.1, (  # the event loop stayed free throughout
+            f"the loop lagged up to {max(lags):.3f} s over {len(lags)} samples")
+        assert (await runner.get_task(blocked.task_id)).status is Status.RUNNING  # still blocked
+    finally:
+        release_blocker.set()
+        sampling.cancel()
     await settle(runner, blocked.task_id, Status.WAITING_FOR_REVIEW)
 
 

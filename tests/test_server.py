@@ -36,7 +36,7 @@ async def test_sigterm_with_open_streams_exits_within_seconds(tmp_path: Path, py
             code = await asyncio.to_thread(server.wait, 15)
             elapsed = time.monotonic() - started
             for watcher in watchers:
-                await asyncio.wait_for(watcher.done.wait(), 2)
+                await watcher.ended(2)
     finally:
         server.stop()
     assert code == 0, server.log()

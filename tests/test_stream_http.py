@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import httpx
 import pytest
 
 from hitl import Config
 
-from .conftest import LiveServer, ReviewActions
+from .conftest import LiveServer, ReviewActions, within
 
 
 @pytest.fixture
@@ -25,10 +23,15 @@ async def test_stream_headers_and_heartbeats(live_server: LiveServer,
         assert response.headers["cache-control"] == "no-cache"
         assert response.headers["x-accel-buffering"] == "no"
         lines: list[str] = []
-        async for line in response.aiter_lines():
-            lines.append(line)
-            if line == ": keep-alive":
-                break
+
+        async def until_heartbeat() -> None:
+            async for line in response.aiter_lines():
+                lines.append(line)
+                if line == ": keep-alive":
+                    return
+            raise AssertionError(f"stream ended without a heartbeat: {lines}")
+
+        await within(until_heartbeat(), 5, "a heartbeat")
     assert lines[0] == "retry: 3000" and '"status":"waiting_for_review"' in "".join(lines)
 
 
@@ -37,10 +40,10 @@ async def test_a_finished_task_replays_and_closes_or_just_closes(actions: Review
     await actions.watch(task_id).wait_for("waiting_for_review")
     assert (await actions.approve(task_id)).status_code == 200
     full = actions.watch(task_id)
-    await asyncio.wait_for(full.done.wait(), 5)
+    await full.ended(5)
     assert full.statuses()[-2:] == ["completed", "stream_closed"]
     caught_up = actions.watch(task_id, last_id=full.ids()[-1])
-    await asyncio.wait_for(caught_up.done.wait(), 5)
+    await caught_up.ended(5)
     assert caught_up.statuses() == ["stream_closed"] and caught_up.retry == 3000
 
 
@@ -51,6 +54,6 @@ async def test_server_shutdown_ends_open_streams(live_server: LiveServer,
     await watchers[0].wait_for("waiting_for_review")
     live_server.stop.set()
     for watcher in watchers:
-        await asyncio.wait_for(watcher.done.wait(), 5)
+        await watcher.ended(5)
     with pytest.raises(httpx.TransportError):
         await actions.http.get("/healthz")

@@ -11,7 +11,7 @@ import httpx
 
 from hitl.ui_streams import FragmentCache
 
-from .conftest import LiveServer, ReviewActions, stop_server
+from .conftest import LiveServer, ReviewActions, stop_server, until, within
 
 HOSTILE = '<img src=x onerror="alert(1)"><script>alert(2)</script>'
 
@@ -49,17 +49,18 @@ async def test_a_task_stream_starts_with_the_current_state_then_follows_it(
     task_id = await actions.submit(HOSTILE)
     await actions.watch(task_id).wait_for("waiting_for_review")
     path = f"/tasks/{task_id}/stream"
-    first = await asyncio.wait_for(read_named(actions.http, path, 4), 5)
+    first = await within(read_named(actions.http, path, 4), 5, "the current state")
     assert [e.event for e in first] == ["status", "review", "history", "result"]
     assert 'data-status="waiting_for_review"' in first[0].html
     assert "&lt;img src=x" in first[1].html and "<img" not in first[1].html
     reader = asyncio.create_task(read_named(actions.http, path))
     await asyncio.sleep(0.2)
     assert (await actions.approve(task_id, reviewer="Ann")).status_code == 200
-    events = await asyncio.wait_for(reader, 5)
+    events = await within(reader, 5, "the task stream to close after the approval")
     assert events[-1].event == "close"
     assert 'data-status="completed"' in events[-5].html
-    again = await asyncio.wait_for(read_named(actions.http, path), 5)  # finished: state, close
+    again = await within(read_named(actions.http, path), 5,  # finished: state, close
+                         "the finished task's stream to close")
     assert [e.event for e in again] == ["status", "review", "history", "result", "close"]
 
 
@@ -70,7 +71,7 @@ async def test_the_dashboard_stream_sends_counts_then_rows_and_announces_new_wor
     reader = asyncio.create_task(read_named(actions.http, "/dashboard/stream", 3))
     await asyncio.sleep(0.3)
     task_id = await actions.submit("brand new")
-    counts, row, new = await asyncio.wait_for(reader, 5)
+    counts, row, new = await within(reader, 5, "the counts, the row and its announcement")
     assert counts.event == "counts" and 'data-count="pending"' in counts.html
     assert "already there" not in counts.html + row.html  # the page has it already
     assert row.event == f"task-{task_id}" and f'id="task-{task_id}"' in row.html
@@ -86,12 +87,14 @@ async def test_each_message_is_rendered_once_however_many_pages_watch(
     await actions.watch(task_id).wait_for("waiting_for_review")
     before = cache.renders
     path = f"/tasks/{task_id}/stream"
+    broker = live_server.app.extensions["broker"]
+    watching = broker.subscriber_count(task_id)  # the JSON watcher above
     readers = [asyncio.create_task(read_named(actions.http, path)) for _ in range(5)]
-    while live_server.app.extensions["broker"].subscriber_count(task_id) < 5:
-        await asyncio.sleep(0.01)
+    await until(lambda: broker.subscriber_count(task_id) == watching + 5,
+                "five pages to subscribe")
     assert cache.renders == before + 1  # the current state, once for all five
     assert (await actions.approve(task_id)).status_code == 200
-    results = await asyncio.wait_for(asyncio.gather(*readers), 5)
+    results = await within(asyncio.gather(*readers), 5, "five streams to close")
     assert all(result == results[0] for result in results)
     assert cache.renders == before + 3  # + processing_feedback + completed
 
@@ -102,9 +105,10 @@ async def test_ui_streams_end_promptly_when_the_server_stops(
     task_id = await actions.submit()
     readers = [asyncio.create_task(read_named(actions.http, path))
                for path in (f"/tasks/{task_id}/stream", "/dashboard/stream")]
-    while live_server.app.extensions["broker"].subscriber_count() < 2:
-        await asyncio.sleep(0.01)
+    broker = live_server.app.extensions["broker"]
+    await until(lambda: broker.subscriber_count() == 2, "both streams to subscribe")
     started = time.monotonic()
     await stop_server(live_server)
-    await asyncio.wait_for(asyncio.gather(*readers, return_exceptions=True), 5)
+    await within(asyncio.gather(*readers, return_exceptions=True), 5,
+                 "both streams to end on shutdown")
     assert time.monotonic() - started < 3

@@ -21,7 +21,7 @@ from playwright.async_api import Browser, BrowserContext, Page, Route, async_pla
 from hitl import Config
 from hitl.processors import Processor
 
-from ..conftest import LiveServer, start_server, stop_server
+from ..conftest import LiveServer, start_server, stop_server, within
 
 CHROMIUM = Path(os.environ.get("HITL_CHROMIUM", "/usr/bin/chromium"))
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
@@ -194,7 +194,7 @@ async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 10) 
         while not await check():
             await asyncio.sleep(0.05)
 
-    await asyncio.wait_for(poll(), timeout)
+    await within(poll(), timeout, f"{check.__name__}() to hold")
 
 
 async def restart_server(server: LiveServer, config: Config,

@@ -219,9 +219,12 @@ async def test_without_javascript_the_forms_still_work(
         await page.get_by_label("What should be processed?").fill("no scripts here")
         await page.get_by_role("button", name="Submit").click()
         await page.wait_for_url(re.compile(r"/tasks/[0-9a-f]{32}$"))
-        while await page.locator('[data-status="waiting_for_review"]').count() == 0:
-            await asyncio.sleep(0.1)
+
+        async def waiting_after_reload() -> bool:
             await page.reload()  # no stream without JavaScript
+            return await page.locator('[data-status="waiting_for_review"]').count() > 0
+
+        await eventually(waiting_after_reload)
         await page.get_by_label("Your name").fill("Ann")
         await page.get_by_role("button", name="Approve").click()  # POST, 303, GET
         await expect(page.locator("#task-review .decided")).to_contain_text("approved by Ann")

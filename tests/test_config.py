@@ -1,0 +1,138 @@
+"""The configuration: a flag wins over ``HITL_*`` in the environment, which wins over the
+default; a bad value names where it came from; settings, fields and flags agree."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hitl.cli import build_parser, load_config
+from hitl.config import SETTINGS, Config, Setting, default_of, env_var
+from hitl.errors import ConfigError
+
+from .serverproc import run_cli
+
+# Per kind of setting: (flag's raw value, what it gives), (environment's raw value, ...).
+SAMPLES: dict[str, tuple[tuple[str, Any], tuple[str, Any]]] = {
+    "text": (("from-flag", "from-flag"), ("from-env", "from-env")),
+    "path": (("/flag/hitl.db", "/flag/hitl.db"), ("/env/hitl.db", "/env/hitl.db")),
+    "port number": (("9001", 9001), ("9002", 9002)),
+    "integer": (("7", 7), ("8", 8)),
+    "number": (("1.5", 1.5), ("2.5", 2.5)),
+    "list of hosts": (("a.example", ("a.example",)),
+                      ("b.example, C.example:81", ("b.example", "c.example:81"))),
+}
+BAD: dict[str, list[str]] = {
+    "text": [], "path": [],
+    "port number": ["x", "65536", "-1", "80.5"],
+    "integer": ["x", "0", "1.5"],
+    "number": ["x", "-1", "nan"],
+    "list of hosts": [" , ", "a b", "x/y"],
+}
+
+
+def flag(setting: Setting) -> str:
+    return "--" + setting.name.replace("_", "-")
+
+
+def value(setting: Setting, flags: dict[str, str | None], environ: dict[str, str]) -> Any:
+    return getattr(Config.load(flags, environ), setting.name)
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=lambda s: s.name)
+def test_a_flag_wins_over_the_environment_which_wins_over_the_default(setting: Setting
+                                                                      ) -> None:
+    (flag_raw, from_flag), (env_raw, from_env) = SAMPLES[setting.kind]
+    environ = {env_var(setting.name): env_raw}
+    assert value(setting, {}, {}) == default_of(setting.name)
+    assert value(setting, {}, environ) == from_env
+    assert value(setting, {setting.name: flag_raw}, environ) == from_flag
+    assert value(setting, {setting.name: flag_raw}, {}) == from_flag
+    assert value(setting, {setting.name: None}, environ) == from_env  # a flag not given
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=lambda s: s.name)
+def test_each_default_written_out_reads_back_as_itself(setting: Setting) -> None:
+    default = default_of(setting.name)
+    if default == ():  # an empty list stands for one derived from other settings
+        return
+    raw = ",".join(default) if isinstance(default, tuple) else str(default)
+    assert value(setting, {}, {env_var(setting.name): raw}) == default
+
+
+def test_the_environment_wins_over_a_default_the_caller_gives() -> None:
+    assert Config.load({}, {}, db="/default/hitl.db").db == "/default/hitl.db"
+    assert Config.load({}, {"HITL_DB": "/env/hitl.db"}, db="/default/hitl.db").db == \
+        "/env/hitl.db"
+    assert Config.load({"db": "/flag/hitl.db"}, {"HITL_DB": "/env/hitl.db"},
+                       db="/default/hitl.db").db == "/flag/hitl.db"
+
+
+def test_without_an_environment_given_the_process_environment_is_read(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("HITL_PORT", "9100")
+    assert Config.load().port == 9100
+    assert Config.load({"port": "9200"}).port == 9200
+    assert Config.load(environ={}).port == default_of("port")
+
+
+@pytest.mark.parametrize(("setting", "raw"), [(s, raw) for s in SETTINGS for raw in BAD[s.kind]],
+                         ids=lambda x: x.name if isinstance(x, Setting) else repr(x))
+def test_a_bad_value_is_a_config_error_naming_its_source(setting: Setting, raw: str) -> None:
+    with pytest.raises(ConfigError) as from_flag:
+        Config.load({setting.name: raw}, {})
+    assert str(from_flag.value).startswith(f"{flag(setting)}={raw!r} is not a valid ")
+    with pytest.raises(ConfigError) as from_env:
+        Config.load({}, {env_var(setting.name): raw})
+    assert str(from_env.value).startswith(f"{env_var(setting.name)}={raw!r} is not a valid ")
+    assert "\n" not in str(from_flag.value) + str(from_env.value)  # one line for stderr
+
+
+def test_a_flag_overrides_a_bad_environment_value() -> None:
+    assert Config.load({"port": "9001"}, {"HITL_PORT": "x"}).port == 9001
+
+
+@pytest.mark.parametrize("raw", ["", "off", "OFF", " off ", "none", "None", "0"])
+def test_retain_days_empty_or_off_means_keep_everything(raw: str) -> None:
+    assert Config.load({"retain_days": raw}, {"HITL_RETAIN_DAYS": "3"}).retain_days is None
+    assert Config.load({}, {"HITL_RETAIN_DAYS": raw}).retain_days is None
+
+
+def test_retain_days_takes_fractions_of_a_day() -> None:
+    assert Config.load({}, {"HITL_RETAIN_DAYS": "0.5"}).retain_days == 0.5
+    assert Config.load({"retain_days": "2"}, {"HITL_RETAIN_DAYS": "off"}).retain_days == 2.0
+
+
+def test_every_setting_is_a_config_field_and_every_field_a_setting() -> None:
+    names = [setting.name for setting in SETTINGS]
+    assert len(names) == len(set(names)), names
+    assert set(names) == {field.name for field in fields(Config)}
+    assert set(SAMPLES) >= {setting.kind for setting in SETTINGS}  # each kind tested here
+
+
+def test_the_cli_leaves_settings_it_was_not_given_to_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("HITL_DB", str(tmp_path / "env.db"))
+    monkeypatch.setenv("HITL_PORT", "9002")
+    monkeypatch.setenv("HITL_HEARTBEAT", "3")
+    config = load_config(build_parser().parse_args(["serve", "--port", "9001"]))
+    assert (config.port, config.heartbeat, config.db) == (9001, 3.0, str(tmp_path / "env.db"))
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=lambda s: s.name)
+def test_every_setting_is_a_flag_of_serve(setting: Setting) -> None:
+    (raw, _), _ = SAMPLES[setting.kind]
+    assert getattr(build_parser().parse_args(["serve", flag(setting), raw]), setting.name) == raw
+
+
+def test_serve_help_lists_every_flag() -> None:
+    result = run_cli("serve", "--help")
+    assert result.returncode == 0, result.stderr
+    for setting in SETTINGS:
+        assert re.search(rf"(?<![\w-]){flag(setting)}(?![\w-])", result.stdout), flag(setting)
