@@ -82,8 +82,12 @@ class Subscription:
 
     async def __aenter__(self) -> Subscription:
         replay = self.broker._register(self)
-        if replay is not None:
-            self._backlog = (await replay)[::-1] or _NO_BACKLOG
+        try:
+            if replay is not None:
+                self._backlog = (await replay)[::-1] or _NO_BACKLOG
+        except BaseException:  # cancelled or failed while loading: never left registered
+            self.broker._unregister(self)
+            raise
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:

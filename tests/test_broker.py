@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 
@@ -178,4 +178,48 @@ async def test_a_reconnect_storm_reads_the_store_once_and_forgets_a_finished_tas
     assert results == [[3, 4]] * 50
     assert calls == [("t1", 2)]  # one read for all fifty
     assert broker.topic_count() == 0  # finished and unwatched: nothing kept
+    await broker.close()
+
+
+async def wait_until(condition: Callable[[], bool], timeout: float = 2) -> None:
+    async def poll() -> None:
+        while not condition():
+            await asyncio.sleep(0.005)
+
+    await asyncio.wait_for(poll(), timeout)
+
+
+async def test_a_watcher_cancelled_while_its_replay_loads_is_removed() -> None:
+    gate = asyncio.Event()
+
+    async def slow_loader(topic: str, after: int) -> list[Message]:
+        await gate.wait()
+        return []
+
+    broker = Broker(heartbeat=0, loader=slow_loader)
+    await broker.start()
+
+    async def watch() -> None:
+        async with broker.subscribe("t1", last_id=5):
+            pass
+
+    watcher = asyncio.create_task(watch())
+    await wait_until(lambda: broker.subscriber_count() == 1)
+    watcher.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await watcher
+    assert broker.subscriber_count() == 0 and broker.topic_count() == 0
+    await broker.close()
+
+
+async def test_a_watcher_whose_replay_fails_is_removed() -> None:
+    async def broken_loader(topic: str, after: int) -> list[Message]:
+        raise OSError("disk I/O error")
+
+    broker = Broker(heartbeat=0, loader=broken_loader)
+    await broker.start()
+    with pytest.raises(OSError):
+        async with broker.subscribe("t1", last_id=5):
+            pass
+    assert broker.subscriber_count() == 0 and broker.topic_count() == 0
     await broker.close()
