@@ -20,7 +20,7 @@ from typing import Any, TypeVar, cast
 
 from quart import Quart, render_template
 
-from .broker import GLOBAL, HEARTBEAT, Broker
+from .broker import GLOBAL, HEARTBEAT, RESET, Broker
 from .errors import NotFound
 from .models import Message, Status, Task, sse_frame
 from .runner import Runner
@@ -167,6 +167,14 @@ async def render_counts(runner: Runner, wanted: Status | None) -> bytes:
     return frame("counts", await render_template("_counts.html", counts=counts, wanted=wanted))
 
 
+async def render_table(runner: Runner, wanted: Status | None, limit: int
+                       ) -> tuple[bytes, set[str]]:
+    """The dashboard's rows as they are now, and the ids of the tasks shown."""
+    tasks, _ = await runner.list_tasks(wanted, limit, 0)
+    rows = frame("rows", await render_template("_task_rows.html", tasks=tasks))
+    return rows, {task.task_id for task in tasks}
+
+
 async def dashboard_events(runner: Runner, broker: Broker, cache: FragmentCache,
                            wanted: Status | None, limit: int) -> AsyncIterator[bytes]:
     """The dashboard's one stream: the table and counts now, then each row as it changes.
@@ -176,16 +184,19 @@ async def dashboard_events(runner: Runner, broker: Broker, cache: FragmentCache,
     """
     yield RETRY
     async with broker.subscribe(GLOBAL) as subscription:
-        tasks, _ = await runner.list_tasks(wanted, limit, 0)
-        yield frame("rows", await render_template("_task_rows.html", tasks=tasks))
+        rows, shown = await render_table(runner, wanted, limit)
+        yield rows
         yield await render_counts(runner, wanted)
-        shown = {task.task_id for task in tasks}
         counts_stale = False
         async for message in subscription:
             if message is HEARTBEAT:
                 yield message.frame
                 continue
-            if not is_progress_tick(message):  # progress shows on the task page only
+            if message.status == RESET:  # messages were missed: the table as it is now
+                rows, shown = await render_table(runner, wanted, limit)
+                yield rows
+                counts_stale = True
+            elif not is_progress_tick(message):  # progress shows on the task page only
                 row = await cache.get(("row", message.id), partial(render_row, runner, message))
                 update = place(row, message, shown, wanted) if row is not None else b""
                 if update:

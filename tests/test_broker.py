@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 
-from hitl.broker import GLOBAL, HEARTBEAT, Broker
+from hitl.broker import GLOBAL, HEARTBEAT, RESET, Broker, HistoryPage, Subscription
 from hitl.models import Message, TaskEvent
 
 
@@ -77,9 +77,9 @@ async def test_global_topic_starts_live_unless_given_a_last_id(broker: Broker) -
 async def test_history_beyond_memory_comes_from_the_loader() -> None:
     asked: list[tuple[str, int]] = []
 
-    async def loader(topic: str, after: int) -> list[Message]:
+    async def loader(topic: str, after: int, limit: int, max_bytes: int) -> HistoryPage:
         asked.append((topic, after))
-        return [event(n).for_task() for n in range(after + 1, 4)]
+        return HistoryPage([event(n).for_task() for n in range(after + 1, 4)], 3)
 
     broker = Broker(history_size=2, heartbeat=0, loader=loader)
     await broker.start()
@@ -109,7 +109,7 @@ async def test_slow_subscriber_is_dropped_without_slowing_the_others(broker: Bro
         await asyncio.wait_for(reader, 2)
         assert received == list(range(1, 31))
         assert slow.dropped and broker.subscriber_count("t1") == 1
-        assert [m.id async for m in slow] == list(range(1, 9))  # what it had, then the end
+        assert [m.id async for m in slow] == []  # it ends at once: its queue is let go
         assert broker.dropped_total == 1
 
 
@@ -161,11 +161,11 @@ async def test_idle_subscribers_get_heartbeats() -> None:
 async def test_a_reconnect_storm_reads_the_store_once_and_forgets_a_finished_task() -> None:
     calls: list[tuple[str, int]] = []
 
-    async def loader(topic: str, after: int) -> list[Message]:
+    async def loader(topic: str, after: int, limit: int, max_bytes: int) -> HistoryPage:
         calls.append((topic, after))
         await asyncio.sleep(0.01)
         statuses = ["pending", "running", "waiting_for_review", "completed"]
-        return [event(n, statuses[n - 1]).for_task() for n in range(after + 1, 5)]
+        return HistoryPage([event(n, statuses[n - 1]).for_task() for n in range(after + 1, 5)], 4)
 
     broker = Broker(heartbeat=0, loader=loader)
     await broker.start()
@@ -192,9 +192,9 @@ async def wait_until(condition: Callable[[], bool], timeout: float = 2) -> None:
 async def test_a_watcher_cancelled_while_its_replay_loads_is_removed() -> None:
     gate = asyncio.Event()
 
-    async def slow_loader(topic: str, after: int) -> list[Message]:
+    async def slow_loader(topic: str, after: int, limit: int, max_bytes: int) -> HistoryPage:
         await gate.wait()
-        return []
+        return HistoryPage([], 0)
 
     broker = Broker(heartbeat=0, loader=slow_loader)
     await broker.start()
@@ -213,7 +213,7 @@ async def test_a_watcher_cancelled_while_its_replay_loads_is_removed() -> None:
 
 
 async def test_a_watcher_whose_replay_fails_is_removed() -> None:
-    async def broken_loader(topic: str, after: int) -> list[Message]:
+    async def broken_loader(topic: str, after: int, limit: int, max_bytes: int) -> HistoryPage:
         raise OSError("disk I/O error")
 
     broker = Broker(heartbeat=0, loader=broken_loader)
@@ -223,3 +223,73 @@ async def test_a_watcher_whose_replay_fails_is_removed() -> None:
             pass
     assert broker.subscriber_count() == 0 and broker.topic_count() == 0
     await broker.close()
+
+
+async def test_watchers_sharing_one_read_miss_nothing_published_while_it_ran() -> None:
+    stored = [event(n) for n in range(1, 8)]
+    gate = asyncio.Event()
+
+    async def loader(topic: str, after: int, limit: int, max_bytes: int) -> HistoryPage:
+        seen = list(stored)  # a read sees what was committed when it started
+        await gate.wait()
+        return HistoryPage([e.for_task() for e in seen if e.seq > after], seen[-1].seq)
+
+    def commit_and_publish(item: TaskEvent) -> None:
+        stored.append(item)
+        publish(broker, item)
+
+    async def watch() -> list[int]:
+        async with broker.subscribe("t1", last_id=5) as sub:
+            return await take(sub, 4)
+
+    broker = Broker(heartbeat=0, loader=loader)
+    await broker.start()
+    first = asyncio.create_task(watch())
+    await wait_until(lambda: broker.subscriber_count() == 1)
+    commit_and_publish(event(8))
+    second = asyncio.create_task(watch())  # its replay joins the read in flight
+    await wait_until(lambda: broker.subscriber_count() == 2)
+    commit_and_publish(event(9))
+    gate.set()
+    assert await asyncio.wait_for(asyncio.gather(first, second), 2) == [[6, 7, 8, 9]] * 2
+    await broker.close()
+
+
+async def test_replay_is_read_a_page_at_a_time_and_is_exact() -> None:
+    stored = [event(n).for_global() for n in range(1, 2_001)]  # ids 101..2100
+    pages: list[int] = []
+
+    async def loader(topic: str, after: int, limit: int, max_bytes: int) -> HistoryPage:
+        page = [m for m in stored if m.id > after][:limit]
+        pages.append(len(page))
+        return HistoryPage(page, stored[-1].id)
+
+    broker = Broker(heartbeat=0, loader=loader, page_size=64)
+    await broker.start()
+    async with broker.subscribe(GLOBAL, last_id=150) as sub:
+        got = [m.id for m in await asyncio.wait_for(take_all(sub, 1_950), 5)]
+    assert got == list(range(151, 2_101))
+    assert max(pages) == 64 and len(pages) == 31  # never the whole replay at once
+    await broker.close()
+
+
+async def take_all(sub: Subscription, count: int) -> list[Message]:
+    messages: list[Message] = []
+    while len(messages) < count:
+        batch = await sub.batch()
+        assert batch, "the stream ended early"
+        messages.extend(batch)
+    return messages
+
+
+async def test_ids_missing_from_memory_are_a_reset_never_a_gap(broker: Broker) -> None:
+    publish(broker, *(event(n) for n in range(1, 60)))  # memory keeps the last 50: 10..59
+    async with broker.subscribe("t1", last_id=3) as far_back, \
+            broker.subscribe("t1", last_id=80) as ahead:
+        reset = await anext(far_back)
+        assert (reset.status, reset.id) == (RESET, 59)
+        assert reset.frame == b'id: 59\ndata: {"status":"reset"}\n\n'
+        assert (await anext(ahead)).status == RESET
+        publish(broker, event(60))
+        assert await take(far_back, 1) == [60] and await take(ahead, 1) == [60]
+    assert broker.resets_total == 2
