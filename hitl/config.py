@@ -76,6 +76,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("history_bytes", _positive_int,
             "bytes per task kept in memory for replay (the all-tasks stream: 4 times as much)",
             "integer"),
+    Setting("send_buffer", _positive_int,
+            "kernel send buffer per connection, bytes: what a client that stops reading "
+            "holds before the server sees it", "integer"),
     Setting("backlog", _positive_int, "listen backlog (raise net.core.somaxconn to match)",
             "integer"),
     Setting("shutdown_timeout", _number, "seconds to wait for connections on shutdown", "number"),
@@ -103,6 +106,7 @@ class Config:
     queue_bytes: int = 1024 * 1024
     history_size: int = 1000
     history_bytes: int = 4 * 1024 * 1024
+    send_buffer: int = 64 * 1024
     backlog: int = 2048
     shutdown_timeout: float = 5.0
     retain_days: float | None = None

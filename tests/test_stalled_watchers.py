@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
 import socket
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+import httpx
 import psutil
 import pytest
 
@@ -41,7 +43,9 @@ def processor() -> Processor:
 
 
 @pytest.fixture
-def config(config: Config) -> Config:
+def config(config: Config, request: pytest.FixtureRequest) -> Config:
+    if "delay" in request.node.name:  # no WAL checkpoints (a few ms every ~150 commits,
+        return config.with_changes(heartbeat=0, db=":memory:")  # stalled or not) in the p99
     return config.with_changes(heartbeat=0)
 
 
@@ -105,3 +109,49 @@ async def test_stalled_watchers_of_large_tasks_hold_little_and_give_it_back(
     assert broker.dropped_total == 100
     assert held - baseline < 150  # was 2.5 GB at the worst
     assert after - baseline < 60
+
+
+async def reader_latencies(http: httpx.AsyncClient, ticks: int) -> list[float]:
+    """Seconds from each progress report to its arrival on a ``/stream`` reader."""
+    latencies: list[float] = []
+    async with http.stream("GET", "/stream") as response:
+        async for line in response.aiter_lines():
+            if line.startswith("data:"):
+                arrived = time.perf_counter()
+                data = json.loads(line[5:])
+                if data.get("partial_output"):
+                    latencies.append(arrived - float(data["partial_output"].split()[0]))
+                if data["status"] == "waiting_for_review":
+                    return latencies[len(latencies) - ticks:]
+    return latencies
+
+
+async def p99_of_readers(server: LiveServer, actions: ReviewActions, ticks: int,
+                         skip: int = 0) -> float:
+    """Three readers on ``/stream`` while a task reports ``skip + ticks`` times: the p99
+    over the last ``ticks`` reports, in ms."""
+    broker = server.app.extensions["broker"]
+    clients = [server.http() for _ in range(3)]
+    watching = broker.subscriber_count()
+    readers = [asyncio.create_task(reader_latencies(http, ticks)) for http in clients]
+    await until(lambda: broker.subscriber_count() == watching + 3)
+    await actions.submit(f"ticks {skip + ticks}")
+    results = await asyncio.wait_for(asyncio.gather(*readers), 60)
+    for http in clients:
+        await http.aclose()
+    latencies = sorted(latency for result in results for latency in result)
+    return latencies[int(len(latencies) * 0.99)] * 1000
+
+
+async def test_stalled_watchers_do_not_delay_the_readers(
+    live_server: LiveServer, actions: ReviewActions
+) -> None:
+    broker = live_server.app.extensions["broker"]
+    alone = await p99_of_readers(live_server, actions, 300)
+    with stalled_clients(live_server, "/stream", 250):
+        await until(lambda: broker.subscriber_count() == 250)
+        # A stalled client is served like a reader until its buffers are full (by design
+        # some 200 KB): the first 100 reports (200 KB) are that; then it must cost nothing.
+        stalled = await p99_of_readers(live_server, actions, 300, skip=150)
+    print(f"readers' p99: {alone:.1f} ms alone, {stalled:.1f} ms with 250 stalled clients")
+    assert stalled < alone + 4
