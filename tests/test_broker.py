@@ -293,3 +293,53 @@ async def test_ids_missing_from_memory_are_a_reset_never_a_gap(broker: Broker) -
         publish(broker, event(60))
         assert await take(far_back, 1) == [60] and await take(ahead, 1) == [60]
     assert broker.resets_total == 2
+
+
+@pytest.mark.parametrize("ending", ["shutdown", "dropped", "cancelled", "client gone", "error"])
+async def test_whatever_ends_a_subscription_it_is_removed_and_the_topic_freed(
+    ending: str,
+) -> None:
+    broker = Broker(queue_size=4, heartbeat=0)
+    await broker.start()
+    publish(broker, event(1, "pending"))
+    subscriptions: list[Subscription] = []
+    blocked = asyncio.Event()  # a send that waits on a client that does not read
+
+    async def watch(topic: str) -> None:
+        async with broker.subscribe(topic) as sub:
+            subscriptions.append(sub)
+            if ending == "dropped":
+                await blocked.wait()
+            async for message in sub:
+                if ending == "error" and message.id > 1:
+                    raise RuntimeError("the handler failed")
+
+    watchers = [asyncio.create_task(watch(topic)) for topic in ("t1", "t1", GLOBAL)]
+    await wait_until(lambda: len(subscriptions) == 3)
+    baseline = broker.subscriber_count()
+    if ending == "shutdown":
+        await broker.close()
+    elif ending == "dropped":
+        publish(broker, *(event(n) for n in range(2, 10)))
+        assert broker.subscriber_count() == 0 and broker.dropped_total == 3  # at once
+        assert all(not sub._queue for sub in subscriptions)  # what was queued is let go
+        blocked.set()  # the send returns (or fails): the stream ends there
+    elif ending == "cancelled":
+        for watcher in watchers:
+            watcher.cancel()
+    elif ending == "client gone":
+        for sub in subscriptions:
+            sub.close()  # what the stream does when the client disconnects
+    else:
+        publish(broker, event(2))
+        await asyncio.sleep(0.01)
+        publish(broker, event(3))  # the global one gets 102 first, then 103
+    publish(broker, event(10, "completed"))
+    broker.release("t1")  # the task finished
+    results = await asyncio.wait_for(asyncio.gather(*watchers, return_exceptions=True), 2)
+    assert baseline == 3 and broker.subscriber_count() == 0
+    assert broker.topic_count() == 0  # the finished task's topic and history are gone
+    assert all(not sub._queue and not sub._backlog for sub in subscriptions)  # let go
+    if ending == "error":
+        assert all(isinstance(result, RuntimeError) for result in results)
+    await broker.close()

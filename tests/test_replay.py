@@ -136,3 +136,36 @@ async def test_streams_over_http_replay_far_back_or_reset(tmp_path: Path) -> Non
         assert (ahead.events[0].id, ahead.events[0].data) == (12_000, {"status": "reset"})
     finally:
         await stop_server(server)
+
+
+async def test_clients_that_leave_during_their_replay_leave_no_subscriber(
+    tmp_path: Path,
+) -> None:
+    config = Config(db=str(tmp_path / "hitl.db"), process_delay=0, retry_wait=0)
+    store = Store(config.db)
+    await store.open()
+    task_id = (await fill(store, 12_000))[0]
+    await store.close()
+    server = await start_server(config)
+    host, port = server.url.removeprefix("http://").split(":")
+    try:
+        for path in ["/stream", f"/stream/{task_id}"] * 25:
+            reader, writer = await asyncio.open_connection(host, int(port))
+            writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nLast-Event-ID: 1\r\n\r\n"
+                         .encode())
+            await writer.drain()
+            if len(path) > len("/stream"):
+                await reader.readexactly(1)  # some leave once the replay has begun
+            writer.close()
+        async with server.http() as http:
+            async def healthz_subscribers() -> int:
+                return int((await http.get("/healthz")).json()["subscribers"])
+
+            async def back_to_zero() -> None:
+                while await healthz_subscribers() != 0:
+                    await asyncio.sleep(0.05)
+
+            await asyncio.wait_for(back_to_zero(), 10)
+        assert server.app.extensions["broker"].topic_count() == 0
+    finally:
+        await stop_server(server)
