@@ -154,4 +154,4 @@ async def test_stalled_watchers_do_not_delay_the_readers(
         # some 200 KB): the first 100 reports (200 KB) are that; then it must cost nothing.
         stalled = await p99_of_readers(live_server, actions, 300, skip=150)
     print(f"readers' p99: {alone:.1f} ms alone, {stalled:.1f} ms with 250 stalled clients")
-    assert stalled < alone + 4
+    assert stalled < alone * 1.5 + 4  # before: 8.1 ms against 1.6 alone
