@@ -41,7 +41,8 @@ def create_app(config: Config | None = None, *, processor: Processor | None = No
                 swagger_ui_path=None, redoc_ui_path=None, scalar_ui_path=None)
 
     store = Store(config.db)
-    broker = Broker(queue_size=config.queue_size, history_size=config.history_size,
+    broker = Broker(queue_size=config.queue_size, queue_bytes=config.queue_bytes,
+                    history_size=config.history_size, history_bytes=config.history_bytes,
                     heartbeat=config.heartbeat)
     journal = Journal(store, broker)
     runner = Runner(config, store, journal, broker, processor)

@@ -2,7 +2,9 @@
 
 Topics: one per task (named by its id) and :data:`GLOBAL`, which carries every task's
 messages. A message arrives already encoded (:class:`~hitl.models.Message`), so the
-broker's per-subscriber work is a single ``put_nowait`` of a shared object.
+broker's per-subscriber work is a single append of a shared object. Each topic keeps
+its latest messages in memory (bounded in count and bytes) for replay; older ones come
+from the loader (the store), a page at a time (see :mod:`hitl.subscription`).
 
 The backend decides how a published message reaches the broker of every process: the
 in-memory one hands it straight back; a multi-process one (Redis, say) would go over
@@ -12,26 +14,33 @@ the network. The local fan-out below is written once, whatever the backend.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Final, Protocol
 
 from quart import Quart
 
 from .lifecycle import attach
 from .models import Message
+from .subscription import (
+    GLOBAL,
+    HEARTBEAT,
+    RESET,
+    HistoryLoader,
+    HistoryPage,
+    Subscription,
+    contiguous,
+)
+
+__all__ = ["GLOBAL", "HEARTBEAT", "RESET", "Broker", "HistoryPage", "Subscription"]
 
 log = logging.getLogger(__name__)
 
-GLOBAL: Final = "*"
-HEARTBEAT: Final = Message(0, "", "", "", b": keep-alive\n\n")
-_CLOSE: Final = Message(0, "", "", "", b"")
-_NO_BACKLOG: Final[list[Message]] = []  # shared, never appended to: only replaced and popped
-
-HistoryLoader = Callable[[str, int], Awaitable[list[Message]]]
+PAGE_SIZE: Final = 500  # messages per replay read: a long replay holds one page at a time
+PAGE_BYTES: Final = 256 * 1024  # ... and about this much data
 
 
 class Backend(Protocol):
@@ -59,112 +68,44 @@ class MemoryBackend:
             self._deliver(topic, message)
 
 
-class Subscription:
-    """One watcher's view of a topic: replayed backlog first, then live messages.
-
-    Use it as ``async with broker.subscribe(topic, last_id) as sub``: entering
-    registers it and loads the replay, leaving removes it, whatever ends the watch.
-    Iterating yields messages (and :data:`HEARTBEAT`) until the broker closes the
-    subscription or drops it for falling behind; replayed messages are not repeated.
-    Kept small on purpose: there is one per open stream.
-    """
-
-    __slots__ = ("broker", "name", "last_id", "queue", "dropped", "closed", "_backlog")
-
-    def __init__(self, broker: Broker, name: str, last_id: int | None) -> None:
-        self.broker = broker
-        self.name = name
-        self.last_id = last_id
-        self.queue: asyncio.Queue[Message] = asyncio.Queue(broker.queue_size)
-        self.dropped = False
-        self.closed = broker.closed  # shutting down: the stream ends at once
-        self._backlog = _NO_BACKLOG  # the replay, reversed: the next one pops off the end
-
-    async def __aenter__(self) -> Subscription:
-        replay = self.broker._register(self)
-        if replay is not None:
-            self._backlog = (await replay)[::-1] or _NO_BACKLOG
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        self.broker._unregister(self)
-
-    def offer(self, message: Message) -> bool:
-        """Queue without waiting; False when the watcher is too far behind."""
-        try:
-            self.queue.put_nowait(message)
-        except asyncio.QueueFull:
-            return False
-        return True
-
-    def ready(self) -> bool:
-        """True when the next message may already be here (no wait needed to look)."""
-        return bool(self._backlog) or not self.queue.empty()
-
-    def close(self) -> None:
-        self.closed = True
-        with contextlib.suppress(asyncio.QueueFull):
-            self.queue.put_nowait(_CLOSE)
-
-    def _admit(self, message: Message) -> Message | None:
-        if message is HEARTBEAT:
-            return message
-        if message is _CLOSE or message.id <= (self.last_id or 0):
-            return None
-        self.last_id = message.id
-        return message
-
-    def _ready(self) -> Message | None:
-        """The next message already here (replay first), skipping repeats; else None."""
-        while not self.closed and (self._backlog or not self.queue.empty()):
-            if self._backlog:
-                message = self._admit(self._backlog.pop())
-                if not self._backlog:
-                    self._backlog = _NO_BACKLOG  # an idle watcher keeps no list of its own
-            else:
-                message = self._admit(self.queue.get_nowait())
-            if message is not None:
-                return message
-        return None
-
-    def __aiter__(self) -> Subscription:
-        return self
-
-    async def __anext__(self) -> Message:
-        while True:
-            message = self._ready()
-            if message is not None:
-                return message
-            if self.closed or self.dropped:
-                raise StopAsyncIteration
-            message = self._admit(await self.queue.get())
-            if message is not None and not self.closed:
-                return message
-
-    async def batch(self) -> list[Message]:
-        """The next message and every other one already here; [] once it has ended.
-
-        A stream writes a batch as one chunk: a replay or a burst is one send. It waits
-        on the queue itself, as ``__anext__`` does, rather than through it: a coroutine
-        frame less for every idle watcher.
-        """
-        while (message := self._ready()) is None:
-            if self.closed or self.dropped:
-                return []
-            message = self._admit(await self.queue.get())
-            if message is not None and not self.closed:
-                break
-        batch = [message]
-        while (message := self._ready()) is not None:
-            batch.append(message)
-        return batch
-
-
 @dataclass(eq=False)
 class Topic:
-    history: deque[Message]
+    """A topic's subscribers, and its latest messages: a contiguous run, bounded."""
+
+    max_messages: int
+    max_bytes: int
+    history: deque[Message] = field(default_factory=deque)
+    history_bytes: int = 0
     subscribers: set[Subscription] = field(default_factory=set)
     released: bool = False
+
+    def remember(self, message: Message) -> None:
+        history = self.history
+        if history and message.id != history[-1].id + 1:
+            if message.id <= history[-1].id:
+                return  # had it already (read from the store before it was published)
+            history.clear()  # not contiguous: start the run again
+            self.history_bytes = 0
+        history.append(message)
+        self.history_bytes += len(message.frame)
+        while len(history) > 1 and (len(history) > self.max_messages
+                                    or self.history_bytes > self.max_bytes):
+            self.history_bytes -= len(history.popleft().frame)
+
+    def covers(self, after: int) -> bool:
+        """Whether memory alone can say what follows ``after``."""
+        history = self.history
+        return bool(history) and history[0].id <= after + 1 <= history[-1].id + 1
+
+    def page(self, after: int, limit: int, max_bytes: int) -> HistoryPage:
+        messages: list[Message] = []
+        size = 0
+        for message in islice(self.history, after + 1 - self.history[0].id, None):
+            if len(messages) == limit or (messages and size >= max_bytes):
+                break
+            messages.append(message)
+            size += len(message.frame)
+        return HistoryPage(messages, self.history[-1].id)
 
 
 class Broker:
@@ -175,19 +116,29 @@ class Broker:
         backend: Backend | None = None,
         *,
         queue_size: int = 1024,
+        queue_bytes: int = 1024 * 1024,
         history_size: int = 1000,
+        history_bytes: int = 4 * 1024 * 1024,
         heartbeat: float = 15.0,
         loader: HistoryLoader | None = None,
+        page_size: int = PAGE_SIZE,
+        page_bytes: int = PAGE_BYTES,
     ) -> None:
         self.backend: Backend = backend or MemoryBackend()
         self.queue_size = queue_size
+        self.queue_bytes = queue_bytes
         self.history_size = history_size
+        self.history_bytes = history_bytes
         self.heartbeat = heartbeat
         self.loader = loader
+        self.page_size = page_size
+        self.page_bytes = page_bytes
         self.dropped_total = 0
-        self._topics: dict[str, Topic] = {GLOBAL: Topic(deque(maxlen=history_size * 4))}
+        self.resets_total = 0
+        self._topics: dict[str, Topic] = {
+            GLOBAL: Topic(history_size * 4, history_bytes * 4)}
         self._ticker: asyncio.Task[None] | None = None
-        self._loads: dict[tuple[str, int], asyncio.Future[list[Message]]] = {}
+        self._loads: dict[tuple[str, int], asyncio.Future[HistoryPage]] = {}
         self.closed = False
 
     def init_app(self, app: Quart) -> None:
@@ -207,8 +158,7 @@ class Broker:
                 sub.close()
         if self._ticker is not None:
             self._ticker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._ticker
+            await asyncio.gather(self._ticker, return_exceptions=True)
             self._ticker = None
         await self.backend.disconnect()
 
@@ -216,17 +166,21 @@ class Broker:
         """Hand one encoded message to the backend; never waits on a subscriber."""
         self.backend.publish(topic, message)
 
-    def _deliver(self, name: str, message: Message) -> None:
+    def _topic(self, name: str) -> Topic:
         topic = self._topics.get(name)
         if topic is None:
-            topic = self._topics[name] = Topic(deque(maxlen=self.history_size))
-        topic.history.append(message)
+            topic = self._topics[name] = Topic(self.history_size, self.history_bytes)
+        return topic
+
+    def _deliver(self, name: str, message: Message) -> None:
+        topic = self._topic(name)
+        topic.remember(message)
         laggards = [sub for sub in topic.subscribers if not sub.offer(message)]
         for sub in laggards:
             topic.subscribers.discard(sub)
-            sub.dropped = True
-            self.dropped_total += 1
+            sub.drop()
         if laggards:
+            self.dropped_total += len(laggards)
             log.info("dropped %d slow subscriber(s) of %s", len(laggards), name)
 
     def subscribe(self, name: str, last_id: int | None = None) -> Subscription:
@@ -237,51 +191,75 @@ class Broker:
         """
         return Subscription(self, name, last_id)
 
-    def _register(self, sub: Subscription) -> Awaitable[list[Message]] | None:
-        """Add a subscriber; what it must replay first (registering first loses nothing)."""
-        topic = self._topics.get(sub.name)
-        if topic is None:
-            topic = self._topics[sub.name] = Topic(deque(maxlen=self.history_size))
+    def _register(self, sub: Subscription) -> bool:
+        """Add a subscriber; whether it replays first (registering first loses nothing)."""
+        topic = self._topic(sub.name)
         topic.subscribers.add(sub)
         if sub.last_id is not None or sub.name != GLOBAL:
-            return self.history(sub.name, sub.last_id or 0)
+            return True
         if topic.history:
             sub.last_id = topic.history[-1].id
-        return None
+        return False
 
     def _unregister(self, sub: Subscription) -> None:
+        sub._release()
         topic = self._topics.get(sub.name)
         if topic is not None:
             topic.subscribers.discard(sub)
             self._forget_if_idle(sub.name, topic)
 
-    async def history(self, name: str, after: int) -> list[Message]:
-        """Messages of a topic with ids above ``after``: from memory, else from the loader."""
+    async def history(self, name: str, after: int = 0) -> list[Message]:
+        """Every message of a topic after ``after``, read page by page (tools and tests)."""
+        messages: list[Message] = []
+        while True:
+            page = await self._page(name, after)
+            run = contiguous(page.messages) if page.messages else []
+            if not run or run[0].id != after + 1:
+                return messages
+            messages.extend(run)
+            after = run[-1].id
+            if after >= page.latest:
+                return messages
+
+    async def _page(self, name: str, after: int, shared: bool = True) -> HistoryPage:
+        """One page of a topic after ``after``: from memory if it has it, else the loader."""
         topic = self._topics.get(name)
-        if topic is not None and topic.history and topic.history[0].id <= after + 1:
-            return [message for message in topic.history if message.id > after]
+        if topic is not None and topic.covers(after):
+            return topic.page(after, self.page_size, self.page_bytes)
         if self.loader is None:  # memory is all there is
-            return [message for message in topic.history if message.id > after] if topic else []
+            return HistoryPage([], topic.history[-1].id if topic and topic.history else 0)
+        if not shared:
+            return await self.loader(name, after, self.page_size, self.page_bytes)
         return await self._load(name, after)
 
-    async def _load(self, name: str, after: int) -> list[Message]:
-        """Read history from the loader once for everyone asking the same, and keep it.
+    async def _load(self, name: str, after: int) -> HistoryPage:
+        """Read one page from the loader once for everyone asking the same at once.
 
         A reconnect storm asks for the same messages thousands of times at once: one
-        read serves them all, and seeds the topic's memory for whoever comes next.
+        read serves them all (each then checks for what was published since), and a
+        task's page that reaches its latest message seeds the topic's memory.
         """
         assert self.loader is not None
         key = (name, after)
         load = self._loads.get(key)
         if load is None:
-            load = self._loads[key] = asyncio.ensure_future(self.loader(name, after))
-            load.add_done_callback(lambda _: self._loads.pop(key, None))
-        messages = await asyncio.shield(load)
+            load = self._loads[key] = asyncio.ensure_future(
+                self.loader(name, after, self.page_size, self.page_bytes))
+            load.add_done_callback(lambda done: self._loaded(key, done))
+        page = await asyncio.shield(load)
         topic = self._topics.get(name)
-        if messages and name != GLOBAL and topic is not None and not topic.history:
-            topic.history.extend(messages)
-            topic.released = topic.released or messages[-1].terminal
-        return messages
+        if (name != GLOBAL and topic is not None and not topic.history and page.messages
+                and page.messages[-1].id == page.latest):
+            for message in contiguous(page.messages):
+                topic.remember(message)
+            topic.released = topic.released or page.messages[-1].terminal
+        return page
+
+    def _loaded(self, key: tuple[str, int], done: asyncio.Future[HistoryPage]) -> None:
+        if self._loads.get(key) is done:
+            del self._loads[key]
+        if not done.cancelled():
+            done.exception()  # retrieved: every waiter may have left
 
     def release(self, name: str) -> None:
         """The topic will get no more messages: free its history once nobody watches."""
@@ -306,9 +284,13 @@ class Broker:
         return len(self._topics) - 1
 
     async def _beat(self) -> None:
+        """Every interval, a heartbeat to each idle subscriber, a slice at a time, so that
+        10,000 watchers never hold the loop for one long walk."""
         while True:
             await asyncio.sleep(self.heartbeat)
-            for topic in self._topics.values():
-                for sub in topic.subscribers:
-                    if sub.queue.empty():
+            subscribers = [sub for topic in self._topics.values() for sub in topic.subscribers]
+            for start in range(0, len(subscribers), 500):
+                for sub in subscribers[start:start + 500]:
+                    if sub.idle() and not (sub.closed or sub.dropped):
                         sub.offer(HEARTBEAT)
+                await asyncio.sleep(0)

@@ -81,8 +81,16 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_body", _positive_int, "largest accepted request body, bytes", "integer"),
     Setting("queue_size", _positive_int, "messages a slow watcher may lag before it is dropped",
             "integer"),
+    Setting("queue_bytes", _positive_int, "bytes a slow watcher may lag before it is dropped",
+            "integer"),
     Setting("history_size", _positive_int, "messages per task kept in memory for replay",
             "integer"),
+    Setting("history_bytes", _positive_int,
+            "bytes per task kept in memory for replay (the all-tasks stream: 4 times as much)",
+            "integer"),
+    Setting("send_buffer", _positive_int,
+            "kernel send buffer per connection, bytes: what a client that stops reading "
+            "holds before the server sees it", "integer"),
     Setting("backlog", _positive_int, "listen backlog (raise net.core.somaxconn to match)",
             "integer"),
     Setting("shutdown_timeout", _number, "seconds to wait for connections on shutdown", "number"),
@@ -108,7 +116,10 @@ class Config:
     heartbeat: float = 15.0
     max_body: int = 1024 * 1024
     queue_size: int = 1024
+    queue_bytes: int = 1024 * 1024
     history_size: int = 1000
+    history_bytes: int = 4 * 1024 * 1024
+    send_buffer: int = 64 * 1024
     backlog: int = 2048
     shutdown_timeout: float = 5.0
     retain_days: float | None = None

@@ -16,11 +16,13 @@ import gc
 import logging
 import os
 import signal
+import socket
 from typing import cast
 
 import hypercorn.protocol
 from hypercorn.asyncio import serve as hypercorn_serve
 from hypercorn.config import Config as HypercornConfig
+from hypercorn.config import Sockets
 from quart import Quart
 
 from .broker import Broker
@@ -31,8 +33,28 @@ from .runner import Runner
 log = logging.getLogger(__name__)
 
 
+class BoundedSendConfig(HypercornConfig):
+    """hypercorn's config, listening with a bounded kernel send buffer (``--send-buffer``).
+
+    A client that stops reading looks like any other until the kernel refuses to queue
+    more for it: with the send buffer left to grow, that was a megabyte or more per
+    client, each message sent to it as to a reader (1,000 such clients took the others'
+    p99 from 6 to 130 ms). Bounded, its writes soon wait, its messages then only queue
+    in the broker, and it is dropped. Accepted connections inherit the listener's size.
+    """
+
+    send_buffer = 64 * 1024
+
+    def create_sockets(self) -> Sockets:
+        sockets = super().create_sockets()
+        for sock in (*sockets.secure_sockets, *sockets.insecure_sockets):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.send_buffer)
+        return sockets
+
+
 def hypercorn_config(config: Config) -> HypercornConfig:
-    settings = HypercornConfig()
+    settings = BoundedSendConfig()
+    settings.send_buffer = config.send_buffer
     settings.bind = [f"[{config.host}]:{config.port}" if ":" in config.host
                      else f"{config.host}:{config.port}"]
     settings.backlog = config.backlog

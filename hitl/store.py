@@ -21,7 +21,7 @@ from typing import Any, Literal
 import aiosqlite
 from quart import Quart
 
-from .broker import GLOBAL
+from .broker import GLOBAL, HistoryPage
 from .errors import DuplicateKey, Invalid, StartupError, StorageUnavailable
 from .lifecycle import attach
 from .models import (
@@ -135,6 +135,18 @@ _UPSERT_ATTEMPT = """
         output = excluded.output, started_at = excluded.started_at,
         finished_at = excluded.finished_at, error = excluded.error, tries = excluded.tries,
         known = excluded.known
+"""
+_GLOBAL_PAGE = """
+    SELECT gid, task_id, seq, status, data FROM messages
+     WHERE gid > :after ORDER BY gid LIMIT :limit
+"""
+_TASK_PAGE = """
+    SELECT gid, task_id, seq, status, data FROM messages
+     WHERE task_id = :task_id AND seq > :after ORDER BY seq LIMIT :limit
+"""
+_LATEST_GID = """
+    SELECT max(coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'messages'), 0),
+               coalesce((SELECT max(gid) FROM messages), 0))
 """
 _TASK_COLUMNS = """task_id, task_input, status, attempt, processed_output, final_result,
                    error, last_seq, created_at, updated_at"""
@@ -513,12 +525,6 @@ class Store:
                 return
             offset += batch
 
-    async def load_history(self, topic: str, after: int) -> list[Message]:
-        """The broker's fallback when a topic's history is no longer in memory."""
-        if topic == GLOBAL:
-            return await self.global_messages(after)
-        return await self.task_messages(topic, after)
-
     async def task_messages(self, task_id: str, after: int) -> list[Message]:
         rows = await self.reader.execute_fetchall(
             """SELECT gid, task_id, seq, status, data FROM messages
@@ -527,13 +533,48 @@ class Store:
         )
         return [_event(row).for_task() for row in rows]
 
-    async def global_messages(self, after: int, limit: int = 10_000) -> list[Message]:
-        rows = await self.reader.execute_fetchall(
-            """SELECT gid, task_id, seq, status, data FROM messages
-                WHERE gid > :after ORDER BY gid LIMIT :limit""",
-            {"after": after, "limit": limit},
-        )
-        return [_event(row).for_global() for row in rows]
+    async def load_history(self, topic: str, after: int, limit: int = 500,
+                           max_bytes: int = 256 * 1024) -> HistoryPage:
+        """The broker's replay: one page of a topic's messages after ``after``, and the
+        topic's latest id (so that a page that stops short, or none, can be told apart
+        from messages that were deleted)."""
+        if topic == GLOBAL:
+            rows = await self._page(_GLOBAL_PAGE, {"after": after, "limit": limit}, max_bytes)
+            return HistoryPage([_event(row).for_global() for row in rows],
+                               await self.latest_gid())
+        params = {"task_id": topic, "after": after, "limit": limit}
+        rows = await self._page(_TASK_PAGE, params, max_bytes)
+        return HistoryPage([_event(row).for_task() for row in rows],
+                           await self.latest_seq(topic))
+
+    async def _page(self, query: str, params: dict[str, Any], max_bytes: int
+                    ) -> list[sqlite3.Row]:
+        """The query's rows up to about ``max_bytes`` of data (one row at least), fetched a
+        few at a time: a page of large messages never loads much more than it keeps."""
+        rows: list[sqlite3.Row] = []
+        size, step = 0, 4
+        async with self.reader.execute(query, params) as cursor:
+            while size < max_bytes:
+                fetched = list(await cursor.fetchmany(step))
+                for row in fetched:
+                    rows.append(row)
+                    size += len(row["data"])
+                    if size >= max_bytes:
+                        break
+                if len(fetched) < step:
+                    break
+                step = min(step * 2, 64)
+        return rows
+
+    async def latest_gid(self) -> int:
+        """The highest global message number given so far (from the reader)."""
+        rows = await self.reader.execute_fetchall(_LATEST_GID)
+        return int(next(iter(rows))[0])
+
+    async def latest_seq(self, task_id: str) -> int:
+        """A task's latest message number; 0 for a task not (or no longer) stored."""
+        state = await self.task_state(task_id)
+        return state[1] if state is not None else 0
 
     async def last_gid(self) -> int:
         """The highest message number ever given, deleted or not (never reused)."""

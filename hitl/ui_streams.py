@@ -20,7 +20,7 @@ from typing import Any, TypeVar, cast
 
 from quart import Quart, render_template
 
-from .broker import GLOBAL, HEARTBEAT, Broker
+from .broker import GLOBAL, HEARTBEAT, RESET, Broker
 from .diffs import attempt_views
 from .models import Message, Status, Task, sse_frame
 from .runner import Runner
@@ -179,6 +179,14 @@ async def catch_up(runner: Runner, view: View, since: int) -> AsyncIterator[byte
         yield frame("stale", await render_template("_stale.html"))
 
 
+async def render_table(runner: Runner, wanted: Status | None, limit: int
+                       ) -> tuple[bytes, set[str]]:
+    """The dashboard's rows as they are now, and the ids of the tasks shown."""
+    tasks, _ = await runner.list_tasks(wanted, limit, 0)
+    rows = frame("rows", await render_template("_task_rows.html", tasks=tasks))
+    return rows, {task.task_id for task in tasks}
+
+
 async def dashboard_events(runner: Runner, broker: Broker, cache: FragmentCache,
                            view: View, since: int | None) -> AsyncIterator[bytes]:
     """The dashboard's one stream: what changed since its page (``since``), the counts,
@@ -200,7 +208,10 @@ async def dashboard_events(runner: Runner, broker: Broker, cache: FragmentCache,
             if message is HEARTBEAT:
                 yield message.frame
                 continue
-            if not is_progress_tick(message):  # progress shows on the task page only
+            if message.status == RESET:  # messages were missed: the page must read anew
+                yield frame("stale", await render_template("_stale.html"))
+                counts_stale = True
+            elif not is_progress_tick(message):  # progress shows on the task page only
                 row = await cache.get(("row", message.id),
                                       partial(render_row, runner, message.task_id))
                 if row is not None:

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 
-from hitl.broker import GLOBAL, HEARTBEAT, Broker
+from hitl.broker import GLOBAL, HEARTBEAT, RESET, Broker, HistoryPage, Subscription
 from hitl.models import Message, TaskEvent
 
 from .conftest import within
@@ -89,9 +89,9 @@ async def test_global_topic_starts_live_unless_given_a_last_id(broker: Broker) -
 async def test_history_beyond_memory_comes_from_the_loader() -> None:
     asked: list[tuple[str, int]] = []
 
-    async def loader(topic: str, after: int) -> list[Message]:
+    async def loader(topic: str, after: int, limit: int, max_bytes: int) -> HistoryPage:
         asked.append((topic, after))
-        return [event(n).for_task() for n in range(after + 1, 4)]
+        return HistoryPage([event(n).for_task() for n in range(after + 1, 4)], 3)
 
     broker = Broker(history_size=2, heartbeat=0, loader=loader)
     await broker.start()
@@ -121,7 +121,7 @@ async def test_slow_subscriber_is_dropped_without_slowing_the_others(broker: Bro
         await within(reader, 2, "the fast subscriber to get all 30")
         assert received == list(range(1, 31))
         assert slow.dropped and broker.subscriber_count("t1") == 1
-        assert [m.id for m in await rest(slow)] == list(range(1, 9))  # what it had, then end
+        assert [m.id for m in await rest(slow)] == []  # it ends at once: its queue is let go
         assert broker.dropped_total == 1
 
 
@@ -174,11 +174,11 @@ async def test_idle_subscribers_get_heartbeats() -> None:
 async def test_a_reconnect_storm_reads_the_store_once_and_forgets_a_finished_task() -> None:
     calls: list[tuple[str, int]] = []
 
-    async def loader(topic: str, after: int) -> list[Message]:
+    async def loader(topic: str, after: int, limit: int, max_bytes: int) -> HistoryPage:
         calls.append((topic, after))
         await asyncio.sleep(0.01)
         statuses = ["pending", "running", "waiting_for_review", "completed"]
-        return [event(n, statuses[n - 1]).for_task() for n in range(after + 1, 5)]
+        return HistoryPage([event(n, statuses[n - 1]).for_task() for n in range(after + 1, 5)], 4)
 
     broker = Broker(heartbeat=0, loader=loader)
     await broker.start()
@@ -192,4 +192,168 @@ async def test_a_reconnect_storm_reads_the_store_once_and_forgets_a_finished_tas
     assert results == [[3, 4]] * 50
     assert calls == [("t1", 2)]  # one read for all fifty
     assert broker.topic_count() == 0  # finished and unwatched: nothing kept
+    await broker.close()
+
+
+async def wait_until(condition: Callable[[], bool], timeout: float = 2) -> None:
+    async def poll() -> None:
+        while not condition():
+            await asyncio.sleep(0.005)
+
+    await asyncio.wait_for(poll(), timeout)
+
+
+async def test_a_watcher_cancelled_while_its_replay_loads_is_removed() -> None:
+    gate = asyncio.Event()
+
+    async def slow_loader(topic: str, after: int, limit: int, max_bytes: int) -> HistoryPage:
+        await gate.wait()
+        return HistoryPage([], 0)
+
+    broker = Broker(heartbeat=0, loader=slow_loader)
+    await broker.start()
+
+    async def watch() -> None:
+        async with broker.subscribe("t1", last_id=5):
+            pass
+
+    watcher = asyncio.create_task(watch())
+    await wait_until(lambda: broker.subscriber_count() == 1)
+    watcher.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await watcher
+    assert broker.subscriber_count() == 0 and broker.topic_count() == 0
+    await broker.close()
+
+
+async def test_a_watcher_whose_replay_fails_is_removed() -> None:
+    async def broken_loader(topic: str, after: int, limit: int, max_bytes: int) -> HistoryPage:
+        raise OSError("disk I/O error")
+
+    broker = Broker(heartbeat=0, loader=broken_loader)
+    await broker.start()
+    with pytest.raises(OSError):
+        async with broker.subscribe("t1", last_id=5):
+            pass
+    assert broker.subscriber_count() == 0 and broker.topic_count() == 0
+    await broker.close()
+
+
+async def test_watchers_sharing_one_read_miss_nothing_published_while_it_ran() -> None:
+    stored = [event(n) for n in range(1, 8)]
+    gate = asyncio.Event()
+
+    async def loader(topic: str, after: int, limit: int, max_bytes: int) -> HistoryPage:
+        seen = list(stored)  # a read sees what was committed when it started
+        await gate.wait()
+        return HistoryPage([e.for_task() for e in seen if e.seq > after], seen[-1].seq)
+
+    def commit_and_publish(item: TaskEvent) -> None:
+        stored.append(item)
+        publish(broker, item)
+
+    async def watch() -> list[int]:
+        async with broker.subscribe("t1", last_id=5) as sub:
+            return await take(sub, 4)
+
+    broker = Broker(heartbeat=0, loader=loader)
+    await broker.start()
+    first = asyncio.create_task(watch())
+    await wait_until(lambda: broker.subscriber_count() == 1)
+    commit_and_publish(event(8))
+    second = asyncio.create_task(watch())  # its replay joins the read in flight
+    await wait_until(lambda: broker.subscriber_count() == 2)
+    commit_and_publish(event(9))
+    gate.set()
+    assert await asyncio.wait_for(asyncio.gather(first, second), 2) == [[6, 7, 8, 9]] * 2
+    await broker.close()
+
+
+async def test_replay_is_read_a_page_at_a_time_and_is_exact() -> None:
+    stored = [event(n).for_global() for n in range(1, 2_001)]  # ids 101..2100
+    pages: list[int] = []
+
+    async def loader(topic: str, after: int, limit: int, max_bytes: int) -> HistoryPage:
+        page = [m for m in stored if m.id > after][:limit]
+        pages.append(len(page))
+        return HistoryPage(page, stored[-1].id)
+
+    broker = Broker(heartbeat=0, loader=loader, page_size=64)
+    await broker.start()
+    async with broker.subscribe(GLOBAL, last_id=150) as sub:
+        got = [m.id for m in await asyncio.wait_for(take_all(sub, 1_950), 5)]
+    assert got == list(range(151, 2_101))
+    assert max(pages) == 64 and len(pages) == 31  # never the whole replay at once
+    await broker.close()
+
+
+async def take_all(sub: Subscription, count: int) -> list[Message]:
+    messages: list[Message] = []
+    while len(messages) < count:
+        batch = await sub.batch()
+        assert batch, "the stream ended early"
+        messages.extend(batch)
+    return messages
+
+
+async def test_ids_missing_from_memory_are_a_reset_never_a_gap(broker: Broker) -> None:
+    publish(broker, *(event(n) for n in range(1, 60)))  # memory keeps the last 50: 10..59
+    async with broker.subscribe("t1", last_id=3) as far_back, \
+            broker.subscribe("t1", last_id=80) as ahead:
+        reset = await anext(far_back)
+        assert (reset.status, reset.id) == (RESET, 59)
+        assert reset.frame == b'id: 59\ndata: {"status":"reset"}\n\n'
+        assert (await anext(ahead)).status == RESET
+        publish(broker, event(60))
+        assert await take(far_back, 1) == [60] and await take(ahead, 1) == [60]
+    assert broker.resets_total == 2
+
+
+@pytest.mark.parametrize("ending", ["shutdown", "dropped", "cancelled", "client gone", "error"])
+async def test_whatever_ends_a_subscription_it_is_removed_and_the_topic_freed(
+    ending: str,
+) -> None:
+    broker = Broker(queue_size=4, heartbeat=0)
+    await broker.start()
+    publish(broker, event(1, "pending"))
+    subscriptions: list[Subscription] = []
+    blocked = asyncio.Event()  # a send that waits on a client that does not read
+
+    async def watch(topic: str) -> None:
+        async with broker.subscribe(topic) as sub:
+            subscriptions.append(sub)
+            if ending == "dropped":
+                await blocked.wait()
+            async for message in sub:
+                if ending == "error" and message.id > 1:
+                    raise RuntimeError("the handler failed")
+
+    watchers = [asyncio.create_task(watch(topic)) for topic in ("t1", "t1", GLOBAL)]
+    await wait_until(lambda: len(subscriptions) == 3)
+    baseline = broker.subscriber_count()
+    if ending == "shutdown":
+        await broker.close()
+    elif ending == "dropped":
+        publish(broker, *(event(n) for n in range(2, 10)))
+        assert broker.subscriber_count() == 0 and broker.dropped_total == 3  # at once
+        assert all(not sub._queue for sub in subscriptions)  # what was queued is let go
+        blocked.set()  # the send returns (or fails): the stream ends there
+    elif ending == "cancelled":
+        for watcher in watchers:
+            watcher.cancel()
+    elif ending == "client gone":
+        for sub in subscriptions:
+            sub.close()  # what the stream does when the client disconnects
+    else:
+        publish(broker, event(2))
+        await asyncio.sleep(0.01)
+        publish(broker, event(3))  # the global one gets 102 first, then 103
+    publish(broker, event(10, "completed"))
+    broker.release("t1")  # the task finished
+    results = await asyncio.wait_for(asyncio.gather(*watchers, return_exceptions=True), 2)
+    assert baseline == 3 and broker.subscriber_count() == 0
+    assert broker.topic_count() == 0  # the finished task's topic and history are gone
+    assert all(not sub._queue and not sub._backlog for sub in subscriptions)  # let go
+    if ending == "error":
+        assert all(isinstance(result, RuntimeError) for result in results)
     await broker.close()
