@@ -15,7 +15,7 @@ from werkzeug.routing import RequestRedirect
 from .asgi import Edge
 from .broker import Broker
 from .config import Config
-from .errors import BODY_TIMEOUT_ERROR, INTERNAL_ERROR, HitlError, error_body
+from .errors import BODY_TIMEOUT_ERROR, INTERNAL_ERROR, HitlError, Invalid, error_body
 from .guard import Guard
 from .journal import Journal
 from .pages import error_page, pages, wants_html
@@ -58,8 +58,8 @@ def create_app(config: Config | None = None, *, processor: Processor | None = No
 
 
 class JsonRequest(Request):
-    """Quart's request, with a JSON body that is not UTF-8 refused like any malformed one
-    (Quart lets the decoding error escape as a 500)."""
+    """Quart's request, refusing a JSON body that is not UTF-8 like any malformed one, and
+    one nested too deeply for Python's parser (Quart lets both escape as a 500)."""
 
     async def get_json(self, force: bool = False, silent: bool = False,
                        cache: bool = True) -> Any:
@@ -67,6 +67,10 @@ class JsonRequest(Request):
             return await super().get_json(force, silent, cache)
         except UnicodeDecodeError as error:
             return None if silent else self.on_json_loading_failed(error)
+        except RecursionError:
+            if silent:
+                return None
+            raise Invalid("request body is nested too deeply") from None
 
 
 async def error_response(message: str, status: int) -> ResponseReturnValue:

@@ -262,3 +262,46 @@ async def test_redirects_name_no_host_over_real_http(live_server: LiveServer) ->
             assert (response.status_code, response.headers["location"]) == (308, "/tasks/abc")
         response = await http.get("//evil.example/", headers={"Host": "localhost"})
         assert not response.headers.get("location", "/").startswith("//")
+
+
+DEEP = ["[" * 1000 + "]" * 1000, '{"data": ' + "[" * 5000 + "]" * 5000 + "}",
+        '{"feedback": "approved", "comment": ' + '{"a": ' * 100_000 + "1" + "}" * 100_001]
+
+
+@pytest.mark.parametrize("body", DEEP, ids=["list-1000", "data-5000", "object-100000"])
+@pytest.mark.parametrize("path", ["/submit", "/feedback/abc", "/api/tasks/abc/cancel",
+                                  "/tasks", "/tasks/abc/decision"])
+async def test_json_nested_too_deep_is_a_4xx_on_every_post(
+    client: Client, path: str, body: str
+) -> None:
+    response = await client.post(path, data=body.encode(),
+                                 headers={"Content-Type": "application/json"})
+    assert 400 <= response.status_code < 500, (path, response.status_code)
+    if path in ("/submit", "/feedback/abc"):
+        assert (await response.get_json())["error"] == "request body is nested too deeply"
+
+
+@pytest.mark.parametrize("raw", ["²", "٣", "１", "３٣", "1²"])
+async def test_only_ascii_digits_make_a_last_event_id(client: Client, raw: str) -> None:
+    task_id = await submit(client)
+    for path in ("/stream", f"/stream/{task_id}"):
+        response = await asyncio.wait_for(
+            client.get(path, query_string={"last_event_id": raw}), 5)
+        assert response.status_code == 400, (path, raw)
+        assert "is not a message id" in (await response.get_json())["error"]
+
+
+async def test_a_last_event_id_header_of_other_bytes_is_a_400_over_real_http(
+    live_server: LiveServer,
+) -> None:
+    host, port = live_server.url.removeprefix("http://").split(":")
+    for raw in (b"\xb2", b"\xb9", "٣".encode(), b"1\xb2"):  # latin-1 superscripts; UTF-8
+        reader, writer = await asyncio.open_connection(host, int(port))
+        try:
+            writer.write(b"GET /stream HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+                         b"Last-Event-ID: " + raw + b"\r\n\r\n")
+            answer = await asyncio.wait_for(reader.read(), 5)
+        finally:
+            writer.close()
+        assert answer.startswith(b"HTTP/1.1 400"), (raw, answer[:200])
+        assert b"is not a message id" in answer
