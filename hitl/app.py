@@ -15,7 +15,7 @@ from werkzeug.routing import RequestRedirect
 from .asgi import Edge
 from .broker import Broker
 from .config import Config
-from .errors import BODY_TIMEOUT_ERROR, INTERNAL_ERROR, HitlError, Invalid, error_body
+from .errors import BODY_TIMEOUT_ERROR, INTERNAL_ERROR, HitlError, Invalid, error_body, plain
 from .guard import Guard
 from .journal import Journal
 from .pages import error_page, pages, wants_html
@@ -119,12 +119,12 @@ def register_error_handlers(app: Quart) -> None:
 
 
 def describe_validation(error: Exception) -> str:
-    """Turn pydantic's error list into one readable line."""
+    """Turn pydantic's error list into one readable line: 'data: must not be empty'."""
     errors = getattr(error, "errors", None)
     if not callable(errors):
         return str(error)
     parts = []
     for item in errors():
         field = ".".join(str(part) for part in item.get("loc", ())) or "body"
-        parts.append(f"{field}: {item.get('msg', 'invalid')}")
+        parts.append(f"{field}: {plain(item)}")
     return "; ".join(parts) or "invalid request body"

@@ -17,7 +17,7 @@ from quart.helpers import stream_with_context
 from quart.typing import ResponseReturnValue
 from werkzeug.http import HTTP_STATUS_CODES
 
-from .errors import Invalid
+from .errors import Invalid, plain
 from .models import Status, iso
 from .routes import broker, runner
 from .schemas import FeedbackIn, SubmitIn, checked_id
@@ -68,7 +68,7 @@ async def form_data(model: type[Form]) -> Form:
 def describe(error: ErrorDetails) -> str:
     """One form problem, named by the field's label: 'Text: must not be empty'."""
     field = str(error["loc"][0]) if error["loc"] else ""
-    return f"{FIELD_LABELS.get(field, 'Form')}: {error['msg'].removeprefix('Value error, ')}"
+    return f"{FIELD_LABELS.get(field, 'Form')}: {plain(error)}"
 
 
 def status_filter() -> Status | None:

@@ -305,3 +305,48 @@ async def test_a_last_event_id_header_of_other_bytes_is_a_400_over_real_http(
             writer.close()
         assert answer.startswith(b"HTTP/1.1 400"), (raw, answer[:200])
         assert b"is not a message id" in answer
+
+
+@pytest.mark.parametrize(("path", "body", "error"), [
+    ("/submit", {"data": ""}, "data: must not be empty"),
+    ("/submit", {"data": "  "}, "data: must not be empty"),
+    ("/submit", {}, "data: is required"),
+    ("/submit", {"data": 42}, "data: must be a string"),
+    ("/submit", ["data"], "body: must be a JSON object"),
+    ("/submit", {"data": "x" * 200_001}, "data: must be at most 200000 characters"),
+    ("/feedback/abc", {"feedback": "maybe"}, "feedback: must be 'approved' or 'rejected'"),
+    ("/feedback/abc", {}, "feedback: is required"),
+    ("/feedback/abc", {"feedback": "approved", "attempt": 0}, "attempt: must be at least 1"),
+    ("/feedback/abc", {"feedback": "approved", "attempt": "x"},
+     "attempt: must be a whole number"),
+    ("/feedback/abc", {"feedback": "approved", "attempt": 1.5},
+     "attempt: must be a whole number"),
+    ("/feedback/abc", {"feedback": "approved", "comment": 7}, "comment: must be a string"),
+    ("/feedback/abc", {"feedback": 1, "reviewer": "r" * 201},
+     "feedback: must be 'approved' or 'rejected'; reviewer: must be at most 200 characters"),
+])
+async def test_validation_errors_are_said_plainly(
+    client: Client, path: str, body: object, error: str
+) -> None:
+    response = await client.post(path, json=body)
+    assert response.status_code == 400
+    assert await response.get_json() == {"error": error}
+
+
+@pytest.mark.parametrize(("query", "error"), [
+    ("limit=0", "limit: must be at least 1"), ("limit=501", "limit: must be at most 500"),
+    ("limit=abc", "limit: must be a whole number"),
+    ("status=bogus", "status: must be 'pending', 'running', 'waiting_for_review', "
+                     "'processing_feedback', 'completed', 'failed' or 'cancelled'"),
+])
+async def test_query_errors_are_said_plainly(client: Client, query: str, error: str) -> None:
+    response = await client.get(f"/api/tasks?{query}")
+    assert (response.status_code, await response.get_json()) == (400, {"error": error})
+
+
+async def test_form_errors_are_said_plainly_too(client: Client) -> None:
+    response = await client.post("/tasks/abc/decision", form={"feedback": "maybe"})
+    assert response.status_code == 400
+    page = await response.get_data(as_text=True)
+    assert "Decision: must be &#39;approved&#39; or &#39;rejected&#39;" in page
+    assert "Input should" not in page
