@@ -15,7 +15,7 @@ from quart import Quart
 from quart.typing import TestClientProtocol as Client
 
 from hitl import Config, create_app
-from hitl.errors import BODY_TIMEOUT_ERROR, ConfigError
+from hitl.errors import BODY_TIMEOUT_ERROR, ConfigError, HitlError
 from hitl.runner import Runner
 
 from .conftest import LiveServer
@@ -350,3 +350,28 @@ async def test_form_errors_are_said_plainly_too(client: Client) -> None:
     page = await response.get_data(as_text=True)
     assert "Decision: must be &#39;approved&#39; or &#39;rejected&#39;" in page
     assert "Input should" not in page
+
+
+class Busy(HitlError):
+    """Stands for any domain error with its own status (the storage one to come: 503)."""
+
+    status = 503
+
+
+async def test_any_domain_error_keeps_its_status_on_every_path(
+    app: Quart, client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runner: Runner = app.extensions["runner"]
+
+    async def busy(*args: object) -> None:
+        raise Busy("storage unavailable: disk full")
+
+    monkeypatch.setattr(runner, "submit", busy)
+    monkeypatch.setattr(runner, "task_state", busy)
+    for response in (await client.post("/submit", json={"data": "x"}),
+                     await asyncio.wait_for(client.get("/stream/abc"), 5),
+                     await asyncio.wait_for(client.head("/stream/abc"), 5)):
+        assert response.status_code == 503
+        assert response.headers["X-Frame-Options"] == "DENY"
+    response = await client.post("/submit", json={"data": "x"})
+    assert await response.get_json() == {"error": "storage unavailable: disk full"}
