@@ -375,3 +375,111 @@ async def test_any_domain_error_keeps_its_status_on_every_path(
         assert response.headers["X-Frame-Options"] == "DENY"
     response = await client.post("/submit", json={"data": "x"})
     assert await response.get_json() == {"error": "storage unavailable: disk full"}
+
+
+def http_scope(method: str, path: str, body: bytes = b"") -> dict[str, Any]:
+    return {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+            "method": method, "scheme": "http", "path": path, "raw_path": path.encode(),
+            "query_string": b"", "root_path": "", "client": ("127.0.0.1", 1),
+            "server": ("127.0.0.1", 8000), "extensions": {},
+            "headers": [(b"host", b"localhost"), (b"content-type", b"application/json"),
+                        (b"content-length", b"%d" % len(body))]}
+
+
+async def test_a_client_leaving_cancels_its_answer_and_the_request_ends_cleanly(
+    app: Quart, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runner: Runner = app.extensions["runner"]
+    started, cancelled = asyncio.Event(), asyncio.Event()
+
+    async def slow(task_id: str) -> None:
+        started.set()
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    monkeypatch.setattr(runner, "get_task", slow)
+    messages = [{"type": "http.request", "body": b"", "more_body": False}]
+
+    async def receive() -> dict[str, Any]:
+        if messages:
+            return messages.pop()
+        await started.wait()
+        return {"type": "http.disconnect"}
+
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await asyncio.wait_for(app.asgi_app(http_scope("GET", "/api/tasks/abc"), receive, send), 5)
+    assert cancelled.is_set() and sent == []
+
+
+async def test_a_server_stopping_cancels_a_request_through_it(
+    app: Quart, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runner: Runner = app.extensions["runner"]
+    started = asyncio.Event()
+
+    async def slow(task_id: str) -> None:
+        started.set()
+        await asyncio.sleep(30)
+
+    monkeypatch.setattr(runner, "get_task", slow)
+    messages = [{"type": "http.request", "body": b"", "more_body": False}]
+
+    async def receive() -> dict[str, Any]:
+        if messages:
+            return messages.pop()
+        await asyncio.Event().wait()
+        raise AssertionError
+
+    async def send(message: dict[str, Any]) -> None:
+        pass
+
+    request = asyncio.ensure_future(app.asgi_app(http_scope("GET", "/api/tasks/abc"), receive,
+                                                 send))
+    await asyncio.wait_for(started.wait(), 5)
+    request.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(request, 5)
+
+
+@pytest.mark.parametrize(("method", "path", "body"), [
+    ("GET", "/healthz", b""), ("POST", "/feedback/abc", b'{"feedback": "approved"}')])
+async def test_quart_answers_a_request_with_one_task_of_its_own(
+    app: Quart, method: str, path: str, body: bytes
+) -> None:
+    """Its receiver; the answer runs in the server's task for the request (profiled cost)."""
+    loop = asyncio.get_running_loop()
+    created: list[object] = []
+    factory = loop.get_task_factory()
+
+    def counting(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> Any:
+        created.append(coro)
+        return (factory or asyncio.Task)(coro, loop=loop, **kwargs)  # type: ignore[operator]
+
+    messages = [{"type": "http.request", "body": body, "more_body": False}]
+    done = asyncio.Event()
+
+    async def receive() -> dict[str, Any]:
+        if messages:
+            return messages.pop()
+        await done.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.body" and not message.get("more_body"):
+            done.set()
+
+    request = asyncio.ensure_future(app.asgi_app(http_scope(method, path, body), receive, send))
+    loop.set_task_factory(counting)
+    try:
+        await asyncio.wait([request], timeout=5)
+    finally:
+        loop.set_task_factory(factory)
+    assert request.done() and request.exception() is None
+    assert len(created) == 1, created
