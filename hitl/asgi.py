@@ -41,6 +41,7 @@ class Edge:
     def __init__(self, app: Quart, inner: ASGIApp) -> None:
         self.app = app
         self.inner = inner
+        self.secured_quart = self.quart  # bound once: every open stream keeps a reference
 
     def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
         """The coroutine that answers this request, for the server to await.
@@ -52,7 +53,7 @@ class Edge:
         if scope["type"] != "http":
             return self.inner(scope, receive, send)  # lifespan
         if scope["method"] in ("GET", "HEAD") and is_stream_path(scope["path"]):
-            return serve_stream(self.app, scope, receive, send, self.quart)
+            return serve_stream(self.app, scope, receive, send, self.secured_quart)
         return self.quart(scope, receive, send)
 
     async def quart(self, scope: Scope, receive: Receive, send: Send) -> None:
