@@ -64,7 +64,7 @@ class Edge:
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
-                message["headers"] = secured(list(message.get("headers", ())))
+                message["headers"] = secured(message.get("headers", []))
             await send(message)
 
         try:
