@@ -14,11 +14,13 @@ guard, parse and answer it.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from quart import Quart
+from quart.asgi import ASGIHTTPConnection
 
 from .errors import INTERNAL_ERROR, error_body
 from .security import secured
@@ -39,6 +41,7 @@ class Edge:
     def __init__(self, app: Quart, inner: ASGIApp) -> None:
         self.app = app
         self.inner = inner
+        self.secured_quart = self.quart  # bound once: every open stream keeps a reference
 
     def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
         """The coroutine that answers this request, for the server to await.
@@ -50,7 +53,7 @@ class Edge:
         if scope["type"] != "http":
             return self.inner(scope, receive, send)  # lifespan
         if scope["method"] in ("GET", "HEAD") and is_stream_path(scope["path"]):
-            return serve_stream(self.app, scope, receive, send, self.quart)
+            return serve_stream(self.app, scope, receive, send, self.secured_quart)
         return self.quart(scope, receive, send)
 
     async def quart(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -61,7 +64,7 @@ class Edge:
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
-                message["headers"] = secured(list(message.get("headers", ())))
+                message["headers"] = secured(message.get("headers", []))
             await send(message)
 
         try:
@@ -70,6 +73,37 @@ class Edge:
             log.exception("unhandled error on %s %s", scope["method"], scope["path"])
             if not started:  # else the answer is half sent: only a closed connection says so
                 await send_error(send, 500, INTERNAL_ERROR)
+
+
+class QuartHTTPConnection(ASGIHTTPConnection):
+    """Quart's HTTP connection, answering in the server's task for the request instead of
+    a task of its own: one task and an ``asyncio.wait`` less per request, found by profiling
+    ``/submit``. As in Quart, a client that leaves cancels the answer (a stream ends).
+    """
+
+    async def __call__(self, receive: Any, send: Any) -> None:
+        request = self._create_request_from_scope(send)
+        answer = asyncio.current_task()
+        assert answer is not None
+        answered = False
+
+        def on_client_gone(_: object) -> None:  # runs between steps of the answer, or after
+            if not answered:
+                answer.cancel()
+
+        receiver = asyncio.ensure_future(self.handle_messages(request, receive))
+        receiver.add_done_callback(on_client_gone)
+        try:
+            await self.handle_request(request, send)
+        except asyncio.CancelledError:
+            if not receiver.done() or receiver.cancelled():
+                raise  # cancelled from outside: the server is stopping
+            answer.uncancel()  # the client went away: done, as Quart is then
+        finally:
+            answered = True
+            receiver.cancel()
+        if receiver.done() and not receiver.cancelled() and receiver.exception() is not None:
+            raise receiver.exception()  # type: ignore[misc]  # as Quart's own would
 
 
 async def send_error(send: Send, status: int, message: str) -> None:

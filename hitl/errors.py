@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
+from typing import Any
 
 # What a client is told of a bug of ours (the details go to the log).
 INTERNAL_ERROR = "internal error; it has been logged"
@@ -13,6 +15,36 @@ BODY_TIMEOUT_ERROR = "the request body did not arrive in time"
 def error_body(message: str) -> bytes:
     """The body of every JSON error, whichever layer answers: ``{"error": "..."}``."""
     return (json.dumps({"error": message}, separators=(",", ":")) + "\n").encode()
+
+
+# pydantic's error types, said plainly (its own wording: "Input should be a valid string").
+PLAIN = {
+    "missing": "is required",
+    "string_type": "must be a string",
+    "int_type": "must be a whole number",
+    "int_parsing": "must be a whole number",
+    "int_from_float": "must be a whole number",
+    "model_type": "must be a JSON object",
+    "dict_type": "must be a JSON object",
+    "string_too_long": "must be at most {max_length} characters",
+    "string_too_short": "must be at least {min_length} characters",
+    "greater_than_equal": "must be at least {ge}",
+    "less_than_equal": "must be at most {le}",
+    "literal_error": "must be {expected}",
+    "value_error": "{error}",
+}
+
+
+def plain(error: Mapping[str, Any]) -> str:
+    """What one pydantic error says, plainly: 'must not be empty', 'must be a string'."""
+    template = PLAIN.get(error.get("type", ""))
+    if template is not None:
+        try:
+            return template.format(**error.get("ctx", {}))
+        except (KeyError, IndexError):
+            pass
+    message = str(error.get("msg", "is not valid")).removeprefix("Value error, ")
+    return message.replace("Input should be", "must be", 1)
 
 
 class HitlError(Exception):

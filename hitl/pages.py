@@ -20,7 +20,7 @@ from quart.helpers import stream_with_context
 from quart.typing import ResponseReturnValue
 from werkzeug.http import HTTP_STATUS_CODES
 
-from .errors import Invalid
+from .errors import Invalid, plain
 from .models import Status, iso
 from .routes import broker, runner, task_named
 from .schemas import DashboardStreamQuery, FeedbackIn, NextQuery, SubmitIn, TaskQuery
@@ -77,7 +77,7 @@ def checked(model: type[Form], values: Mapping[str, str]) -> Form:
 def describe(error: ErrorDetails) -> str:
     """One form problem, named by the field's label: 'Text: must not be empty'."""
     field = str(error["loc"][0]) if error["loc"] else ""
-    return f"{FIELD_LABELS.get(field, 'Form')}: {error['msg'].removeprefix('Value error, ')}"
+    return f"{FIELD_LABELS.get(field, 'Form')}: {plain(error)}"
 
 
 def dashboard_view(query: TaskQuery) -> View:

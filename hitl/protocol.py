@@ -19,15 +19,14 @@ looks the class up in its module, where :func:`hitl.server.serve` puts this one.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import h11
+from hypercorn.asyncio.worker_context import EventWrapper
 from hypercorn.protocol.events import Event as StreamEvent
 from hypercorn.protocol.events import Response
 from hypercorn.protocol.h11 import H11Protocol as HypercornH11Protocol
 from hypercorn.protocol.http_stream import ASGIHTTPState, HTTPStream
-from hypercorn.typing import Event as IOEvent
 from werkzeug.http import HTTP_STATUS_CODES
 
 from .errors import error_body
@@ -43,7 +42,7 @@ class H11Protocol(HypercornH11Protocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.request_behind = False  # a request waits behind the one being answered
-        self.can_read = ReadGate(self.can_read, self._request_waits)
+        self.can_read = ReadGate(self)
 
     async def _send_error_response(self, status_code: int) -> None:
         """Answer a request h11 refused, then close: a JSON error with our headers."""
@@ -114,26 +113,17 @@ class Closing:
         raise h11.LocalProtocolError("the connection is closing")
 
 
-class ReadGate:
+class ReadGate(EventWrapper):
     """hypercorn's ``can_read`` event, which it waits on only while a request waits behind
     the one being answered: ``wait`` first tells the protocol so."""
 
-    def __init__(self, event: IOEvent, on_wait: Callable[[], Awaitable[None]]) -> None:
-        self.event = event
-        self.on_wait = on_wait
-
-    async def clear(self) -> None:
-        await self.event.clear()
-
-    async def set(self) -> None:
-        await self.event.set()
+    def __init__(self, protocol: H11Protocol) -> None:
+        super().__init__()
+        self.protocol = protocol
 
     async def wait(self) -> None:
-        await self.on_wait()
-        await self.event.wait()
-
-    def is_set(self) -> bool:
-        return self.event.is_set()
+        await self.protocol._request_waits()
+        await super().wait()
 
 
 def is_event_stream(response: Any) -> bool:

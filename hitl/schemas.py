@@ -67,13 +67,13 @@ class MessageOut(BaseModel):
 
 
 def between(low: int, high: int) -> AfterValidator:
-    """An integer bound with a plain message ('at most 200'), documented in OpenAPI."""
+    """An integer bound with a plain message ('must be at most 200'), documented in OpenAPI."""
 
     def check(value: int) -> int:
         if value < low:
-            raise PydanticCustomError("too_small", "at least {low}", {"low": low})
+            raise PydanticCustomError("too_small", "must be at least {low}", {"low": low})
         if value > high:
-            raise PydanticCustomError("too_large", "at most {high}", {"high": high})
+            raise PydanticCustomError("too_large", "must be at most {high}", {"high": high})
         return value
 
     return AfterValidator(check)

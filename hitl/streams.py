@@ -20,12 +20,16 @@ HEADERS = {
 
 
 def parse_last_id(raw: str | None) -> int | None:
-    """The ``Last-Event-ID`` a reconnecting client sent, as a message number."""
+    """The ``Last-Event-ID`` a reconnecting client sent, as a message number.
+
+    Only ASCII digits make one: ``str.isdigit`` (and ``int``) also take ``²`` or ``٣``.
+    """
     if raw is None or raw.strip() == "":
         return None
-    if not raw.strip().isdigit() or len(raw) > 18:
+    digits = raw.strip()
+    if not (digits.isascii() and digits.isdigit()) or len(digits) > 18:
         raise Invalid(f"Last-Event-ID {raw[:40]!r} is not a message id")
-    return int(raw)
+    return int(digits)
 
 
 def sse_response(body: AsyncIterator[bytes]) -> Response:

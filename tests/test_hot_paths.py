@@ -38,7 +38,7 @@ async def test_only_the_json_streams_skip_quart(client: Client, quart_calls: lis
             ).status_code == 200
     await wait_status(client, task_id, "completed")
     quart_calls.clear()
-    response = await client.get(f"/stream/{task_id}")
+    response = await asyncio.wait_for(client.get(f"/stream/{task_id}"), 5)
     assert response.status_code == 200 and b"stream_closed" in await response.get_data()
     assert quart_calls == []
     await client.get(f"/tasks/{task_id}")

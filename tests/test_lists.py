@@ -95,13 +95,13 @@ async def test_the_api_list_carries_excerpts_and_the_task_its_whole_text(
 
 
 @pytest.mark.parametrize(("query", "message"), [
-    ("limit=201", "limit: at most 200"),
-    ("limit=0", "limit: at least 1"),
-    ("limit=-1", "limit: at least 1"),
-    ("offset=-1", "offset: at least 0"),
-    ("limit=99999999999999999999", "limit: at most 200"),
-    ("offset=99999999999999999999", "offset: at most 9223372036854775807"),
-    ("offset=9223372036854775808", "offset: at most 9223372036854775807"),
+    ("limit=201", "limit: must be at most 200"),
+    ("limit=0", "limit: must be at least 1"),
+    ("limit=-1", "limit: must be at least 1"),
+    ("offset=-1", "offset: must be at least 0"),
+    ("limit=99999999999999999999", "limit: must be at most 200"),
+    ("offset=99999999999999999999", "offset: must be at most 9223372036854775807"),
+    ("offset=9223372036854775808", "offset: must be at most 9223372036854775807"),
     ("limit=" + "9" * 5000, "limit:"),
     ("limit=ten", "limit:"),
 ])

@@ -109,7 +109,7 @@ async def test_a_late_decision_is_a_readable_409_never_json(
 
 @pytest.mark.parametrize(("form", "message"), [
     ({"data": "   "}, "Text: must not be empty"),
-    ({}, "Text: Field required"),
+    ({}, "Text: is required"),
 ])
 async def test_a_bad_submission_is_a_readable_400_page(
     client: TestClientProtocol, form: dict[str, str], message: str
@@ -127,7 +127,7 @@ async def test_a_bad_decision_is_a_400_and_a_stale_attempt_a_409(
     await waiting(app, task_id)
     response = await client.post(f"/tasks/{task_id}/decision", form={"feedback": "maybe"})
     assert response.status_code == 400
-    assert "Decision: Input should be &#39;approved&#39; or &#39;rejected&#39;" in await text(
+    assert "Decision: must be &#39;approved&#39; or &#39;rejected&#39;" in await text(
         response)
     response = await client.post(f"/tasks/{task_id}/decision",
                                  form={"feedback": "approved", "attempt": "7"})

@@ -44,7 +44,7 @@ async def test_csp_forbids_framing_as_x_frame_options_does() -> None:
 async def test_api_answers_pages_and_errors_are_secured_and_never_cached(
     client: Client, method: str, path: str, status: int
 ) -> None:
-    response = await client.open(path, method=method)
+    response = await asyncio.wait_for(client.open(path, method=method), 5)
     assert response.status_code == status
     assert_secured(lower(response.headers))
 
