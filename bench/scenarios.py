@@ -141,7 +141,9 @@ async def open_all(
     number of failed attempts.
     """
     gate = asyncio.Semaphore(concurrency) if concurrency else None
-    ids = last_ids or [None] * len(watchers)
+    # A task's stream starts at its current state unless asked for the whole log (id 0),
+    # which these scenarios count message by message.
+    ids = last_ids or [("0" if w.path.startswith("/stream/") else None) for w in watchers]
 
     async def one(watcher: Watcher, last_id: str | None) -> int:
         for attempt in range(retries + 1):

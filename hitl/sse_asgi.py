@@ -63,7 +63,9 @@ async def check_stream(app: Quart, scope: Scope) -> Stream:
     runner = cast(Runner, app.extensions["runner"])
     task_id = await runner.resolve(checked_id(task_id))  # a unique prefix names it too
     status, last_seq = await runner.task_state(task_id)
-    return Stream(task_id, last_id, finished=status.terminal and (last_id or 0) >= last_seq)
+    if last_id is None:  # no Last-Event-ID: the task's current state (its latest message) first
+        last_id = max(last_seq - 1, 0)
+    return Stream(task_id, last_id, finished=status.terminal and last_id >= last_seq)
 
 
 async def serve_stream(app: Quart, scope: Scope, receive: Receive, send: Send,

@@ -56,6 +56,13 @@ def reset_message(topic: str, latest: int) -> Message:
     return Message(latest, "" if topic == GLOBAL else topic, RESET, data, sse_frame(data, latest))
 
 
+def marked_reset(state: Message) -> Message:
+    """A task's latest message again, with ``"replay": "reset"``: the state it is in, for a
+    watcher whose ``Last-Event-ID`` cannot be replayed exactly."""
+    data = state.data[:-1] + ',"replay":"reset"}'  # the payload is a compact JSON object
+    return Message(state.id, state.task_id, state.status, data, sse_frame(data, state.id))
+
+
 def contiguous(messages: list[Message]) -> list[Message]:
     """The leading run of ``messages`` whose ids follow on one from the other."""
     for count in range(1, len(messages)):
@@ -195,10 +202,20 @@ class Subscription:
                 self._fetch = _PAGE
         elif messages or after != page.latest or head > after + 1:  # deleted, or never given
             latest = max(page.latest, head - 1)
-            self._backlog, self._next = [reset_message(self.name, latest)], 0
+            self._backlog, self._next = [await self._reset(latest)], 0
             self.broker.resets_total += 1
             log.info("reset a watcher of %s: nothing after %d to replay (latest %d)",
                      self.name, after, latest)
+
+    async def _reset(self, latest: int) -> Message:
+        """What a watcher that cannot be replayed gets: on a task's topic, its current
+        state (its latest message) marked ``"replay": "reset"``; on the global one,
+        :func:`reset_message`."""
+        if self.name != GLOBAL and latest > 0:
+            page = await self.broker._page(self.name, latest - 1, shared=False)
+            if page.messages and page.messages[-1].id == latest:
+                return marked_reset(page.messages[-1])
+        return reset_message(self.name, latest)
 
     def __aiter__(self) -> Subscription:
         return self

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Callable
 
 import pytest
 
-from hitl.broker import GLOBAL, HEARTBEAT, RESET, Broker, HistoryPage, Subscription
+from hitl.broker import GLOBAL, HEARTBEAT, Broker, HistoryPage, Subscription
 from hitl.models import Message, TaskEvent
 
 from .conftest import within
@@ -300,10 +301,12 @@ async def test_ids_missing_from_memory_are_a_reset_never_a_gap(broker: Broker) -
     publish(broker, *(event(n) for n in range(1, 60)))  # memory keeps the last 50: 10..59
     async with broker.subscribe("t1", last_id=3) as far_back, \
             broker.subscribe("t1", last_id=80) as ahead:
-        reset = await anext(far_back)
-        assert (reset.status, reset.id) == (RESET, 59)
-        assert reset.frame == b'id: 59\ndata: {"status":"reset"}\n\n'
-        assert (await anext(ahead)).status == RESET
+        reset = await anext(far_back)  # a task's topic: its current state, marked reset
+        assert (reset.status, reset.id) == ("running", 59)
+        assert json.loads(reset.data)["replay"] == "reset"
+        assert reset.frame.startswith(b"id: 59\ndata: {") and b'"replay":"reset"}' in reset.frame
+        ahead_reset = await anext(ahead)
+        assert ahead_reset.id == 59 and json.loads(ahead_reset.data)["replay"] == "reset"
         publish(broker, event(60))
         assert await take(far_back, 1) == [60] and await take(ahead, 1) == [60]
     assert broker.resets_total == 2

@@ -11,7 +11,7 @@ async def test_three_watchers_each_get_every_message_of_a_reject_then_approve_ru
     actions: ReviewActions,
 ) -> None:
     task_id = await actions.submit("summarise the report")
-    watchers = [actions.watch(task_id) for _ in range(3)]
+    watchers = [actions.watch(task_id, last_id=0) for _ in range(3)]  # the whole log
     await asyncio.gather(*(w.wait_for("waiting_for_review") for w in watchers))
     rejected = await actions.reject(task_id, comment="shorter, please", reviewer="ann")
     assert rejected.status_code == 200
@@ -47,11 +47,13 @@ async def test_subscriber_count_returns_to_zero_after_clients_go_away(
 
 async def test_late_joiner_gets_the_current_state_at_once(actions: ReviewActions) -> None:
     task_id = await actions.submit()
-    first = actions.watch(task_id)
+    first = actions.watch(task_id, last_id=0)
     await first.wait_for("waiting_for_review")
-    late = actions.watch(task_id)
+    late = actions.watch(task_id)  # no Last-Event-ID: the state it is in, then live
     event = await late.wait_for("waiting_for_review", timeout=2)
-    assert event.data["attempt"] == 1 and late.events == first.events
+    assert event.data["attempt"] == 1 and event.data["output_to_review"]
+    assert late.events == [first.events[-1]]  # one message: the latest, with its id
+    assert "replay" not in event.data
 
 
 async def test_reconnect_with_last_event_id_gets_exactly_what_was_missed(
@@ -64,7 +66,7 @@ async def test_reconnect_with_last_event_id_gets_exactly_what_was_missed(
     first.task.cancel()  # the browser goes away
     seen = first.ids()[-1]
     await actions.reject(task_id, comment="again")
-    await actions.watch(task_id).wait_for("processing_feedback")
+    await actions.watch(task_id, last_id=0).wait_for("processing_feedback")
     back = actions.watch(task_id, last_id=seen)
     await back.wait_for("processing_feedback")
     assert_contiguous(back.ids(), start=seen + 1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -90,9 +91,11 @@ async def test_a_last_event_id_above_the_latest_gets_a_reset(store: Store) -> No
     task_id = (await fill(store, 10, tasks=1))[0]
     broker = store_broker(store)
     await broker.start()
-    for topic in (GLOBAL, task_id):
-        [reset] = await read(broker, topic, 50, 1)
-        assert (reset.status, reset.id, reset.data) == (RESET, 10, '{"status":"reset"}')
+    [reset] = await read(broker, GLOBAL, 50, 1)
+    assert (reset.status, reset.id, reset.data) == (RESET, 10, '{"status":"reset"}')
+    [state] = await read(broker, task_id, 50, 1)  # a task's: its current state, marked
+    assert state.id == 10 and json.loads(state.data)["replay"] == "reset"
+    assert state.status != RESET
     await broker.close()
 
 

@@ -43,7 +43,7 @@ async def test_a_watcher_that_stops_reading_is_dropped_and_others_get_everything
     reader, writer = await asyncio.open_connection(host, int(port))
     writer.write(f"GET /stream/{task_id} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
     await writer.drain()
-    fast = actions.watch(task_id)
+    fast = actions.watch(task_id, last_id=0)
     started = time.monotonic()
     await fast.wait_for("waiting_for_review", timeout=30)
     elapsed = time.monotonic() - started
