@@ -16,7 +16,7 @@ from quart_schema import QuartSchema, RequestSchemaValidationError
 from werkzeug.exceptions import HTTPException, RequestTimeout
 from werkzeug.routing import RequestRedirect
 
-from .asgi import Edge, QuartHTTPConnection
+from .asgi import ANSWERS_IN_SERVER_TASK, Edge, QuartHTTPConnection
 from .broker import Broker
 from .config import Config
 from .errors import BODY_TIMEOUT_ERROR, INTERNAL_ERROR, HitlError, Invalid, error_body, plain
@@ -42,7 +42,8 @@ def create_app(config: Config | None = None, *, processor: Processor | None = No
     config = config or Config()
     app = Quart(__name__)
     app.request_class = JsonRequest
-    app.asgi_http_class = QuartHTTPConnection
+    if ANSWERS_IN_SERVER_TASK:  # Quart 0.23 answers in its own task differently: keep it
+        app.asgi_http_class = QuartHTTPConnection
     # No 60 s wrapper task around every response: ours are small JSON, pages, or streams
     # that must never be cut (measured: one task less per request).
     app.config.update(MAX_CONTENT_LENGTH=config.max_body, RESPONSE_TIMEOUT=None, HITL=config)

@@ -15,6 +15,7 @@ guard, parse and answer it.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -104,6 +105,13 @@ class QuartHTTPConnection(ASGIHTTPConnection):
             receiver.cancel()
         if receiver.done() and not receiver.cancelled() and receiver.exception() is not None:
             raise receiver.exception()  # type: ignore[misc]  # as Quart's own would
+
+
+# The override above relies on Quart 0.22's ``handle_messages(request, receive)``; Quart
+# 0.23 changed it (it takes the request's task), and there hitl keeps Quart's own answer.
+ANSWERS_IN_SERVER_TASK = list(
+    inspect.signature(ASGIHTTPConnection.handle_messages).parameters) == [
+        "self", "request", "receive"]
 
 
 async def send_error(send: Send, status: int, message: str) -> None:
