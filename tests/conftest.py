@@ -16,7 +16,9 @@ from quart import Quart
 from quart.typing import TestClientProtocol as Client
 
 from hitl import Config, create_app
+from hitl.models import Status
 from hitl.processors import Processor
+from hitl.runner import Runner
 from hitl.server import serve
 
 T = TypeVar("T")
@@ -239,3 +241,19 @@ class ReviewActions:
 async def actions(live_server: LiveServer) -> AsyncIterator[ReviewActions]:
     async with live_server.http() as http:
         yield ReviewActions(http)
+
+
+async def reach(runner: Runner, task_id: str, status: Status, attempt: int = 1,
+                timeout: float = 10) -> None:
+    """Wait until the stored task is in ``status`` on ``attempt``; fail saying where it is."""
+    async def poll() -> None:
+        while (task := await runner.get_task(task_id)).status is not status or (
+                task.attempt != attempt):
+            await asyncio.sleep(0.01)
+
+    try:
+        await asyncio.wait_for(poll(), timeout)
+    except TimeoutError:
+        task = await runner.get_task(task_id)
+        raise AssertionError(f"{task_id} never reached {status}/{attempt} in {timeout} s: "
+                             f"it is {task.status}/{task.attempt}") from None

@@ -3,7 +3,6 @@ decisions on it; a database from before attempts were kept says their outputs ar
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,8 @@ from hitl.models import Status
 from hitl.processors import Job, Processor
 from hitl.runner import Runner
 from hitl.store import MIGRATIONS
+
+from .conftest import reach
 
 BOUND = 10
 
@@ -35,17 +36,6 @@ def processor() -> Processor:
 def runner(app: Quart) -> Runner:
     runner: Runner = app.extensions["runner"]
     return runner
-
-
-async def reach(runner: Runner, task_id: str, status: Status, attempt: int = 1) -> None:
-    async def poll() -> None:
-        while True:
-            task = await runner.get_task(task_id)
-            if task.status is status and task.attempt == attempt:
-                return
-            await asyncio.sleep(0.01)
-
-    await asyncio.wait_for(poll(), BOUND)
 
 
 async def api_task(app: Quart, task_id: str) -> dict[str, Any]:

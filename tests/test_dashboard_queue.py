@@ -23,7 +23,7 @@ from hitl.pages import DASHBOARD
 from hitl.runner import Runner
 from hitl.store import Store, View, Write
 
-from .conftest import LiveServer, ReviewActions
+from .conftest import LiveServer, ReviewActions, reach
 from .test_ui_streams import Named, read_named
 
 WAITING = Status.WAITING_FOR_REVIEW
@@ -72,15 +72,6 @@ async def app(config: Config, seed: list[Task]) -> AsyncIterator[Quart]:
     app = create_app(config)
     async with app.test_app():
         yield app
-
-
-async def reach(runner: Runner, task_id: str, status: Status, attempt: int = 1) -> None:
-    async def poll() -> None:
-        while (task := await runner.get_task(task_id)).status is not status or (
-                task.attempt != attempt):
-            await asyncio.sleep(0.01)
-
-    await asyncio.wait_for(poll(), 10)
 
 
 async def ids(store: Store, view: View, limit: int = 50, after: str | None = None

@@ -19,7 +19,7 @@ from hitl.processors import Job, Processor
 from hitl.runner import Runner
 from hitl.store import MIGRATIONS
 
-from .conftest import LiveServer, ReviewActions
+from .conftest import LiveServer, ReviewActions, reach
 from .test_ui_streams import read_named
 
 if TYPE_CHECKING:  # imported for annotations only: pytest would collect a Test* class
@@ -52,17 +52,6 @@ def config(tmp_path: Path) -> Config:
 def runner(app: Quart) -> Runner:
     runner: Runner = app.extensions["runner"]
     return runner
-
-
-async def reach(runner: Runner, task_id: str, status: Status, attempt: int = 1) -> None:
-    async def poll() -> None:
-        while True:
-            task = await runner.get_task(task_id)
-            if task.status is status and task.attempt == attempt:
-                return
-            await asyncio.sleep(0.01)
-
-    await asyncio.wait_for(poll(), BOUND)
 
 
 async def rejected_twice(runner: Runner, approve: bool = False) -> str:
