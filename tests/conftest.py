@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ from hitl.models import Status
 from hitl.processors import Processor
 from hitl.runner import Runner
 from hitl.server import serve
+from hitl.store import MIGRATIONS, Store
 
 T = TypeVar("T")
 
@@ -55,6 +57,30 @@ def assert_contiguous(ids: Sequence[int], start: int | None = None) -> None:
 @pytest.fixture
 def config(tmp_path: Path) -> Config:
     return Config(db=str(tmp_path / "hitl.db"), process_delay=0, retry_wait=0)
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[Store]:
+    """An open store of its own (not the app's database), for tests of the store alone."""
+    store = Store(str(tmp_path / "store.db"))
+    await store.open()
+    yield store
+    await store.close()
+
+
+def old_database(db: Path) -> None:
+    """A database from before attempts were kept (schema 2), with task 'old' waiting on
+    its third attempt after two rejections by ann."""
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TABLE schema_version (version INTEGER)")
+        for version, script in enumerate(MIGRATIONS[:2], start=1):
+            conn.executescript(script)
+            conn.execute("INSERT INTO schema_version VALUES (?)", (version,))
+        conn.execute("""INSERT INTO tasks VALUES ('old', 'input', 'waiting_for_review', 3,
+                        'third output', NULL, NULL, 9, 1.0, 1.0)""")
+        conn.execute("""INSERT INTO reviews (task_id, attempt, decision, comment, reviewer,
+                        created_at) VALUES ('old', 1, 'rejected', 'no', 'ann', 1.0),
+                        ('old', 2, 'rejected', 'still no', 'ann', 2.0)""")
 
 
 @pytest.fixture

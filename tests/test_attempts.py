@@ -3,7 +3,6 @@ decisions on it; a database from before attempts were kept says their outputs ar
 
 from __future__ import annotations
 
-import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +13,8 @@ from hitl import Config, create_app
 from hitl.models import Status
 from hitl.processors import Job, Processor
 from hitl.runner import Runner
-from hitl.store import MIGRATIONS
 
-from .conftest import reach
+from .conftest import old_database, reach
 
 BOUND = 10
 
@@ -83,16 +81,7 @@ async def test_a_failed_attempt_keeps_the_error_and_the_tries(app: Quart, runner
 
 async def test_earlier_outputs_of_a_migrated_task_are_unknown(tmp_path: Path) -> None:
     db = tmp_path / "old.db"
-    with sqlite3.connect(db) as conn:  # a database from before attempts were kept
-        conn.execute("CREATE TABLE schema_version (version INTEGER)")
-        for version, script in enumerate(MIGRATIONS[:2], start=1):
-            conn.executescript(script)
-            conn.execute("INSERT INTO schema_version VALUES (?)", (version,))
-        conn.execute("""INSERT INTO tasks VALUES ('old', 'input', 'waiting_for_review', 3,
-                        'third output', NULL, NULL, 9, 1.0, 1.0)""")
-        conn.execute("""INSERT INTO reviews (task_id, attempt, decision, comment, reviewer,
-                        created_at) VALUES ('old', 1, 'rejected', 'no', 'ann', 1.0),
-                        ('old', 2, 'rejected', 'still no', 'ann', 2.0)""")
+    old_database(db)  # from before attempts were kept
     app = create_app(Config(db=str(db), process_delay=0), processor=numbered)
     async with app.test_app():
         attempts = (await api_task(app, "old"))["attempts"]

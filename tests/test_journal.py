@@ -20,14 +20,6 @@ from hitl.tracker import Tracker
 
 
 @pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    store = Store(str(tmp_path / "hitl.db"))
-    await store.open()
-    yield store
-    await store.close()
-
-
-@pytest.fixture
 async def journal(store: Store) -> AsyncIterator[Journal]:
     journal = Journal(store, Broker(heartbeat=0, loader=store.load_history))
     await journal.broker.start()

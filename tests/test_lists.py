@@ -38,14 +38,6 @@ def processor() -> Processor:
     return echo
 
 
-@pytest.fixture
-async def store(tmp_path: Path) -> Any:
-    store = Store(str(tmp_path / "hitl.db"))
-    await store.open()
-    yield store
-    await store.close()
-
-
 async def add(store: Store, *tasks: Task) -> None:
     await store.write([Write(task.row()) for task in tasks])
 

@@ -5,10 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
-
-import pytest
 
 from hitl import Config
 from hitl.broker import GLOBAL, RESET, Broker, HistoryPage
@@ -16,14 +13,6 @@ from hitl.models import Message, Status, Task, TaskEvent
 from hitl.store import Store, Write
 
 from .conftest import Watcher, read_sse, start_server, stop_server
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    store = Store(str(tmp_path / "hitl.db"))
-    await store.open()
-    yield store
-    await store.close()
 
 
 async def fill(store: Store, count: int, tasks: int = 3, *, age_days: float = 0,

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import html
 import re
-import sqlite3
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,9 +16,8 @@ from hitl import Config, create_app
 from hitl.models import Status
 from hitl.processors import Job, Processor
 from hitl.runner import Runner
-from hitl.store import MIGRATIONS
 
-from .conftest import LiveServer, ReviewActions, reach
+from .conftest import LiveServer, ReviewActions, old_database, reach
 from .test_ui_streams import read_named
 
 if TYPE_CHECKING:  # imported for annotations only: pytest would collect a Test* class
@@ -184,16 +182,7 @@ async def test_earlier_outputs_of_a_migrated_task_are_said_to_be_unknown(
     tmp_path: Path
 ) -> None:
     db = tmp_path / "old.db"
-    with sqlite3.connect(db) as conn:  # a database from before attempts were kept
-        conn.execute("CREATE TABLE schema_version (version INTEGER)")
-        for version, script in enumerate(MIGRATIONS[:2], start=1):
-            conn.executescript(script)
-            conn.execute("INSERT INTO schema_version VALUES (?)", (version,))
-        conn.execute("""INSERT INTO tasks VALUES ('old', 'input', 'waiting_for_review', 3,
-                        'third output', NULL, NULL, 9, 1.0, 1.0)""")
-        conn.execute("""INSERT INTO reviews (task_id, attempt, decision, comment, reviewer,
-                        created_at) VALUES ('old', 1, 'rejected', 'no', 'ann', 1.0),
-                        ('old', 2, 'rejected', 'still no', 'ann', 2.0)""")
+    old_database(db)  # from before attempts were kept
     app = create_app(Config(db=str(db), process_delay=0), processor=drafts)
     async with app.test_app():
         page = await page_of(app.test_client(), "old")
