@@ -99,6 +99,52 @@ MIGRATIONS: tuple[str, ...] = (
         SELECT task_id, n, CASE WHEN n = attempt THEN processed_output END, n = attempt
           FROM tasks JOIN numbers ON n <= attempt;
     """,
+    """
+    CREATE TABLE users (
+        name          TEXT PRIMARY KEY,
+        display_name  TEXT NOT NULL,
+        role          TEXT NOT NULL,
+        groups        TEXT NOT NULL DEFAULT '[]',
+        password_hash TEXT,
+        created_at    REAL NOT NULL,
+        disabled_at   REAL
+    );
+    CREATE TABLE tokens (
+        id           TEXT PRIMARY KEY,
+        user_name    TEXT NOT NULL REFERENCES users (name),
+        label        TEXT NOT NULL DEFAULT '',
+        token_hash   TEXT NOT NULL UNIQUE,
+        created_at   REAL NOT NULL,
+        expires_at   REAL,
+        revoked_at   REAL,
+        last_used_at REAL
+    );
+    CREATE TABLE sessions (
+        id_hash    TEXT PRIMARY KEY,
+        user_name  TEXT NOT NULL REFERENCES users (name),
+        method     TEXT NOT NULL,
+        csrf       TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        expires_at REAL NOT NULL,
+        ended_at   REAL
+    );
+    CREATE INDEX sessions_by_user ON sessions (user_name);
+    CREATE TABLE login_links (
+        token_hash TEXT PRIMARY KEY,
+        user_name  TEXT NOT NULL REFERENCES users (name),
+        expires_at REAL NOT NULL,
+        used_at    REAL
+    );
+    CREATE TABLE login_failures (
+        key TEXT NOT NULL,
+        at  REAL NOT NULL
+    );
+    CREATE INDEX login_failures_by_key ON login_failures (key, at);
+    CREATE TABLE settings (
+        key   TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    );
+    """,
 )
 
 IDEMPOTENCY_WINDOW = 24 * 3600  # seconds an Idempotency-Key stands for its task
