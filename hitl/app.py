@@ -4,22 +4,25 @@ from __future__ import annotations
 
 import logging
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
-from quart import Quart, Request, Response, request
+from quart import Quart, Request, Response, redirect, request
 from quart.typing import ResponseReturnValue
 from quart_schema import QuartSchema, RequestSchemaValidationError
 from werkzeug.exceptions import HTTPException
+from werkzeug.routing import RequestRedirect
 
-from .asgi import HotPaths
+from .asgi import Edge
 from .broker import Broker
 from .config import Config
-from .errors import BODY_TIMEOUT_ERROR, INTERNAL_ERROR, HitlError
+from .errors import BODY_TIMEOUT_ERROR, INTERNAL_ERROR, HitlError, error_body
+from .guard import Guard
 from .journal import Journal
 from .pages import error_page, pages, wants_html
 from .processors import Processor
-from .routes import JSON_POSTS, api
+from .routes import api
 from .runner import Runner
-from .security import SECURITY_HEADERS
+from .sse_asgi import answer_refused
 from .store import Store
 from .ui_streams import FragmentCache
 
@@ -43,13 +46,14 @@ def create_app(config: Config | None = None, *, processor: Processor | None = No
     journal = Journal(store, broker)
     runner = Runner(config, store, journal, broker, processor)
     broker.loader = store.load_history
-    for part in (store, broker, journal, runner, FragmentCache()):
+    for part in (Guard(config), store, broker, journal, runner, FragmentCache()):
         part.init_app(app)
 
+    app.before_request(answer_refused)  # after the guard's check: see hitl.sse_asgi
     app.register_blueprint(api)
     app.register_blueprint(pages)
     register_error_handlers(app)
-    app.asgi_app = HotPaths(app, app.asgi_app, JSON_POSTS)  # type: ignore[method-assign,assignment]
+    app.asgi_app = Edge(app, app.asgi_app)  # type: ignore[method-assign,assignment]
     return app
 
 
@@ -69,11 +73,22 @@ async def error_response(message: str, status: int) -> ResponseReturnValue:
     """``{"error": "..."}`` for the API; a readable page (or htmx fragment) for the browser UI."""
     if wants_html():
         return await error_page(message, status)
-    return {"error": message}, status
+    return Response(error_body(message), status, content_type="application/json")
 
 
 def register_error_handlers(app: Quart) -> None:
     """Every error becomes a 4xx with a message (5xx only for our bugs)."""
+
+    @app.before_request
+    async def local_redirect() -> ResponseReturnValue | None:
+        """werkzeug's redirect to a canonical URL (``/tasks//x`` to ``/tasks/x``) names the
+        request's Host, and Quart sends it past every error handler: send the path only."""
+        error = request.routing_exception
+        if not isinstance(error, RequestRedirect):
+            return None
+        url = urlsplit(error.new_url)
+        return redirect(urlunsplit(("", "", "/" + url.path.lstrip("/"), url.query, "")),
+                        error.code)
 
     @app.errorhandler(HitlError)
     async def domain_error(error: HitlError) -> ResponseReturnValue:
@@ -97,12 +112,6 @@ def register_error_handlers(app: Quart) -> None:
     async def unexpected(error: Exception) -> ResponseReturnValue:
         log.exception("unhandled error on %s %s", request.method, request.path)
         return await error_response(INTERNAL_ERROR, 500)
-
-    @app.after_request
-    async def security_headers(response: Response) -> Response:
-        for name, value in SECURITY_HEADERS.items():
-            response.headers.setdefault(name, value)
-        return response
 
 
 def describe_validation(error: Exception) -> str:

@@ -1,28 +1,30 @@
-"""The hot endpoints, answered in plain ASGI ahead of Quart.
+"""The app's ASGI entry: security headers on every answer, and one lean path for the streams.
 
-Quart's per-request machinery (request and app contexts, request and response objects,
-a receiver task, quart-schema's conversions) costs about 0.25 ms of CPU per request,
-and about 12 KiB for each open stream. On the paths that every watcher and every
-automated client takes, that was most of the server's work (``python -m bench
-throughput``), so two kinds of request are answered here:
+Every response leaves through here: Quart's with the security headers added
+(:func:`hitl.security.secured`), and an exception that escapes Quart becomes a logged
+JSON 500 rather than hypercorn's bare one.
 
-- ``GET /stream`` and ``GET /stream/<task_id>``: see :mod:`hitl.sse_asgi`;
-- the JSON POSTs in :data:`hitl.routes.JSON_POSTS` with a well-formed body: the same
-  handlers and pydantic models as their Quart routes (see :mod:`hitl.json_asgi`).
-
-Everything else goes on to Quart, including every malformed POST (with its body
-replayed), so the wording of errors and the OpenAPI document are written once, there.
+A watcher is a long-lived request: Quart's per-request machinery (request and app
+contexts, request and response objects, a receiver task) would cost about 12 KiB for
+each open stream, so ``GET`` and ``HEAD`` of ``/stream`` and ``/stream/<task_id>`` take a
+lean path in plain ASGI (:mod:`hitl.sse_asgi`), with the same request check and service
+functions. Every other request, every POST included, goes through Quart: one path to
+guard, parse and answer it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, MutableMapping, Sequence
+import logging
+from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from quart import Quart
 
-from .json_asgi import JsonPost, serve_json_post
+from .errors import INTERNAL_ERROR, error_body
+from .security import secured
 from .sse_asgi import is_stream_path, serve_stream
+
+log = logging.getLogger(__name__)
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -31,13 +33,12 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 ASGIApp = Callable[[Any, Any, Any], Awaitable[None]]
 
 
-class HotPaths:
-    """ASGI middleware: answers the hot endpoints itself, passes every other request on."""
+class Edge:
+    """ASGI middleware, outermost: the streams' lean path, else Quart with headers and a 500."""
 
-    def __init__(self, app: Quart, inner: ASGIApp, posts: Sequence[JsonPost]) -> None:
+    def __init__(self, app: Quart, inner: ASGIApp) -> None:
         self.app = app
         self.inner = inner
-        self.posts = posts
 
     def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
         """The coroutine that answers this request, for the server to await.
@@ -46,14 +47,34 @@ class HotPaths:
         server must be told this is ASGI (``hitl.server`` passes hypercorn ``mode="asgi"``);
         the Quart app object itself stays a plain async ASGI app for any server.
         """
-        if scope["type"] == "http":
-            method, path = scope["method"], scope["path"]
-            if method == "GET" and is_stream_path(path):
-                return serve_stream(self.app, path, scope, receive, send)
-            if method == "POST":
-                for post in self.posts:
-                    arguments = post.match(path)
-                    if arguments is not None:
-                        return serve_json_post(self.app, self.inner, post, arguments, scope,
-                                               receive, send)
-        return self.inner(scope, receive, send)
+        if scope["type"] != "http":
+            return self.inner(scope, receive, send)  # lifespan
+        if scope["method"] in ("GET", "HEAD") and is_stream_path(scope["path"]):
+            return serve_stream(self.app, scope, receive, send, self.quart)
+        return self.quart(scope, receive, send)
+
+    async def quart(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Quart's answer with the security headers; a JSON 500 if an exception escapes it."""
+        started = False
+
+        async def send_secured(message: dict[str, Any]) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                message["headers"] = secured(list(message.get("headers", ())))
+            await send(message)
+
+        try:
+            await self.inner(scope, receive, send_secured)
+        except Exception:
+            log.exception("unhandled error on %s %s", scope["method"], scope["path"])
+            if not started:  # else the answer is half sent: only a closed connection says so
+                await send_error(send, 500, INTERNAL_ERROR)
+
+
+async def send_error(send: Send, status: int, message: str) -> None:
+    """Answer ``{"error": message}`` in plain ASGI, with the security headers."""
+    body = error_body(message)
+    await send({"type": "http.response.start", "status": status, "headers": secured([
+        (b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))])})
+    await send({"type": "http.response.body", "body": body, "more_body": False})

@@ -52,6 +52,16 @@ def _port(text: str) -> int:
     return value
 
 
+def _hosts(text: str) -> tuple[str, ...]:
+    hosts = tuple(part.strip().lower() for part in text.split(",") if part.strip())
+    if not hosts:
+        raise ValueError("name at least one host, or '*' for any")
+    for host in hosts:
+        if any(char.isspace() or char in "/@?#" for char in host):
+            raise ValueError(f"{host!r} is not a host name (nor host:port)")
+    return hosts
+
+
 def _optional_days(text: str) -> float | None:
     return None if text.strip().lower() in ("", "off", "none", "0") else _number(text)
 
@@ -83,6 +93,8 @@ def _networks(text: str) -> tuple[str, ...]:
 SETTINGS: tuple[Setting, ...] = (
     Setting("host", str, "interface to listen on", "text"),
     Setting("port", _port, "TCP port to listen on", "port number"),
+    Setting("allowed_hosts", _hosts, "Host header values served, comma-separated ('*': any); "
+            "default: the listen host, localhost, 127.0.0.1, [::1]", "list of hosts"),
     Setting("db", str, "SQLite database file; ':memory:' keeps nothing", "path"),
     Setting("process_delay", _number, "seconds the built-in simulated processor takes", "number"),
     Setting("processor", str, "processor as 'package.module:callable' (sync or async)", "text"),
@@ -118,6 +130,7 @@ class Config:
 
     host: str = "127.0.0.1"
     port: int = 8000
+    allowed_hosts: tuple[str, ...] = ()  # () is the default list, derived from ``host``
     db: str = ":memory:"
     process_delay: float = 2.0
     processor: str = "hitl.processors:simulate"

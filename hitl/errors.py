@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import json
+
 # What a client is told of a bug of ours (the details go to the log).
 INTERNAL_ERROR = "internal error; it has been logged"
 # ... and of a request body that stopped arriving (Quart's BODY_TIMEOUT).
 BODY_TIMEOUT_ERROR = "the request body did not arrive in time"
+
+
+def error_body(message: str) -> bytes:
+    """The body of every JSON error, whichever layer answers: ``{"error": "..."}``."""
+    return (json.dumps({"error": message}, separators=(",", ":")) + "\n").encode()
 
 
 class HitlError(Exception):

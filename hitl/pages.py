@@ -40,10 +40,11 @@ def is_htmx() -> bool:
 
 
 def wants_html() -> bool:
-    """Errors become HTML for the UI's routes and for browsers on unknown paths."""
+    """Errors become HTML for the UI's routes, and elsewhere for a client that prefers HTML
+    to JSON (a browser: Chromium's Accept puts text/html first, */* after)."""
     if request.blueprint is not None:
         return request.blueprint == pages.name
-    return request.accept_mimetypes.best == "text/html"
+    return request.accept_mimetypes.best_match(("application/json", "text/html")) == "text/html"
 
 
 def fragments() -> FragmentCache:

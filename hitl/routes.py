@@ -1,8 +1,6 @@
 """The JSON API, kept compatible with the PocketFlow reference service.
 
-Its hot paths are also served in plain ASGI ahead of Quart (:mod:`hitl.asgi`): the two
-SSE endpoints, and ``/submit`` and ``/feedback`` for a well-formed JSON body, through
-the same handlers as here (:data:`JSON_POSTS`).
+Its two SSE endpoints are answered ahead of Quart, in plain ASGI (:mod:`hitl.asgi`).
 """
 
 from __future__ import annotations
@@ -13,7 +11,6 @@ from quart import Blueprint, current_app, request
 from quart_schema import validate_querystring, validate_request, validate_response
 
 from .broker import Broker
-from .json_asgi import JsonPost
 from .models import Status
 from .runner import Runner
 from .schemas import (
@@ -28,6 +25,7 @@ from .schemas import (
 
 api = Blueprint("api", __name__)
 
+
 def runner() -> Runner:
     return cast(Runner, current_app.extensions["runner"])
 
@@ -41,26 +39,13 @@ async def task_named(task_id: str) -> str:
     return await runner().resolve(checked_id(task_id))
 
 
-async def submit_task(runner: Runner, data: SubmitIn, key: str | None = None) -> SubmitOut:
-    task = await runner.submit(data.data, key)
-    return SubmitOut(message="Task submitted", task_id=task.task_id)
-
-
-async def give_feedback(runner: Runner, data: FeedbackIn, task_id: str) -> MessageOut:
-    await runner.decide(await runner.resolve(checked_id(task_id)), data.feedback, data.comment,
-                        data.reviewer, data.attempt)
-    return MessageOut(message=f"Feedback '{data.feedback}' received")
-
-
-JSON_POSTS = (JsonPost("/feedback/", FeedbackIn, 200, give_feedback),)
-
-
 @api.post("/submit")
 @validate_request(SubmitIn)
 @validate_response(SubmitOut, 202)
 async def submit(data: SubmitIn) -> tuple[SubmitOut, int]:
     """Submit a task; it is processed, then waits for a human review."""
-    return await submit_task(runner(), data, idempotency_key(request.headers)), 202
+    task = await runner().submit(data.data, idempotency_key(request.headers))
+    return SubmitOut(message="Task submitted", task_id=task.task_id), 202
 
 
 @api.post("/feedback/<task_id>")
@@ -68,7 +53,9 @@ async def submit(data: SubmitIn) -> tuple[SubmitOut, int]:
 @validate_response(MessageOut)
 async def feedback(task_id: str, data: FeedbackIn) -> MessageOut:
     """Approve or reject the output under review (409 unless one is waiting)."""
-    return await give_feedback(runner(), data, task_id)
+    await runner().decide(await task_named(task_id), data.feedback, data.comment,
+                          data.reviewer, data.attempt)
+    return MessageOut(message=f"Feedback '{data.feedback}' received")
 
 
 @api.get("/api/tasks")

@@ -3,6 +3,10 @@
 On SIGTERM or SIGINT the SSE streams are ended first (with a ``retry:`` hint already
 sent, browsers come back), because hypercorn alone waits for open streams forever on
 Python 3.12+ (hypercorn issue #308). A second signal exits at once.
+
+HTTP/1.1 is served with hitl's subclass of hypercorn's protocol (:mod:`hitl.protocol`):
+hypercorn's own answers to broken requests are hitl's JSON errors with the security
+headers, and a request pipelined behind a stream ends the stream.
 """
 
 from __future__ import annotations
@@ -14,12 +18,14 @@ import os
 import signal
 from typing import cast
 
+import hypercorn.protocol
 from hypercorn.asyncio import serve as hypercorn_serve
 from hypercorn.config import Config as HypercornConfig
 from quart import Quart
 
 from .broker import Broker
 from .config import Config
+from .protocol import H11Protocol
 from .runner import Runner
 
 log = logging.getLogger(__name__)
@@ -58,10 +64,11 @@ async def serve(app: Quart, config: Config, *, stop: asyncio.Event | None = None
         await cast(Broker, app.extensions["broker"]).close()
 
     tune_gc()
+    hypercorn.protocol.H11Protocol = H11Protocol  # type: ignore[attr-defined]
     # Quart.__call__ only awaits app.asgi_app: serving that directly saves a frame per
-    # open stream (HotPaths, the hot endpoints' layer, is outermost there).
+    # open stream (hitl.asgi.Edge, the app's entry, is outermost there).
     await hypercorn_serve(app.asgi_app, settings, shutdown_trigger=shutdown_trigger,
-                          mode="asgi")  # HotPaths is a plain callable returning coroutines
+                          mode="asgi")  # Edge is a plain callable returning coroutines
 
 
 def tune_gc() -> None:

@@ -1,9 +1,13 @@
-"""The JSON SSE endpoints, ``GET /stream`` and ``GET /stream/<task_id>``, in plain ASGI.
+"""The JSON SSE endpoints, ``/stream`` and ``/stream/<task_id>``, in plain ASGI.
 
 A watcher is a long-lived request, and Quart's per-request machinery would cost about
 12 KiB of memory per open stream and CPU per message (see :mod:`hitl.asgi`). Here a
 stream costs a subscription, the coroutine sending it, and one task that notices the
 client leaving (``python -m bench fanout``: memory per idle watcher).
+
+This path only ever answers a stream it could open. A request it refuses (or a bug in
+checking it) is handed to Quart with the error, so Quart's error handlers answer it as
+they answer every other error: one renderer, JSON or a page for a browser.
 """
 
 from __future__ import annotations
@@ -13,24 +17,24 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 from urllib.parse import parse_qs
 
-from quart import Quart
+from quart import Quart, request
 
 from .broker import GLOBAL, Broker, Subscription
-from .errors import HitlError
-from .json_asgi import send_json
+from .guard import Guard
 from .runner import Runner
 from .schemas import checked_id
-from .security import SECURITY_HEADERS
+from .security import secured
 from .streams import HEADERS as STREAM_HEADERS
 from .streams import RETRY, STREAM_CLOSED, encode, parse_last_id
 
 if TYPE_CHECKING:
-    from .asgi import Receive, Scope, Send
+    from .asgi import ASGIApp, Receive, Scope, Send
 
-# An event stream is never rendered as a page: it needs no Content-Security-Policy.
-RAW_HEADERS = [(name.lower().encode(), value.encode())
-               for name, value in {**STREAM_HEADERS, **SECURITY_HEADERS}.items()
-               if name != "Content-Security-Policy"]
+RAW_HEADERS = secured([(name.lower().encode(), value.encode())
+                       for name, value in STREAM_HEADERS.items()])
+
+# Where a refused stream request carries its error to Quart (see :func:`answer_refused`).
+REFUSED = "hitl.refused"
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,30 +52,37 @@ def is_stream_path(path: str) -> bool:
                                  and len(path) > len("/stream/"))
 
 
-async def check_stream(app: Quart, path: str, scope: Scope) -> Stream:
-    """Parse and check a stream request; raises HitlError for a bad one."""
-    task_id = path.removeprefix("/stream").removeprefix("/")
+async def check_stream(app: Quart, scope: Scope) -> Stream:
+    """Check a stream request as Quart checks every other one, then parse it; raises
+    HitlError for a bad one."""
+    cast(Guard, app.extensions["guard"]).check_request(scope)
+    task_id = scope["path"].removeprefix("/stream").removeprefix("/")
     last_id = parse_last_id(last_event_id(scope))
     if not task_id:
         return Stream(GLOBAL, last_id, finished=False)
     runner = cast(Runner, app.extensions["runner"])
-    status, last_seq = await runner.task_state(checked_id(task_id))
+    task_id = await runner.resolve(checked_id(task_id))  # a unique prefix names it too
+    status, last_seq = await runner.task_state(task_id)
     return Stream(task_id, last_id, finished=status.terminal and (last_id or 0) >= last_seq)
 
 
-async def serve_stream(app: Quart, path: str, scope: Scope, receive: Receive,
-                       send: Send) -> None:
+async def serve_stream(app: Quart, scope: Scope, receive: Receive, send: Send,
+                       quart: ASGIApp) -> None:
     """Replay, then live messages, until the task finishes, the client leaves or we stop.
 
     Every object this keeps while it waits is kept once per idle watcher: so the loop is
     inline, and neither the last batch nor its chunk outlives its send.
     """
     try:
-        stream = await check_stream(app, path, scope)
-    except HitlError as error:
-        await send_json(send, error.status, {"error": error.message})
+        stream = await check_stream(app, scope)
+    except Exception as error:  # refused, or a bug: Quart answers it, as every error
+        scope[REFUSED] = error
+        await quart(scope, receive, send)
         return
     await send({"type": "http.response.start", "status": 200, "headers": RAW_HEADERS})
+    if scope["method"] == "HEAD":  # the headers it would have, at once, and no subscription
+        await send({"type": "http.response.body", "body": b""})
+        return
     if stream.finished:
         await send({"type": "http.response.body", "body": RETRY + STREAM_CLOSED})
         return
@@ -95,6 +106,13 @@ async def serve_stream(app: Quart, path: str, scope: Scope, receive: Receive,
             client_gone.cancel()
     if more:
         await send({"type": "http.response.body", "body": head, "more_body": False})
+
+
+async def answer_refused() -> None:
+    """Quart's ``before_request``: a stream request refused above fails here, with its error."""
+    error = request.scope.get(REFUSED)
+    if isinstance(error, Exception):
+        raise error
 
 
 def last_event_id(scope: Scope) -> str | None:

@@ -41,7 +41,7 @@ async def test_a_watcher_that_stops_reading_is_dropped_and_others_get_everything
     # Submit through the API, but a raw socket that never reads watches it from the start.
     task_id = await actions.submit()
     reader, writer = await asyncio.open_connection(host, int(port))
-    writer.write(f"GET /stream/{task_id} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    writer.write(f"GET /stream/{task_id} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
     await writer.drain()
     fast = actions.watch(task_id)
     started = time.monotonic()
