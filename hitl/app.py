@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlencode, urlsplit, urlunsplit
 
 from quart import Quart, Request, Response, redirect, request
 from quart.typing import ResponseReturnValue
@@ -17,6 +17,7 @@ from .broker import Broker
 from .config import Config
 from .errors import BODY_TIMEOUT_ERROR, INTERNAL_ERROR, HitlError, error_body
 from .guard import Guard
+from .identity import Authenticator, Unauthorized
 from .journal import Journal
 from .pages import error_page, pages, wants_html
 from .processors import Processor
@@ -46,7 +47,9 @@ def create_app(config: Config | None = None, *, processor: Processor | None = No
     journal = Journal(store, broker)
     runner = Runner(config, store, journal, broker, processor)
     broker.loader = store.load_history
-    for part in (Guard(config), store, broker, journal, runner, FragmentCache()):
+    authenticator = Authenticator(config, store)
+    for part in (Guard(config, authenticator), store, authenticator, broker, journal, runner,
+                 FragmentCache()):
         part.init_app(app)
 
     app.before_request(answer_refused)  # after the guard's check: see hitl.sse_asgi
@@ -92,6 +95,9 @@ def register_error_handlers(app: Quart) -> None:
 
     @app.errorhandler(HitlError)
     async def domain_error(error: HitlError) -> ResponseReturnValue:
+        if isinstance(error, Unauthorized) and wants_html() and request.method == "GET":
+            return redirect(f"/login?{urlencode({'next': request.full_path.rstrip('?')})}",
+                            303)  # a page: sign in, then come back here
         return await error_response(error.message, error.status)
 
     @app.errorhandler(RequestSchemaValidationError)

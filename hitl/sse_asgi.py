@@ -55,7 +55,7 @@ def is_stream_path(path: str) -> bool:
 async def check_stream(app: Quart, scope: Scope) -> Stream:
     """Check a stream request as Quart checks every other one, then parse it; raises
     HitlError for a bad one."""
-    cast(Guard, app.extensions["guard"]).check_request(scope)
+    await cast(Guard, app.extensions["guard"]).check_request(scope)
     task_id = scope["path"].removeprefix("/stream").removeprefix("/")
     last_id = parse_last_id(last_event_id(scope))
     if not task_id:

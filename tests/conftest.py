@@ -22,7 +22,8 @@ from hitl.server import serve
 
 @pytest.fixture
 def config(tmp_path: Path) -> Config:
-    return Config(db=str(tmp_path / "hitl.db"), process_delay=0, retry_wait=0)
+    """Sign-in off (``--auth none``): the tests of identity and access turn it on."""
+    return Config(db=str(tmp_path / "hitl.db"), process_delay=0, retry_wait=0, auth="none")
 
 
 @pytest.fixture

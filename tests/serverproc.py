@@ -41,7 +41,7 @@ class ServerProcess:
 
     def start(self) -> ServerProcess:
         env = {**os.environ, "PYTHONPATH": str(ROOT), "HITL_PROCESS_DELAY": "0",
-               "HITL_RETRY_WAIT": "0", **self.env}
+               "HITL_RETRY_WAIT": "0", "HITL_AUTH": "none", **self.env}
         with open(self.db.with_suffix(f".{self.port}.log"), "ab") as log:  # the child keeps it
             self.proc = subprocess.Popen(self.command(), cwd=ROOT, env=env, stdout=log,
                                          stderr=subprocess.STDOUT)

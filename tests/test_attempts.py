@@ -103,7 +103,7 @@ async def test_earlier_outputs_of_a_migrated_task_are_unknown(tmp_path: Path) ->
         conn.execute("""INSERT INTO reviews (task_id, attempt, decision, comment, reviewer,
                         created_at) VALUES ('old', 1, 'rejected', 'no', 'ann', 1.0),
                         ('old', 2, 'rejected', 'still no', 'ann', 2.0)""")
-    app = create_app(Config(db=str(db), process_delay=0), processor=numbered)
+    app = create_app(Config(db=str(db), process_delay=0, auth="none"), processor=numbered)
     async with app.test_app():
         attempts = (await api_task(app, "old"))["attempts"]
     assert [(a["attempt"], a["output"], a["output_known"]) for a in attempts] == [
