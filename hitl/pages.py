@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from typing import TypeVar, cast
 
+from markupsafe import Markup
 from pydantic import BaseModel, ValidationError
 from pydantic_core import ErrorDetails
 from quart import Blueprint, Response, current_app, redirect, render_template, request, url_for
@@ -18,6 +19,7 @@ from quart.typing import ResponseReturnValue
 from werkzeug.http import HTTP_STATUS_CODES
 
 from .errors import Invalid
+from .guard import identity_of
 from .models import Status, iso
 from .routes import broker, runner, task_named
 from .schemas import FeedbackIn, SubmitIn
@@ -28,6 +30,9 @@ pages = Blueprint("pages", __name__)
 
 RECENT = 10  # tasks listed under the submit form
 DASHBOARD = 100  # tasks the dashboard lists (new ones are added live)
+# Fragments of these streams are rendered once for every watcher (FragmentCache): they
+# must carry no one's form token. htmx sends the page's own, from its meta tag.
+SHARED_RENDERS = ("pages.task_stream", "pages.dashboard_stream")
 FIELD_LABELS = {"data": "Text", "feedback": "Decision", "comment": "Comment",
                 "reviewer": "Your name", "attempt": "Attempt"}
 
@@ -120,6 +125,21 @@ def age(timestamp: float) -> str:
 @pages.app_template_global("STATUSES")
 def statuses() -> list[Status]:
     return list(Status)
+
+
+@pages.app_template_global("csrf_token")
+def csrf_token() -> str:
+    """The session's form token (see :meth:`hitl.guard.Guard.check_cross_site`)."""
+    identity = identity_of(request.scope)
+    if identity is None or request.endpoint in SHARED_RENDERS:
+        return ""
+    return identity.csrf or ""
+
+
+@pages.app_template_global("csrf_field")
+def csrf_field() -> Markup:
+    """The hidden field every form carries; hitl.js fills it where a stream left it empty."""
+    return Markup('<input type="hidden" name="csrf_token" value="{}">').format(csrf_token())
 
 
 @pages.get("/")

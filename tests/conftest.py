@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import html
 import json
+import re
 import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -12,7 +14,7 @@ from typing import Any
 
 import httpx
 import pytest
-from quart import Quart
+from quart import Quart, Response
 from quart.typing import TestClientProtocol as Client
 
 from hitl import Config, create_app
@@ -42,6 +44,24 @@ async def app(config: Config, processor: Processor | None) -> AsyncIterator[Quar
 @pytest.fixture
 def client(app: Quart) -> Client:
     return app.test_client()
+
+
+CSRF_META = re.compile(r'<meta name="csrf-token" content="([^"]+)">')
+
+
+async def csrf_token(client: Client, page: str = "/") -> str:
+    """The session's form token, read as a browser's page has it: from the page's meta tag."""
+    body = await (await client.get(page)).get_data(as_text=True)
+    match = CSRF_META.search(body)
+    assert match, f"{page} carries no csrf-token meta tag"
+    return html.unescape(match[1])
+
+
+async def post_form(client: Client, path: str, form: dict[str, str], *, page: str = "/",
+                    headers: dict[str, str] | None = None) -> Response:
+    """Post ``form`` as a browser would from ``page``: with the token the page gave it."""
+    token = await csrf_token(client, page)
+    return await client.post(path, form={**form, "csrf_token": token}, headers=headers)
 
 
 @dataclass

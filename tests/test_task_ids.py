@@ -12,6 +12,7 @@ from quart.typing import TestClientProtocol as Client
 from hitl.models import Task
 from hitl.store import Store, Write
 
+from .conftest import csrf_token, post_form
 from .serverproc import run_cli
 from .test_api import submit, wait_status
 
@@ -43,8 +44,8 @@ async def test_the_pages_take_a_prefix(client: Client) -> None:
     task_id = await waiting_task(client)
     response = await client.get(f"/tasks/{task_id[:8]}")
     assert response.status_code == 303 and response.headers["Location"] == f"/tasks/{task_id}"
-    response = await client.post(f"/tasks/{task_id[:8]}/decision",
-                                 form={"feedback": "approved", "attempt": "1"})
+    response = await post_form(client, f"/tasks/{task_id[:8]}/decision",
+                               {"feedback": "approved", "attempt": "1"})
     assert response.status_code == 303 and response.headers["Location"] == f"/tasks/{task_id}"
     await wait_status(client, task_id, "completed")
     response = await client.get(f"/tasks/{task_id[:10]}/stream")
@@ -73,7 +74,8 @@ async def test_an_ambiguous_prefix_is_400_saying_how_many_match(
                          ("POST", "/tasks/abcdef01/decision"), ("GET", "/tasks/abcdef01/stream")):
         kwargs = {"json": {"feedback": "approved"}} if path.startswith("/feedback") else {}
         if path.endswith("/decision"):
-            kwargs = {"form": {"feedback": "approved", "attempt": "1"}}
+            kwargs = {"form": {"feedback": "approved", "attempt": "1",
+                               "csrf_token": await csrf_token(client)}}
         response = await client.open(path, method=method, **kwargs)  # type: ignore[arg-type]
         assert response.status_code == 400, path
         assert "ambiguous: 2 tasks" in await response.get_data(as_text=True), path
