@@ -13,6 +13,7 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.routing import RequestRedirect
 
 from .asgi import Edge
+from .auth_pages import auth
 from .broker import Broker
 from .config import Config
 from .errors import BODY_TIMEOUT_ERROR, INTERNAL_ERROR, HitlError, error_body
@@ -55,6 +56,7 @@ def create_app(config: Config | None = None, *, processor: Processor | None = No
     app.before_request(answer_refused)  # after the guard's check: see hitl.sse_asgi
     app.register_blueprint(api)
     app.register_blueprint(pages)
+    app.register_blueprint(auth)
     register_error_handlers(app)
     app.asgi_app = Edge(app, app.asgi_app)  # type: ignore[method-assign,assignment]
     return app

@@ -89,10 +89,14 @@ class Guard:
         @app.before_request
         async def check() -> None:
             identity = await self.check_request(cast(MutableMapping[str, Any], request.scope))
-            if identity is not None and request.method not in SAFE_METHODS:
-                form = await request.form if request.mimetype in FORM_TYPES else None
-                self.check_cross_site(request.scope, identity,
-                                      form.get("csrf_token") if form is not None else None)
+            if request.method in SAFE_METHODS:
+                return
+            if identity is None:  # a visitor's post (only the sign-in form takes one)
+                check_origin(request.scope)  # another site must not sign them in
+                return
+            form = await request.form if request.mimetype in FORM_TYPES else None
+            self.check_cross_site(request.scope, identity,
+                                  form.get("csrf_token") if form is not None else None)
 
     async def check_request(self, scope: MutableMapping[str, Any]) -> Identity | None:
         """Who is asking, once this request may be answered; else raise the HitlError
@@ -122,10 +126,7 @@ class Guard:
         """
         if identity.method == "token":
             return
-        origin = header(scope, b"origin")
-        own = f"{scope.get('scheme', 'http')}://{header(scope, b'host')}"
-        if origin is not None and origin.lower() != own.lower():
-            raise Forbidden(f"cross-site request refused: Origin {origin[:100]!r} is not {own}")
+        check_origin(scope)
         content_type = (header(scope, b"content-type") or "").split(";")[0].strip().lower()
         if content_type not in FORM_TYPES:  # no form: the Origin check above is the guard
             return
@@ -136,6 +137,15 @@ class Guard:
 
 
 FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
+
+
+def check_origin(scope: Mapping[str, Any]) -> None:
+    """Refuse a request whose ``Origin`` names another origin than ours (none: a request
+    that is not a browser's cross-origin one, as browsers always send it on those)."""
+    origin = header(scope, b"origin")
+    own = f"{scope.get('scheme', 'http')}://{header(scope, b'host')}"
+    if origin is not None and origin.lower() != own.lower():
+        raise Forbidden(f"cross-site request refused: Origin {origin[:100]!r} is not {own}")
 
 
 def identity_of(scope: Mapping[str, Any]) -> Identity | None:

@@ -21,7 +21,7 @@ from werkzeug.http import HTTP_STATUS_CODES
 from .errors import Invalid
 from .guard import identity_of
 from .models import Status, iso
-from .routes import broker, runner, task_named
+from .routes import api, broker, runner, task_named
 from .schemas import FeedbackIn, SubmitIn
 from .streams import sse_response
 from .ui_streams import FragmentCache, dashboard_events, snapshot, task_events
@@ -45,9 +45,10 @@ def is_htmx() -> bool:
 
 
 def wants_html() -> bool:
-    """Errors become HTML for the UI's routes, and elsewhere for a client that prefers HTML
-    to JSON (a browser: Chromium's Accept puts text/html first, */* after)."""
-    if request.blueprint is not None:
+    """Errors become HTML for the UI's routes, JSON for the API's, and elsewhere (sign-in,
+    unknown paths) HTML for a client that prefers it to JSON (a browser: Chromium's Accept
+    puts text/html first, */* after)."""
+    if request.blueprint in (pages.name, api.name):
         return request.blueprint == pages.name
     return request.accept_mimetypes.best_match(("application/json", "text/html")) == "text/html"
 
