@@ -92,7 +92,7 @@ class Guard:
             if request.method in SAFE_METHODS:
                 return
             if identity is None:  # a visitor's post (only the sign-in form takes one)
-                check_origin(request.scope)  # another site must not sign them in
+                self.check_origin(request.scope)  # another site must not sign them in
                 return
             form = await request.form if request.mimetype in FORM_TYPES else None
             self.check_cross_site(request.scope, identity,
@@ -113,6 +113,24 @@ class Guard:
             raise Unauthorized("sign in first (a session, or Authorization: Bearer <token>)")
         return identity
 
+    def check_origin(self, scope: Mapping[str, Any]) -> None:
+        """Refuse a request whose ``Origin`` names another origin than ours (none: not a
+        browser's cross-origin request, as browsers always send it on those)."""
+        origin = header(scope, b"origin")
+        own = f"{self.scheme(scope)}://{header(scope, b'host')}"
+        if origin is not None and origin.lower() != own.lower():
+            raise Forbidden(f"cross-site request refused: Origin {origin[:100]!r} is not {own}")
+
+    def scheme(self, scope: Mapping[str, Any]) -> str:
+        """How the browser reached us: behind a trusted proxy that ends TLS, its
+        ``X-Forwarded-Proto``; else the request's own scheme."""
+        scheme = str(scope.get("scheme", "http"))
+        if self.authenticator.from_trusted_proxy(scope):
+            forwarded = (header(scope, b"x-forwarded-proto") or "").split(",")[0].strip()
+            if forwarded.lower() in ("http", "https"):
+                return forwarded.lower()
+        return scheme
+
     def check_cross_site(self, scope: Mapping[str, Any], identity: Identity,
                          form_token: str | None) -> None:
         """A browser's state-changing request must come from a page of this origin.
@@ -126,7 +144,7 @@ class Guard:
         """
         if identity.method == "token":
             return
-        check_origin(scope)
+        self.check_origin(scope)
         content_type = (header(scope, b"content-type") or "").split(";")[0].strip().lower()
         if content_type not in FORM_TYPES:  # no form: the Origin check above is the guard
             return
@@ -137,15 +155,6 @@ class Guard:
 
 
 FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
-
-
-def check_origin(scope: Mapping[str, Any]) -> None:
-    """Refuse a request whose ``Origin`` names another origin than ours (none: a request
-    that is not a browser's cross-origin one, as browsers always send it on those)."""
-    origin = header(scope, b"origin")
-    own = f"{scope.get('scheme', 'http')}://{header(scope, b'host')}"
-    if origin is not None and origin.lower() != own.lower():
-        raise Forbidden(f"cross-site request refused: Origin {origin[:100]!r} is not {own}")
 
 
 def identity_of(scope: Mapping[str, Any]) -> Identity | None:

@@ -103,3 +103,29 @@ async def test_a_user_first_seen_gets_the_default_role_unless_an_account_says(
         erin, dave = [await accounts_of(server).user(name) for name in ("erin", "dave")]
         assert erin is not None and erin.role is Role.VIEWER
         assert dave is not None and dave.role is Role.ADMIN
+
+
+async def signed_in_cookie(server: LiveServer, name: str) -> str:
+    """A browser session's cookie value, for a user who signed in with a password."""
+    user = await accounts_of(server).add_user(name, Role.REVIEWER)
+    session_id = await accounts_of(server).start_session(user, "password")
+    return server.app.extensions["identity"].cookie.dump_token(  # type: ignore[no-any-return]
+        session_id, server.app)
+
+
+@pytest.mark.parametrize(("trusted", "status"), [("127.0.0.0/8", 303), ("10.0.0.0/8", 403)])
+async def test_a_trusted_proxy_that_terminates_https_says_so(
+    config: Config, trusted: str, status: int
+) -> None:
+    """Browsers behind a TLS proxy send ``Origin: https://...`` while hitl hears plain
+    http: X-Forwarded-Proto, from a trusted proxy only, says which scheme they used."""
+    headers = {**CAROL, "Host": "hitl.example.com", "X-Forwarded-Proto": "https"}
+    async with proxied(config, trusted, allowed_hosts=("hitl.example.com",)) as server:
+        async with server.http(headers=headers) as http:
+            http.cookies.set("hitl_session", await signed_in_cookie(server, "dave"))
+            page = (await http.get("/")).text
+            token = CSRF_META.search(page)
+            assert token, page
+            response = await http.post("/tasks", headers={"Origin": "https://hitl.example.com"},
+                                       data={"data": "through TLS", "csrf_token": token[1]})
+            assert response.status_code == status, response.text
