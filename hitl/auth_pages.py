@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 from quart import Blueprint, Response, current_app, redirect, render_template, request, url_for
 from quart.typing import ResponseReturnValue
 from quart_auth import AuthUser, login_user, logout_user
+from werkzeug.urls import iri_to_uri
 
 from .accounts import Identity, Method, User
 from .errors import HitlError, error_body
@@ -48,13 +49,14 @@ def authenticator() -> Authenticator:
 
 def local_path(target: str | None) -> str:
     """``target`` if it is a path on this site, else ``/``: never another site, whatever
-    a browser makes of it (``//host``, ``/\\host``, a tab or newline it drops, a scheme)."""
+    a browser makes of it (``//host``, ``/\\host``, a tab or newline it drops, a scheme);
+    ASCII only, as a header must be."""
     if (not target or len(target) > MAX_NEXT or not target.startswith("/")
             or target[1:2] in ("/", "\\") or "\\" in target
             or any(ord(ch) < 0x21 or ord(ch) == 0x7F for ch in target)):
         return "/"
     parts = urlsplit(target)
-    return target if not parts.scheme and not parts.netloc else "/"
+    return iri_to_uri(target) if not parts.scheme and not parts.netloc else "/"
 
 
 def throttle_keys(name: str) -> list[str]:

@@ -191,9 +191,15 @@ async def test_next_is_a_local_path_only(client: Client, ann: User, target: str)
     assert (response.status_code, response.headers["Location"]) == (303, "/")
 
 
-async def test_next_keeps_a_local_path_and_its_query(client: Client, ann: User) -> None:
-    response = await sign_in(client, next="/tasks/abcdef01?x=1&y=%2F")
-    assert response.headers["Location"] == "/tasks/abcdef01?x=1&y=%2F"
+@pytest.mark.parametrize(("target", "location"), [
+    ("/tasks/abcdef01?x=1&y=%2F", "/tasks/abcdef01?x=1&y=%2F"),
+    ("/caf\u00e9", "/caf%C3%A9"),  # a header carries ASCII only
+    ("/\u00a0/evil.example", "/%C2%A0/evil.example"),  # a path, not a host
+])
+async def test_next_keeps_a_local_path_and_its_query(client: Client, ann: User, target: str,
+                                                      location: str) -> None:
+    response = await sign_in(client, next=target)
+    assert response.headers["Location"] == location
 
 
 @pytest.mark.parametrize(("origin", "status"), [
