@@ -55,8 +55,9 @@ async def test_the_pages_take_a_prefix(client: Client) -> None:
 async def test_a_short_or_unknown_prefix_is_404_as_before(client: Client) -> None:
     task_id = await waiting_task(client)
     unknown = "0123456789" if not task_id.startswith("0123456789") else "9876543210"
+    upper = task_id[:8].upper()  # an all-digit prefix is its own upper case: then skip it
     for path in (f"/api/tasks/{task_id[:7]}", f"/api/tasks/{unknown}", f"/tasks/{task_id[:7]}",
-                 f"/api/tasks/{task_id[:8].upper()}"):
+                 *([f"/api/tasks/{upper}"] if upper != task_id[:8] else [])):
         response = await client.get(path)
         assert response.status_code == 404, path
     response = await client.post(f"/feedback/{task_id[:7]}", json={"feedback": "approved"})
