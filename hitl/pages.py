@@ -21,10 +21,10 @@ from werkzeug.http import HTTP_STATUS_CODES
 from .errors import Invalid
 from .guard import identity_of
 from .models import Status, iso
-from .routes import api, broker, runner, task_named
+from .routes import api, broker, runner, task_named, who
 from .schemas import FeedbackIn, SubmitIn
 from .streams import sse_response
-from .ui_streams import FragmentCache, dashboard_events, snapshot, task_events
+from .ui_streams import FragmentCache, Standing, dashboard_events, snapshot, task_events
 
 pages = Blueprint("pages", __name__)
 
@@ -34,7 +34,8 @@ DASHBOARD = 100  # tasks the dashboard lists (new ones are added live)
 # must carry no one's form token. htmx sends the page's own, from its meta tag.
 SHARED_RENDERS = ("pages.task_stream", "pages.dashboard_stream")
 FIELD_LABELS = {"data": "Text", "feedback": "Decision", "comment": "Comment",
-                "reviewer": "Your name", "attempt": "Attempt"}
+                "reviewer": "Your name", "attempt": "Attempt", "reviewers": "Reviewers",
+                "allow_self_review": "Self-review"}
 
 Form = TypeVar("Form", bound=BaseModel)
 
@@ -146,7 +147,7 @@ def csrf_field() -> Markup:
 @pages.get("/")
 async def index() -> str:
     """The submit form and the most recent tasks."""
-    tasks, total = await runner().list_tasks(None, RECENT, 0)
+    tasks, total = await runner().list_tasks(None, RECENT, 0, by=who())
     return await render_template("index.html", tasks=tasks, total=total)
 
 
@@ -154,21 +155,24 @@ async def index() -> str:
 async def submit() -> ResponseReturnValue:
     """Submit from the form, then land on the task's page (303: a reload never resubmits)."""
     form = await form_data(SubmitIn)
-    task = await runner().submit(form.data)
+    task = await runner().submit(form.data, by=who(), reviewers=tuple(form.reviewers),
+                                 allow_self_review=form.allow_self_review)
     return redirect(url_for("pages.task_page", task_id=task.task_id), 303)
 
 
 @pages.get("/tasks/<task_id>")
 async def task_page(task_id: str) -> ResponseReturnValue:
-    """One task: its status, the output under review, the decision form, its history.
+    """One task: its status, the output under review, the decision form (for those who
+    may decide), its history.
 
     A prefix of the id (as the UI shows it) redirects to the task's own address.
     """
     full_id = await task_named(task_id)
     if full_id != task_id:
         return redirect(url_for("pages.task_page", task_id=full_id), 303)
-    task = snapshot(await runner().get_task(full_id))
-    return await render_template("task.html", task=task, progress=None)
+    task = snapshot(await runner().get_task(full_id, by=who()))
+    return await render_template("task.html", task=task, progress=None,
+                                 standing=Standing.of(who(), task))
 
 
 @pages.post("/tasks/<task_id>/decision")
@@ -176,8 +180,8 @@ async def decide(task_id: str) -> ResponseReturnValue:
     """Approve or reject. htmx gets a notice (the stream updates the page); a form, a 303."""
     form = await form_data(FeedbackIn)
     full_id = await task_named(task_id)
-    await runner().decide(full_id, form.feedback, form.comment, form.reviewer.strip(),
-                          form.attempt)
+    await runner().decide(full_id, form.feedback, form.comment, form.reviewer, form.attempt,
+                          by=who())
     if is_htmx():
         return await render_template("_notice.html", decision=form.feedback,
                                      attempt=form.attempt)
@@ -187,8 +191,8 @@ async def decide(task_id: str) -> ResponseReturnValue:
 @pages.get("/tasks/<task_id>/stream")
 async def task_stream(task_id: str) -> Response:
     """The task page's live regions as named HTML events; ends once the task has."""
-    task = await runner().get_task(await task_named(task_id))
-    events = stream_with_context(task_events)(runner(), broker(), fragments(), task)
+    task = await runner().get_task(await task_named(task_id), by=who())
+    events = stream_with_context(task_events)(runner(), broker(), fragments(), task, who())
     return sse_response(events)
 
 
@@ -196,15 +200,17 @@ async def task_stream(task_id: str) -> Response:
 async def dashboard() -> str:
     """Every task (or those in one status) with counts per status, kept live."""
     wanted = status_filter()
-    tasks, total = await runner().list_tasks(wanted, DASHBOARD, 0)
-    counts = await runner().status_counts()
+    tasks, total = await runner().list_tasks(wanted, DASHBOARD, 0, by=who())
+    counts = await runner().status_counts(by=who())
     return await render_template("dashboard.html", tasks=tasks, total=total, counts=counts,
                                  wanted=wanted)
 
 
 @pages.get("/dashboard/stream")
 async def dashboard_stream() -> Response:
-    """The dashboard's one stream: its table and counts, then each change."""
+    """The dashboard's one stream: its table and counts, then each change (of the tasks
+    its reader may see)."""
+    owner = runner().watch_scope(who())
     events = stream_with_context(dashboard_events)(runner(), broker(), fragments(),
-                                                   status_filter(), DASHBOARD)
+                                                   status_filter(), DASHBOARD, who(), owner)
     return sse_response(events)

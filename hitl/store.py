@@ -10,13 +10,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import json
 import os
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import aiosqlite
 from quart import Quart
@@ -145,23 +146,39 @@ MIGRATIONS: tuple[str, ...] = (
         value TEXT NOT NULL
     );
     """,
+    # Who submitted each task and who may decide it; who decided, and how they signed in.
+    # Earlier tasks and reviews were made with sign-in off: NULL submitter, method 'none'.
+    """
+    ALTER TABLE tasks ADD COLUMN submitted_by TEXT;
+    ALTER TABLE tasks ADD COLUMN reviewers TEXT NOT NULL DEFAULT '[]';
+    ALTER TABLE tasks ADD COLUMN allow_self_review INTEGER NOT NULL DEFAULT 0;
+    CREATE INDEX tasks_by_submitter ON tasks (submitted_by, created_at);
+    ALTER TABLE reviews ADD COLUMN display_name TEXT NOT NULL DEFAULT '';
+    ALTER TABLE reviews ADD COLUMN auth_method TEXT NOT NULL DEFAULT 'none';
+    ALTER TABLE reviews ADD COLUMN token_label TEXT;
+    ALTER TABLE reviews ADD COLUMN admin_override INTEGER NOT NULL DEFAULT 0;
+    """,
 )
 
 IDEMPOTENCY_WINDOW = 24 * 3600  # seconds an Idempotency-Key stands for its task
 
 _UPSERT_TASK = """
     INSERT INTO tasks (task_id, task_input, status, attempt, processed_output, final_result,
-                       error, last_seq, created_at, updated_at)
+                       error, last_seq, created_at, updated_at, submitted_by, reviewers,
+                       allow_self_review)
     VALUES (:task_id, :task_input, :status, :attempt, :processed_output, :final_result,
-            :error, :last_seq, :created_at, :updated_at)
+            :error, :last_seq, :created_at, :updated_at, :submitted_by, :reviewers,
+            :allow_self_review)
     ON CONFLICT (task_id) DO UPDATE SET
         status = excluded.status, attempt = excluded.attempt,
         processed_output = excluded.processed_output, final_result = excluded.final_result,
         error = excluded.error, last_seq = excluded.last_seq, updated_at = excluded.updated_at
 """
 _INSERT_REVIEW = """
-    INSERT INTO reviews (task_id, attempt, decision, comment, reviewer, created_at)
-    VALUES (:task_id, :attempt, :decision, :comment, :reviewer, :created_at)
+    INSERT INTO reviews (task_id, attempt, decision, comment, reviewer, created_at,
+                         display_name, auth_method, token_label, admin_override)
+    VALUES (:task_id, :attempt, :decision, :comment, :reviewer, :created_at,
+            :display_name, :auth_method, :token_label, :admin_override)
 """
 _INSERT_MESSAGE = """
     INSERT INTO messages (gid, task_id, seq, status, data)
@@ -183,11 +200,15 @@ _UPSERT_ATTEMPT = """
         known = excluded.known
 """
 _TASK_COLUMNS = """task_id, task_input, status, attempt, processed_output, final_result,
-                   error, last_seq, created_at, updated_at"""
+                   error, last_seq, created_at, updated_at, submitted_by, reviewers,
+                   allow_self_review"""
+_REVIEW_COLUMNS = """decision, attempt, comment, reviewer, created_at, display_name,
+                     auth_method, token_label, admin_override"""
 # A list's columns: each text cut in SQL, so a list never reads a whole text. (SQLite's
 # text functions stop at a NUL character: such a text is cut and measured up to it.)
 _TEXTS = ("task_input", "processed_output", "final_result", "error")
-_ROW_COLUMNS = "task_id, status, attempt, last_seq, created_at, updated_at, " + ", ".join(
+_ROW_COLUMNS = ("task_id, status, attempt, last_seq, created_at, updated_at, submitted_by, "
+                "reviewers, allow_self_review, ") + ", ".join(
     f"substr({text}, 1, {EXCERPT}) AS {text}, length({text}) AS {text}_length" for text in _TEXTS
 )
 ID_LENGTH = 32  # a task id: a uuid4 in hex
@@ -197,7 +218,19 @@ _HEX = frozenset("0123456789abcdef")
 _MATCHING_PREFIX = """
     SELECT count(*) AS matches, min(task_id) AS first FROM tasks
      WHERE task_id >= :prefix AND task_id < :prefix || 'g'
+       AND (:owner IS NULL OR submitted_by = :owner)
 """
+# A message, with its task's submitter: a stream filters replayed messages as live ones.
+_MESSAGE_COLUMNS = """messages.gid AS gid, messages.task_id AS task_id, seq,
+                      messages.status AS status, data, submitted_by"""
+
+
+class TaskState(NamedTuple):
+    """What a stream needs to know of a task before it opens: where it stands, whose it is."""
+
+    status: Status
+    last_seq: int
+    submitted_by: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -370,15 +403,17 @@ class Store:
         )
         return next(((str(row[0]), str(row[1])) for row in rows), None)
 
-    async def resolve_task_id(self, prefix: str) -> str:
-        """The id of the one task whose id starts with ``prefix`` (8 hex characters or more).
+    async def resolve_task_id(self, prefix: str, submitted_by: str | None = None) -> str:
+        """The id of the one task whose id starts with ``prefix`` (8 hex characters or more),
+        among those ``submitted_by`` that user if given.
 
         Anything else, a whole id included, is returned as it is, with no query: looking it
         up then finds the task or says there is none. More than one match is Invalid.
         """
         if not MIN_PREFIX <= len(prefix) < ID_LENGTH or not _HEX.issuperset(prefix):
             return prefix
-        rows = await self.reader.execute_fetchall(_MATCHING_PREFIX, {"prefix": prefix})
+        rows = await self.reader.execute_fetchall(_MATCHING_PREFIX, {"prefix": prefix,
+                                                                     "owner": submitted_by})
         matches, first = next(iter(rows))
         if matches > 1 and first != prefix:
             raise Invalid(f"task id {prefix!r} is ambiguous: {matches} tasks start with it; "
@@ -396,12 +431,13 @@ class Store:
         task.attempts = await self.attempts(task_id)
         return task
 
-    async def task_state(self, task_id: str) -> tuple[Status, int] | None:
-        """A task's status and last message number, without loading the rest."""
+    async def task_state(self, task_id: str) -> TaskState | None:
+        """A task's status, last message number and submitter, without loading the rest."""
         rows = await self.reader.execute_fetchall(
-            "SELECT status, last_seq FROM tasks WHERE task_id = :task_id", {"task_id": task_id}
+            "SELECT status, last_seq, submitted_by FROM tasks WHERE task_id = :task_id",
+            {"task_id": task_id}
         )
-        return next(((Status(row[0]), int(row[1])) for row in rows), None)
+        return next((TaskState(Status(row[0]), int(row[1]), row[2]) for row in rows), None)
 
     async def attempts(self, task_id: str) -> list[Attempt]:
         rows = await self.reader.execute_fetchall(
@@ -413,18 +449,22 @@ class Store:
 
     async def reviews(self, task_id: str) -> list[Review]:
         rows = await self.reader.execute_fetchall(
-            """SELECT decision, attempt, comment, reviewer, created_at
-                 FROM reviews WHERE task_id = :task_id ORDER BY id""",
+            f"""SELECT {_REVIEW_COLUMNS}
+                  FROM reviews WHERE task_id = :task_id ORDER BY id""",
             {"task_id": task_id},
         )
-        return [Review(**dict(row)) for row in rows]
+        return [Review(**{**dict(row), "admin_override": bool(row["admin_override"])})
+                for row in rows]
 
     async def list_tasks(
-        self, status: Status | None = None, limit: int = 50, offset: int = 0
+        self, status: Status | None = None, limit: int = 50, offset: int = 0,
+        submitted_by: str | None = None,
     ) -> tuple[list[TaskRow], int]:
-        """One page of tasks (excerpts), newest first, and how many match in all."""
-        where = "WHERE status = :status" if status else ""
-        params = {"status": status, "limit": limit, "offset": offset}
+        """One page of tasks (excerpts), newest first, and how many match in all; only
+        those ``submitted_by`` that user, if given."""
+        where = _where(status=status, submitted_by=submitted_by)
+        params = {"status": status, "submitted_by": submitted_by, "limit": limit,
+                  "offset": offset}
         rows = await self.reader.execute_fetchall(
             f"""SELECT {_ROW_COLUMNS} FROM tasks {where}
                  ORDER BY created_at DESC, rowid DESC LIMIT :limit OFFSET :offset""",
@@ -440,9 +480,10 @@ class Store:
         )
         return next((_task_row(row) for row in rows), None)
 
-    async def status_counts(self) -> dict[str, int]:
+    async def status_counts(self, submitted_by: str | None = None) -> dict[str, int]:
         rows = await self.reader.execute_fetchall(
-            "SELECT status, count(*) FROM tasks GROUP BY status"
+            f"SELECT status, count(*) FROM tasks {_where(submitted_by=submitted_by)} "
+            "GROUP BY status", {"submitted_by": submitted_by}
         )
         return {row[0]: row[1] for row in rows}
 
@@ -484,16 +525,16 @@ class Store:
 
     async def task_messages(self, task_id: str, after: int) -> list[Message]:
         rows = await self.reader.execute_fetchall(
-            """SELECT gid, task_id, seq, status, data FROM messages
-                WHERE task_id = :task_id AND seq > :after ORDER BY seq""",
+            f"""SELECT {_MESSAGE_COLUMNS} FROM messages JOIN tasks USING (task_id)
+                 WHERE messages.task_id = :task_id AND seq > :after ORDER BY seq""",
             {"task_id": task_id, "after": after},
         )
         return [_event(row).for_task() for row in rows]
 
     async def global_messages(self, after: int, limit: int = 10_000) -> list[Message]:
         rows = await self.reader.execute_fetchall(
-            """SELECT gid, task_id, seq, status, data FROM messages
-                WHERE gid > :after ORDER BY gid LIMIT :limit""",
+            f"""SELECT {_MESSAGE_COLUMNS} FROM messages JOIN tasks USING (task_id)
+                 WHERE gid > :after ORDER BY gid LIMIT :limit""",
             {"after": after, "limit": limit},
         )
         return [_event(row).for_global() for row in rows]
@@ -558,27 +599,40 @@ def lock_exclusively(path: str) -> int | None:
     return fd
 
 
-def _task(row: sqlite3.Row) -> Task:
-    data = dict(row)
+def _where(**filters: object) -> str:
+    """``WHERE a = :a AND ...`` for the filters given (not None); "" for none."""
+    named = [f"{column} = :{column}" for column, value in filters.items() if value is not None]
+    return "WHERE " + " AND ".join(named) if named else ""
+
+
+def _assignment(data: dict[str, Any]) -> dict[str, Any]:
     data["status"] = Status(data["status"])
-    return Task(**data)
+    data["reviewers"] = tuple(json.loads(data["reviewers"]))
+    data["allow_self_review"] = bool(data["allow_self_review"])
+    return data
+
+
+def _task(row: sqlite3.Row) -> Task:
+    return Task(**_assignment(dict(row)))
 
 
 def _task_row(row: sqlite3.Row) -> TaskRow:
-    data = dict(row)
+    data = _assignment(dict(row))
     for text in _TEXTS:
         data[text] = excerpt(data[text], data[f"{text}_length"])
-    data["status"] = Status(data["status"])
     return TaskRow(**data)
 
 
 def _event(row: sqlite3.Row) -> TaskEvent:
-    return TaskEvent(row["task_id"], row["seq"], row["gid"], row["status"], row["data"])
+    return TaskEvent(row["task_id"], row["seq"], row["gid"], row["status"], row["data"],
+                     row["submitted_by"])
 
 
 def _review_row(review: Review) -> dict[str, Any]:
     return {"attempt": review.attempt, "decision": review.decision, "comment": review.comment,
-            "reviewer": review.reviewer, "created_at": review.created_at}
+            "reviewer": review.reviewer, "created_at": review.created_at,
+            "display_name": review.display_name, "auth_method": review.auth_method,
+            "token_label": review.token_label, "admin_override": review.admin_override}
 
 
 def _message_row(event: TaskEvent) -> dict[str, Any]:

@@ -6,6 +6,10 @@ watch (:class:`FragmentCache`). htmx's SSE extension reconnects with a *new*
 EventSource, which sends no ``Last-Event-ID``; so every connection starts with the
 current state, and a finished task's stream ends with a ``close`` event the page's
 ``sse-close`` attribute acts on. The JSON API streams (:mod:`hitl.streams`) are apart.
+
+A stream carries only what its reader may see: a task's stream is opened only to those
+who may see the task, and the dashboard's skips other people's tasks for a submitter,
+by the submitter each message carries (no query per message).
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from typing import Any, TypeVar, cast
 
 from quart import Quart, render_template
 
+from . import policy
+from .accounts import Identity
 from .broker import GLOBAL, HEARTBEAT, Broker
 from .models import Message, Status, Task, sse_frame
 from .runner import Runner
@@ -86,37 +92,56 @@ def snapshot(task: Task) -> Task:
     return replace(task, reviews=list(task.reviews))
 
 
-async def render_task_message(runner: Runner, message: Message, full: bool) -> bytes:
+@dataclass(frozen=True, slots=True)
+class Standing:
+    """How a task's regions differ by who watches: whether they may decide (the policy's
+    answer, with its reason), and whether they type their name (sign-in off). Templates
+    are given this, never the identity: so a render is shared by all with one standing."""
+
+    verdict: policy.Decision
+    ask_name: bool
+
+    @classmethod
+    def of(cls, identity: Identity, task: Task) -> Standing:
+        return cls(policy.can_decide(identity, task), policy.signed_out(identity))
+
+
+async def render_task_message(runner: Runner, message: Message, full: bool,
+                              standing: Standing, by: Identity) -> bytes:
     """The task page's regions after ``message``; ``full`` adds more than the status."""
-    task = snapshot(await runner.get_task(message.task_id))
+    task = snapshot(await runner.get_task(message.task_id, by=by))
     progress = progress_of(task, message)
     parts = [frame("status", await render_template("_task_status.html", task=task,
                                                    progress=progress))]
     if full:
         for region in ("review", "history", "result"):
-            parts.append(frame(region, await render_template(f"_task_{region}.html", task=task)))
+            parts.append(frame(region, await render_template(f"_task_{region}.html", task=task,
+                                                             standing=standing)))
     if message.terminal:
         parts.append(CLOSE)
     return b"".join(parts)
 
 
 async def task_events(runner: Runner, broker: Broker, cache: FragmentCache,
-                      task: Task) -> AsyncIterator[bytes]:
-    """A task page's stream: its current state, then each change, then ``close``.
+                      task: Task, by: Identity) -> AsyncIterator[bytes]:
+    """A task page's stream (``task`` is one ``by`` may see): its current state, then each
+    change, then ``close``.
 
     Subscribing from the message before the last one replays that last message, which
     renders the current state (with the progress it reported, if running).
     """
     yield RETRY
     first = True
+    standing = Standing.of(by, task)  # who submitted it and who may decide never change
     async with broker.subscribe(task.task_id, max(task.last_seq - 1, 0)) as subscription:
         async for message in subscription:
             if message is HEARTBEAT:
                 yield message.frame
                 continue
             full = first or not is_progress_tick(message)
-            key = ("task", task.task_id, message.id, full)
-            yield await cache.get(key, partial(render_task_message, runner, message, full))
+            key = ("task", task.task_id, message.id, full, standing)
+            yield await cache.get(key, partial(render_task_message, runner, message, full,
+                                               standing, by))
             first = False
             if message.terminal:
                 return
@@ -161,22 +186,24 @@ def place(row: Row, message: Message, shown: set[str], wanted: Status | None) ->
     return b""
 
 
-async def render_rows(runner: Runner, wanted: Status | None, limit: int, shown: set[str]
-                      ) -> bytes:
+async def render_rows(runner: Runner, wanted: Status | None, limit: int, shown: set[str],
+                      by: Identity) -> bytes:
     """The table's rows now; ``shown`` gets their ids, all a watcher keeps of them."""
-    tasks, _ = await runner.list_tasks(wanted, limit, 0)
+    tasks, _ = await runner.list_tasks(wanted, limit, 0, by=by)
     shown.update(task.task_id for task in tasks)
     return frame("rows", await render_template("_task_rows.html", tasks=tasks))
 
 
-async def render_counts(runner: Runner, wanted: Status | None) -> bytes:
-    counts = await runner.status_counts()
+async def render_counts(runner: Runner, wanted: Status | None, by: Identity) -> bytes:
+    counts = await runner.status_counts(by=by)
     return frame("counts", await render_template("_counts.html", counts=counts, wanted=wanted))
 
 
 async def dashboard_events(runner: Runner, broker: Broker, cache: FragmentCache,
-                           wanted: Status | None, limit: int) -> AsyncIterator[bytes]:
-    """The dashboard's one stream: the table and counts now, then each row as it changes.
+                           wanted: Status | None, limit: int, by: Identity,
+                           owner: str | None) -> AsyncIterator[bytes]:
+    """The dashboard's one stream: the table and counts now, then each row as it changes;
+    with an ``owner`` (:meth:`Runner.watch_scope`), of that user's tasks only.
 
     Counts are re-rendered only once this watcher has caught up, so a burst of messages
     costs one count query, not one per message.
@@ -184,13 +211,15 @@ async def dashboard_events(runner: Runner, broker: Broker, cache: FragmentCache,
     yield RETRY
     async with broker.subscribe(GLOBAL) as subscription:
         shown: set[str] = set()
-        yield await render_rows(runner, wanted, limit, shown)
-        yield await render_counts(runner, wanted)
+        yield await render_rows(runner, wanted, limit, shown, by)
+        yield await render_counts(runner, wanted, by)
         counts_stale = False
         async for message in subscription:
             if message is HEARTBEAT:
                 yield message.frame
                 continue
+            if owner is not None and message.submitted_by != owner:
+                continue  # another's task: not this reader's to see
             if not is_progress_tick(message):  # progress shows on the task page only
                 row = await cache.get(("row", message.id), partial(render_row, runner, message))
                 update = place(row, message, shown, wanted) if row is not None else b""
@@ -198,6 +227,6 @@ async def dashboard_events(runner: Runner, broker: Broker, cache: FragmentCache,
                     yield update
                 counts_stale = True
             if counts_stale and not subscription.ready():  # caught up: counts now
-                yield await cache.get(("counts", message.id, wanted),
-                                      partial(render_counts, runner, wanted))
+                yield await cache.get(("counts", message.id, wanted, owner),
+                                      partial(render_counts, runner, wanted, by))
                 counts_stale = False

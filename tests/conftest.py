@@ -18,8 +18,14 @@ from quart import Quart, Response
 from quart.typing import TestClientProtocol as Client
 
 from hitl import Config, create_app
+from hitl.accounts import Identity
+from hitl.identity import ANONYMOUS
 from hitl.processors import Processor
 from hitl.server import serve
+
+# Who a test is when it calls the runner itself: the one operator of --auth none, who may
+# do everything (requests are someone: the guard says who).
+OPERATOR = Identity(ANONYMOUS, "none")
 
 
 @pytest.fixture

@@ -74,7 +74,8 @@ class ServerProcess:
             self.proc.wait(5)
 
 
-def run_cli(*args: str, python: str = sys.executable, timeout: float = 30
-            ) -> subprocess.CompletedProcess[str]:
+def run_cli(*args: str, python: str = sys.executable, timeout: float = 30,
+            stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([python, "-m", "hitl", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                          text=True, timeout=timeout, input=stdin,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})

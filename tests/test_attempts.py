@@ -17,6 +17,8 @@ from hitl.processors import Job, Processor
 from hitl.runner import Runner
 from hitl.store import MIGRATIONS
 
+from .conftest import OPERATOR
+
 BOUND = 10
 
 
@@ -40,7 +42,7 @@ def runner(app: Quart) -> Runner:
 async def reach(runner: Runner, task_id: str, status: Status, attempt: int = 1) -> None:
     async def poll() -> None:
         while True:
-            task = await runner.get_task(task_id)
+            task = await runner.get_task(task_id, by=OPERATOR)
             if task.status is status and task.attempt == attempt:
                 return
             await asyncio.sleep(0.01)
@@ -57,13 +59,13 @@ async def api_task(app: Quart, task_id: str) -> dict[str, Any]:
 
 async def test_every_attempt_keeps_its_output_and_its_decisions(app: Quart,
                                                                 runner: Runner) -> None:
-    task = await runner.submit("draft")
+    task = await runner.submit("draft", by=OPERATOR)
     await reach(runner, task.task_id, Status.WAITING_FOR_REVIEW, 1)
-    await runner.decide(task.task_id, "rejected", "shorter", "ann")
+    await runner.decide(task.task_id, "rejected", "shorter", "ann", by=OPERATOR)
     await reach(runner, task.task_id, Status.WAITING_FOR_REVIEW, 2)
-    await runner.decide(task.task_id, "rejected", "politer", "bob")
+    await runner.decide(task.task_id, "rejected", "politer", "bob", by=OPERATOR)
     await reach(runner, task.task_id, Status.WAITING_FOR_REVIEW, 3)
-    await runner.decide(task.task_id, "approved", "good", "ann")
+    await runner.decide(task.task_id, "approved", "good", "ann", by=OPERATOR)
     await reach(runner, task.task_id, Status.COMPLETED, 3)
     body = await api_task(app, task.task_id)
     attempts = body["attempts"]
@@ -83,7 +85,7 @@ async def test_every_attempt_keeps_its_output_and_its_decisions(app: Quart,
 
 async def test_a_failed_attempt_keeps_the_error_and_the_tries(app: Quart, runner: Runner,
                                                               config: Config) -> None:
-    task = await runner.submit("fail")
+    task = await runner.submit("fail", by=OPERATOR)
     await reach(runner, task.task_id, Status.FAILED, 1)
     [attempt] = (await api_task(app, task.task_id))["attempts"]
     assert attempt["output"] is None and attempt["finished_at"] is not None
@@ -113,7 +115,7 @@ async def test_earlier_outputs_of_a_migrated_task_are_unknown(tmp_path: Path) ->
 
 
 async def test_export_and_show_include_the_attempts(app: Quart, runner: Runner) -> None:
-    task = await runner.submit("draft")
+    task = await runner.submit("draft", by=OPERATOR)
     await reach(runner, task.task_id, Status.WAITING_FOR_REVIEW, 1)
     store = app.extensions["store"]
     exported = [t.to_json() async for t in store.iter_tasks()]

@@ -18,7 +18,7 @@ from hitl import Config, create_app
 from hitl.errors import BODY_TIMEOUT_ERROR, ConfigError
 from hitl.runner import Runner
 
-from .conftest import LiveServer
+from .conftest import OPERATOR, LiveServer
 from .test_api import submit, wait_status
 
 Exchange = tuple[int, dict[str, str], bytes]
@@ -74,8 +74,8 @@ async def test_a_hook_on_the_app_guards_every_endpoint(app: Quart, client: Clien
         assert response.status_code == 401, (method, path)
         assert await response.get_json() == {"error": "who are you?"}
     runner: Runner = app.extensions["runner"]
-    assert (await runner.list_tasks(None, 10, 0))[1] == 1
-    assert (await runner.get_task(task_id)).status == "waiting_for_review"
+    assert (await runner.list_tasks(None, 10, 0, by=OPERATOR))[1] == 1
+    assert (await runner.get_task(task_id, by=OPERATOR)).status == "waiting_for_review"
 
 
 async def test_a_body_in_chunks_is_read_whole_and_kept_to_the_limit(app: Quart) -> None:
@@ -105,7 +105,7 @@ async def test_a_client_leaving_mid_body_creates_nothing(app: Quart) -> None:
                                    complete=False, then=disconnect)
     assert status == 0  # nobody to answer
     runner: Runner = app.extensions["runner"]
-    assert (await runner.list_tasks(None, 10, 0))[1] == 0
+    assert (await runner.list_tasks(None, 10, 0, by=OPERATOR))[1] == 0
 
 
 async def test_an_unexpected_error_is_a_logged_json_500_and_the_service_goes_on(
@@ -113,7 +113,8 @@ async def test_an_unexpected_error_is_a_logged_json_500_and_the_service_goes_on(
 ) -> None:
     runner: Runner = app.extensions["runner"]
 
-    async def broken(task_input: str, idempotency_key: str | None = None) -> None:
+    async def broken(task_input: str, idempotency_key: str | None = None,
+                     **options: object) -> None:
         raise RuntimeError("a bug")
 
     with monkeypatch.context() as patch:
@@ -148,7 +149,7 @@ async def test_a_host_not_ours_is_refused_on_every_path(
         text = await response.get_data(as_text=True)
         assert "evil.example" in text and "--allowed-hosts" in text
     runner: Runner = app.extensions["runner"]
-    assert (await runner.list_tasks(None, 10, 0))[1] == 0
+    assert (await runner.list_tasks(None, 10, 0, by=OPERATOR))[1] == 0
 
 
 async def test_a_browser_sent_to_a_host_not_ours_gets_a_readable_page(client: Client) -> None:
