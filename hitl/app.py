@@ -6,7 +6,7 @@ import asyncio
 import functools
 import logging
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import quart_schema.conversion
 from pydantic import TypeAdapter
@@ -17,10 +17,12 @@ from werkzeug.exceptions import HTTPException, RequestTimeout
 from werkzeug.routing import RequestRedirect
 
 from .asgi import ANSWERS_IN_SERVER_TASK, Edge, QuartHTTPConnection
+from .auth_pages import auth
 from .broker import Broker
 from .config import Config
 from .errors import BODY_TIMEOUT_ERROR, INTERNAL_ERROR, HitlError, Invalid, error_body, plain
 from .guard import Guard
+from .identity import Authenticator, Unauthorized
 from .journal import Journal
 from .pages import error_page, pages, wants_html
 from .processors import Processor
@@ -57,12 +59,15 @@ def create_app(config: Config | None = None, *, processor: Processor | None = No
     journal = Journal(store, broker)
     runner = Runner(config, store, journal, broker, processor)
     broker.loader = store.load_history
-    for part in (Guard(config), store, broker, journal, runner, FragmentCache()):
+    authenticator = Authenticator(config, store)
+    for part in (Guard(config, authenticator), store, authenticator, broker, journal, runner,
+                 FragmentCache()):
         part.init_app(app)
 
     app.before_request(answer_refused)  # after the guard's check: see hitl.sse_asgi
     app.register_blueprint(api)
     app.register_blueprint(pages)
+    app.register_blueprint(auth)
     register_error_handlers(app)
     app.asgi_app = Edge(app, app.asgi_app)  # type: ignore[method-assign,assignment]
     return app
@@ -123,6 +128,9 @@ def register_error_handlers(app: Quart) -> None:
 
     @app.errorhandler(HitlError)
     async def domain_error(error: HitlError) -> ResponseReturnValue:
+        if isinstance(error, Unauthorized) and wants_html() and request.method == "GET":
+            return redirect(f"/login?{urlencode({'next': request.full_path.rstrip('?')})}",
+                            303)  # a page: sign in, then come back here
         return await error_response(error.message, error.status)
 
     @app.errorhandler(RequestSchemaValidationError)

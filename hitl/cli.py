@@ -1,4 +1,4 @@
-"""The ``hitl`` command: ``serve``, ``tasks list|show`` and ``export``."""
+"""The ``hitl`` command: ``serve``, ``tasks list|show``, ``export``, ``users``, ``tokens``."""
 
 from __future__ import annotations
 
@@ -12,8 +12,10 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TextIO
 
+from . import cli_accounts
+from .accounts import Accounts, Role
 from .config import SETTINGS, Config, default_db_path, default_of, env_var
-from .errors import ConfigError, Invalid, StartupError
+from .errors import ConfigError, HitlError, Invalid, StartupError
 from .models import Status, iso
 from .schemas import MAX_INTEGER
 from .store import Store, lock_exclusively
@@ -66,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export", help="every task with its reviews, as JSON Lines")
     export.add_argument("--output", "-o", help="file to write (default: standard output)")
     add_db_option(export)
+    cli_accounts.add_commands(commands, add_db_option)
     return parser
 
 
@@ -92,12 +95,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = load_config(args)
         if args.command == "serve":
             return run_server(config)
-        return asyncio.run(with_store(config.db, COMMANDS[args.command, args.tasks_command
-                                                          if args.command == "tasks" else None],
-                                      args))
+        action = getattr(args, f"{args.command}_command", None)
+        return asyncio.run(with_store(config.db, COMMANDS[args.command, action], args))
     except (ConfigError, StartupError) as exc:
         print(f"hitl: error: {exc}", file=sys.stderr)
         return 2
+    except HitlError as exc:
+        print(f"hitl: {exc.message}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 
@@ -119,7 +124,7 @@ def run_server(config: Config) -> int:
     # Fail early, with one line: another server on the file (its lock is held until this
     # process ends), an unusable file, or a full disk.
     lock_exclusively(config.db)  # its descriptor stays open: held until the process ends
-    asyncio.run(with_store(config.db, lambda store, _: asyncio.sleep(0), None))
+    asyncio.run(with_store(config.db, lambda store, _: first_start(store, config), None))
     app = create_app(config)
     logging.getLogger(__name__).info("hitl on http://%s:%s (database %s, pid %d)",
                                      config.host, config.port, config.db, os.getpid())
@@ -130,6 +135,21 @@ def run_server(config: Config) -> int:
         logging.shutdown()
         os._exit(0)
     return 0
+
+
+async def first_start(store: Store, config: Config) -> None:
+    """With accounts on and no admin yet: make one, and print a one-time sign-in link."""
+    accounts = Accounts(store)
+    if config.auth != "accounts" or await accounts.has_admin():
+        return
+    if await accounts.user("admin") is None:
+        await accounts.add_user("admin", Role.ADMIN, display_name="Administrator")
+    secret = await accounts.create_link("admin")
+    host = f"[{config.host}]" if ":" in config.host else config.host
+    print(f"\nhitl: no admin yet, so one was made. Sign in as admin within 15 minutes "
+          f"(one use) at:\n\n    http://{host}:{config.port}/login/once/{secret}\n\n"
+          "then add users: hitl users add NAME --role reviewer --password-stdin\n"
+          "and API tokens: hitl tokens create --user NAME\n", flush=True)
 
 
 async def with_store(path: str, command: Callable[[Store, argparse.Namespace | None],
@@ -190,5 +210,7 @@ async def export_command(store: Store, args: argparse.Namespace | None) -> int:
     return 0
 
 
-COMMANDS = {("tasks", "list"): list_command, ("tasks", "show"): show_command,
-            ("export", None): export_command}
+COMMANDS: dict[tuple[str, str | None], Callable[[Store, argparse.Namespace | None],
+                                                 Awaitable[int]]] = {
+    ("tasks", "list"): list_command, ("tasks", "show"): show_command,
+    ("export", None): export_command, **cli_accounts.COMMANDS}

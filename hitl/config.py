@@ -6,6 +6,7 @@ lookup and the README's configuration table are all derived from that list.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields, replace
@@ -66,6 +67,28 @@ def _optional_days(text: str) -> float | None:
     return None if text.strip().lower() in ("", "off", "none", "0") else _number(text)
 
 
+AUTH_MODES = ("accounts", "proxy", "none")
+ROLES = ("admin", "reviewer", "submitter", "viewer", "worker")
+
+
+def _auth_mode(text: str) -> str:
+    if text not in AUTH_MODES:
+        raise ValueError(f"must be one of {', '.join(AUTH_MODES)}")
+    return text
+
+
+def _role(text: str) -> str:
+    if text not in ROLES:
+        raise ValueError(f"must be one of {', '.join(ROLES)}")
+    return text
+
+
+def _networks(text: str) -> tuple[str, ...]:
+    """Comma-separated CIDRs (or addresses), each checked; kept in their canonical form."""
+    return tuple(str(ipaddress.ip_network(part.strip(), strict=False))
+                 for part in text.split(",") if part.strip())
+
+
 SETTINGS: tuple[Setting, ...] = (
     Setting("host", str, "interface to listen on", "text"),
     Setting("port", _port, "TCP port to listen on", "port number"),
@@ -97,6 +120,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("retain_days", _optional_days, "delete finished tasks older than this; off by default",
             "number"),
     Setting("log_level", str, "logging level (debug, info, warning, error)", "text"),
+    Setting("auth", _auth_mode, "sign-in: accounts, proxy (trusted X-Forwarded-User) or none "
+            "(loopback only)", "mode"),
+    Setting("trusted_proxies", _networks, "proxy mode: comma-separated CIDRs whose "
+            "X-Forwarded-User is believed", "list of CIDRs"),
+    Setting("proxy_default_role", _role, "proxy mode: the role of a user first seen",
+            "role"),
+    Setting("secret_key", str, "key that signs session cookies; default: one kept in the "
+            "database", "text"),
 )
 
 
@@ -124,6 +155,10 @@ class Config:
     shutdown_timeout: float = 5.0
     retain_days: float | None = None
     log_level: str = "info"
+    auth: str = "accounts"
+    trusted_proxies: tuple[str, ...] = ()
+    proxy_default_role: str = "reviewer"
+    secret_key: str | None = None
 
     @classmethod
     def load(
@@ -152,10 +187,31 @@ class Config:
             except ValueError as exc:
                 message = f"{source}={raw!r} is not a valid {setting.kind}: {exc}"
                 raise ConfigError(message) from None
-        return cls(**values)
+        return cls(**values).checked()
+
+    def checked(self) -> Config:
+        """Settings that only make sense together; ConfigError names what is wrong."""
+        if self.auth == "none" and not is_loopback(self.host):
+            raise ConfigError(f"--auth none turns sign-in off, so it is allowed only on a "
+                              f"loopback address, not --host {self.host!r}")
+        if self.auth == "proxy" and not self.trusted_proxies:
+            raise ConfigError("--auth proxy needs --trusted-proxies: the addresses whose "
+                              "X-Forwarded-User is believed")
+        return self
 
     def with_changes(self, **changes: Any) -> Config:
         return replace(self, **changes)
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def env_var(name: str) -> str:

@@ -14,16 +14,19 @@ Starlette do (a port gives such a page nothing), unless an allowed entry names o
 
 from __future__ import annotations
 
+import hmac
 import ipaddress
 import socket
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, MutableMapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from quart import Quart, request
 
+from .accounts import Identity
 from .config import Config
 from .errors import Invalid
+from .identity import Authenticator, Forbidden, Unauthorized
 
 LOOPBACK = ("localhost", "127.0.0.1", "[::1]")
 EVERY_INTERFACE = ("0.0.0.0", "::", "")
@@ -66,25 +69,97 @@ class AllowedHosts:
             self.any_address and is_address(name))
 
 
-class Guard:
-    """Decides whether a request is answered at all; kept in ``app.extensions["guard"]``."""
+PUBLIC = ("/login", "/healthz")  # and what starts with PUBLIC_PREFIXES: no sign-in needed
+PUBLIC_PREFIXES = ("/login/once/", "/static/")
+SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
+IDENTITY = "hitl.identity"  # where a checked request keeps who is asking, in its scope
 
-    def __init__(self, config: Config) -> None:
+
+class Guard:
+    """Decides whether a request is answered at all, and who is asking; kept in
+    ``app.extensions["guard"]``."""
+
+    def __init__(self, config: Config, authenticator: Authenticator) -> None:
         self.hosts = AllowedHosts.of(config)
+        self.authenticator = authenticator
 
     def init_app(self, app: Quart) -> None:
         app.extensions["guard"] = self
 
         @app.before_request
         async def check() -> None:
-            self.check_request(request.scope)
+            identity = await self.check_request(cast(MutableMapping[str, Any], request.scope))
+            if request.method in SAFE_METHODS:
+                return
+            if identity is None:  # a visitor's post (only the sign-in form takes one)
+                self.check_origin(request.scope)  # another site must not sign them in
+                return
+            form = await request.form if request.mimetype in FORM_TYPES else None
+            self.check_cross_site(request.scope, identity,
+                                  form.get("csrf_token") if form is not None else None)
 
-    def check_request(self, scope: Mapping[str, Any]) -> None:
-        """Return if this request may be answered; else raise the HitlError that says why."""
+    async def check_request(self, scope: MutableMapping[str, Any]) -> Identity | None:
+        """Who is asking, once this request may be answered; else raise the HitlError
+        that says why (a bad Host, 401 not signed in). The identity is also kept in the
+        scope (:func:`identity_of`)."""
         host = header(scope, b"host")
         if not self.hosts.allow(host):
             shown = "no Host header" if host is None else f"Host {host[:100]!r}"
             raise Invalid(f"{shown} is not one this service answers to (see --allowed-hosts)")
+        identity = await self.authenticator.identify(scope)
+        scope[IDENTITY] = identity
+        path = scope["path"]
+        if identity is None and path not in PUBLIC and not path.startswith(PUBLIC_PREFIXES):
+            raise Unauthorized("sign in first (a session, or Authorization: Bearer <token>)")
+        return identity
+
+    def check_origin(self, scope: Mapping[str, Any]) -> None:
+        """Refuse a request whose ``Origin`` names another origin than ours (none: not a
+        browser's cross-origin request, as browsers always send it on those)."""
+        origin = header(scope, b"origin")
+        own = f"{self.scheme(scope)}://{header(scope, b'host')}"
+        if origin is not None and origin.lower() != own.lower():
+            raise Forbidden(f"cross-site request refused: Origin {origin[:100]!r} is not {own}")
+
+    def scheme(self, scope: Mapping[str, Any]) -> str:
+        """How the browser reached us: behind a trusted proxy that ends TLS, its
+        ``X-Forwarded-Proto``; else the request's own scheme."""
+        scheme = str(scope.get("scheme", "http"))
+        if self.authenticator.from_trusted_proxy(scope):
+            forwarded = (header(scope, b"x-forwarded-proto") or "").split(",")[0].strip()
+            if forwarded.lower() in ("http", "https"):
+                return forwarded.lower()
+        return scheme
+
+    def check_cross_site(self, scope: Mapping[str, Any], identity: Identity,
+                         form_token: str | None) -> None:
+        """A browser's state-changing request must come from a page of this origin.
+
+        A token proves a program, not a browser: nothing to check. Otherwise an ``Origin``
+        naming another origin is refused (another port is another origin, though browsers
+        send it SameSite=Lax cookies; every browser sends Origin on a cross-origin POST),
+        and a form post must also carry the session's token (in the form or, from htmx,
+        the ``X-CSRF-Token`` header). JSON needs a CORS preflight across sites, which hitl
+        never allows.
+        """
+        if identity.method == "token":
+            return
+        self.check_origin(scope)
+        content_type = (header(scope, b"content-type") or "").split(";")[0].strip().lower()
+        if content_type not in FORM_TYPES:  # no form: the Origin check above is the guard
+            return
+        token = header(scope, b"x-csrf-token") or form_token
+        if not token or identity.csrf is None or not hmac.compare_digest(token, identity.csrf):
+            raise Forbidden("the form is missing its CSRF token or it is stale: reload the "
+                            "page and send it again")
+
+
+FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
+
+
+def identity_of(scope: Mapping[str, Any]) -> Identity | None:
+    """Who is asking, as the guard found (None on public paths for visitors)."""
+    return cast(Identity | None, scope.get(IDENTITY))
 
 
 def header(scope: Mapping[str, Any], name: bytes) -> str | None:

@@ -92,7 +92,7 @@ class Journal:
         if payload is not None:
             task.last_seq += 1
             event = TaskEvent.create(task.task_id, task.last_seq, 0,
-                                     {"task_id": task.task_id, **payload})
+                                     {"task_id": task.task_id, **payload}, task.submitted_by)
         attempt_row = attempt.row(task.task_id) if attempt is not None else None
         self._queue.put_nowait(Pending(Write(task.row(), event, review, idempotency,
                                              attempt_row), done,

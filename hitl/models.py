@@ -44,13 +44,22 @@ def iso(timestamp: float) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Review:
-    """One human decision on one attempt's output."""
+    """One human decision on one attempt's output, and who made it.
+
+    ``reviewer`` is the signed-in user's name (with ``--auth none``, the name they typed);
+    ``auth_method`` says how they proved it, ``admin_override`` whether an admin decided
+    a task that names other reviewers.
+    """
 
     decision: Decision
     attempt: int
     comment: str = ""
     reviewer: str = ""
     created_at: float = field(default_factory=time.time)
+    display_name: str = ""
+    auth_method: str = "none"  # password, link, token, proxy or none
+    token_label: str | None = None
+    admin_override: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return {**asdict(self), "created_at": iso(self.created_at)}
@@ -101,6 +110,10 @@ class Task:
     updated_at: float = field(default_factory=time.time)
     reviews: list[Review] = field(default_factory=list)
     attempts: list[Attempt] = field(default_factory=list)  # loaded for one task, not lists
+    # Who submitted it and who may decide it: set once, at submission (see hitl.policy).
+    submitted_by: str | None = None  # None: submitted with sign-in off
+    reviewers: tuple[str, ...] = ()  # user names and "group:NAME"; none: any reviewer
+    allow_self_review: bool = False
 
     @property
     def rejections(self) -> int:
@@ -119,11 +132,15 @@ class Task:
             "last_seq": self.last_seq,
             "created_at": self.created_at,
             "updated_at": self.updated_at,
+            "submitted_by": self.submitted_by,
+            "reviewers": json.dumps(self.reviewers) if self.reviewers else "[]",
+            "allow_self_review": self.allow_self_review,
         }
 
     def to_json(self, *, reviews: bool = True) -> dict[str, Any]:
         data = self.row()
-        data.update(created_at=iso(self.created_at), updated_at=iso(self.updated_at))
+        data.update(created_at=iso(self.created_at), updated_at=iso(self.updated_at),
+                    reviewers=list(self.reviewers))
         if reviews:
             data["reviews"] = [review.to_json() for review in self.reviews]
             data["attempts"] = [attempt.to_json(self.reviews) for attempt in self.attempts]
@@ -169,6 +186,9 @@ class TaskRow:
     last_seq: int
     created_at: float
     updated_at: float
+    submitted_by: str | None = None
+    reviewers: tuple[str, ...] = ()
+    allow_self_review: bool = False
 
     @property
     def waiting_since(self) -> float | None:
@@ -181,7 +201,8 @@ class TaskRow:
         since = self.waiting_since
         data.update(status=self.status.value, created_at=iso(self.created_at),
                     updated_at=iso(self.updated_at),
-                    waiting_since=iso(since) if since is not None else None)
+                    waiting_since=iso(since) if since is not None else None,
+                    reviewers=list(self.reviewers))
         return data
 
 
@@ -198,6 +219,7 @@ class Message:
     status: str
     data: str
     frame: bytes
+    submitted_by: str | None = None  # the task's, so a stream filters without a query
 
     @property
     def terminal(self) -> bool:
@@ -222,11 +244,13 @@ class TaskEvent:
     gid: int
     status: str
     data: str  # the payload's JSON, serialized once
+    submitted_by: str | None = None  # carried, not stored: the task's row has it
 
     @classmethod
-    def create(cls, task_id: str, seq: int, gid: int, payload: dict[str, Any]) -> TaskEvent:
+    def create(cls, task_id: str, seq: int, gid: int, payload: dict[str, Any],
+               submitted_by: str | None = None) -> TaskEvent:
         data = json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
-        return cls(task_id, seq, gid, str(payload["status"]), data)
+        return cls(task_id, seq, gid, str(payload["status"]), data, submitted_by)
 
     def messages(self) -> tuple[Message, Message]:
         """Frame once for the task's topic (id = seq) and once for the global one (id = gid)."""
@@ -239,4 +263,5 @@ class TaskEvent:
         return self._message(self.gid)
 
     def _message(self, number: int) -> Message:
-        return Message(number, self.task_id, self.status, self.data, sse_frame(self.data, number))
+        return Message(number, self.task_id, self.status, self.data, sse_frame(self.data, number),
+                       self.submitted_by)

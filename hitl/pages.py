@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import replace
 from typing import TypeVar, cast
 
+from markupsafe import Markup
 from pydantic import BaseModel, ValidationError
 from pydantic_core import ErrorDetails
 from quart import Blueprint, Response, current_app, redirect, render_template, request, url_for
@@ -20,21 +21,26 @@ from quart.helpers import stream_with_context
 from quart.typing import ResponseReturnValue
 from werkzeug.http import HTTP_STATUS_CODES
 
-from .errors import Invalid, plain
+from .errors import HitlError, Invalid, plain
+from .guard import identity_of
 from .models import Status, iso
-from .routes import broker, runner, task_named
+from .routes import api, broker, runner, task_named, who
 from .schemas import DashboardStreamQuery, FeedbackIn, NextQuery, SubmitIn, TaskQuery
 from .store import View
 from .streams import sse_response
-from .ui_streams import FragmentCache, dashboard_events, task_events, task_view
+from .ui_streams import FragmentCache, Standing, dashboard_events, task_events, task_view
 
 pages = Blueprint("pages", __name__)
 
 RECENT = 10  # tasks listed under the submit form
 DASHBOARD = 50  # rows of a dashboard page; "Load more" adds the next
+# Fragments of these streams are rendered once for every watcher (FragmentCache): they
+# must carry no one's form token. htmx sends the page's own, from its meta tag.
+SHARED_RENDERS = ("pages.task_stream", "pages.dashboard_stream")
 FIELD_LABELS = {"data": "Text", "feedback": "Decision", "comment": "Comment",
                 "reviewer": "Your name", "attempt": "Attempt", "q": "Search",
-                "status": "Status", "after": "Page", "since": "Stream"}
+                "status": "Status", "after": "Page", "since": "Stream",
+                "reviewers": "Reviewers", "allow_self_review": "Self-review"}
 
 Form = TypeVar("Form", bound=BaseModel)
 
@@ -45,9 +51,10 @@ def is_htmx() -> bool:
 
 
 def wants_html() -> bool:
-    """Errors become HTML for the UI's routes, and elsewhere for a client that prefers HTML
-    to JSON (a browser: Chromium's Accept puts text/html first, */* after)."""
-    if request.blueprint is not None:
+    """Errors become HTML for the UI's routes, JSON for the API's, and elsewhere (sign-in,
+    unknown paths) HTML for a client that prefers it to JSON (a browser: Chromium's Accept
+    puts text/html first, */* after)."""
+    if request.blueprint in (pages.name, api.name):
         return request.blueprint == pages.name
     return request.accept_mimetypes.best_match(("application/json", "text/html")) == "text/html"
 
@@ -150,18 +157,36 @@ def statuses() -> list[Status]:
 @pages.app_template_global("waiting_count")
 async def waiting_count() -> int | None:
     """How many tasks wait for review, for a page's title; None when the store cannot say
-    (an error page must still render)."""
+    (an error page must still render, for someone signed out too)."""
+    identity = identity_of(request.scope)
+    if identity is None:
+        return None
     try:
-        counts = await runner().status_counts()
-    except (sqlite3.Error, RuntimeError):
+        counts = await runner().status_counts(by=identity)
+    except (sqlite3.Error, RuntimeError, HitlError):
         return None
     return counts.get(Status.WAITING_FOR_REVIEW.value, 0)
+
+
+@pages.app_template_global("csrf_token")
+def csrf_token() -> str:
+    """The session's form token (see :meth:`hitl.guard.Guard.check_cross_site`)."""
+    identity = identity_of(request.scope)
+    if identity is None or request.endpoint in SHARED_RENDERS:
+        return ""
+    return identity.csrf or ""
+
+
+@pages.app_template_global("csrf_field")
+def csrf_field() -> Markup:
+    """The hidden field every form carries; hitl.js fills it where a stream left it empty."""
+    return Markup('<input type="hidden" name="csrf_token" value="{}">').format(csrf_token())
 
 
 @pages.get("/")
 async def index() -> str:
     """The submit form and the most recent tasks."""
-    tasks, total = await runner().list_tasks(None, RECENT, 0)
+    tasks, total = await runner().list_tasks(None, RECENT, 0, by=who())
     return await render_template("index.html", tasks=tasks, total=total)
 
 
@@ -169,20 +194,23 @@ async def index() -> str:
 async def submit() -> ResponseReturnValue:
     """Submit from the form, then land on the task's page (303: a reload never resubmits)."""
     form = await form_data(SubmitIn)
-    task = await runner().submit(form.data)
+    task = await runner().submit(form.data, by=who(), reviewers=tuple(form.reviewers),
+                                 allow_self_review=form.allow_self_review)
     return redirect(url_for("pages.task_page", task_id=task.task_id), 303)
 
 
 @pages.get("/tasks/<task_id>")
 async def task_page(task_id: str) -> ResponseReturnValue:
-    """One task: its status, the output under review, the decision form, its history.
+    """One task: its status, the output under review, the decision form (for those who
+    may decide), its history.
 
     A prefix of the id (as the UI shows it) redirects to the task's own address.
     """
     full_id = await task_named(task_id)
     if full_id != task_id:
         return redirect(url_for("pages.task_page", task_id=full_id), 303)
-    view = await task_view(runner(), await runner().get_task(full_id))
+    task = await runner().get_task(full_id, by=who())
+    view = await task_view(runner(), task, Standing.of(who(), task))
     return await render_template("task.html", progress=None, **view)
 
 
@@ -197,8 +225,8 @@ async def decide(task_id: str) -> ResponseReturnValue:
     if form.feedback == "rejected" and not form.comment.strip():
         raise Invalid("Comment: say what the next attempt should change")
     full_id = await task_named(task_id)
-    await runner().decide(full_id, form.feedback, form.comment, form.reviewer.strip(),
-                          form.attempt)
+    await runner().decide(full_id, form.feedback, form.comment, form.reviewer, form.attempt,
+                          by=who())
     if is_htmx():
         return await render_template("_notice.html", decision=form.feedback,
                                      attempt=form.attempt)
@@ -209,7 +237,7 @@ async def decide(task_id: str) -> ResponseReturnValue:
 async def cancel(task_id: str) -> ResponseReturnValue:
     """Stop an unfinished task, as the API's cancel does. htmx gets a notice; a form, a 303."""
     full_id = await task_named(task_id)
-    await runner().cancel(full_id)
+    await runner().cancel(full_id, by=who())
     if is_htmx():
         return await render_template("_task_notice.html", message="The task was cancelled.")
     return redirect(url_for("pages.task_page", task_id=full_id), 303)
@@ -218,8 +246,8 @@ async def cancel(task_id: str) -> ResponseReturnValue:
 @pages.get("/tasks/<task_id>/stream")
 async def task_stream(task_id: str) -> Response:
     """The task page's live regions as named HTML events; ends once the task has."""
-    task = await runner().get_task(await task_named(task_id))
-    events = stream_with_context(task_events)(runner(), broker(), fragments(), task)
+    task = await runner().get_task(await task_named(task_id), by=who())
+    events = stream_with_context(task_events)(runner(), broker(), fragments(), task, who())
     return sse_response(events)
 
 
@@ -229,8 +257,8 @@ async def dashboard() -> str:
     counts per status; kept live. Waiting for review is the queue: the longest waiting first."""
     query = checked(TaskQuery, request.args)
     view = dashboard_view(query)
-    page = await runner().task_page(view, DASHBOARD, query.after)
-    counts = await runner().status_counts()
+    page = await runner().task_page(view, DASHBOARD, query.after, by=who())
+    counts = await runner().status_counts(by=who())
     return await render_template("dashboard.html", page=page, view=view, counts=counts,
                                  args=view_args(view), after=query.after)
 
@@ -240,26 +268,28 @@ async def dashboard_rows() -> str:
     """A dashboard page's rows alone, for htmx: "Load more", or the list anew ("show")."""
     query = checked(TaskQuery, request.args)
     view = dashboard_view(query)
-    page = await runner().task_page(view, DASHBOARD, query.after)
+    page = await runner().task_page(view, DASHBOARD, query.after, by=who())
     return await render_template("_task_rows.html", tasks=page.rows, page=page, view=view,
                                  args=view_args(view), after=query.after)
 
 
 @pages.get("/dashboard/stream")
 async def dashboard_stream() -> Response:
-    """The dashboard's one stream: what changed since its page was read, then each change."""
+    """The dashboard's one stream: what changed since its page was read, then each change
+    (of the tasks its reader may see)."""
     query = checked(DashboardStreamQuery, request.args)
     events = stream_with_context(dashboard_events)(runner(), broker(), fragments(),
-                                                   dashboard_view(query), query.since)
+                                                   dashboard_view(query), query.since, who())
     return sse_response(events)
 
 
 @pages.get("/next")
 async def review_next() -> ResponseReturnValue:
-    """Open the task that has waited longest for review (with ``?after=<id>``, the one
-    after that task in the queue); the empty queue when none waits."""
+    """Open the task that has waited longest for review among those the reader may decide
+    (with ``?after=<id>``, the one after that task in the queue); the empty queue when none
+    waits."""
     query = checked(NextQuery, request.args)
-    task_id = await runner().oldest_waiting(query.after)
+    task_id = await runner().oldest_waiting(query.after, by=who())
     if task_id is None:
         return redirect(url_for("pages.dashboard", status=Status.WAITING_FOR_REVIEW.value), 303)
     return redirect(url_for("pages.task_page", task_id=task_id), 303)

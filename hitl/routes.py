@@ -1,16 +1,21 @@
 """The JSON API, kept compatible with the PocketFlow reference service.
 
 Its two SSE endpoints are answered ahead of Quart, in plain ASGI (:mod:`hitl.asgi`).
+Every route hands the runner who is asking (:func:`who`); the runner asks the policy.
 """
 
 from __future__ import annotations
 
-from typing import cast
+from collections.abc import Mapping
+from typing import Any, cast
 
 from quart import Blueprint, current_app, request
 from quart_schema import validate_querystring, validate_request, validate_response
 
+from .accounts import Identity
 from .broker import Broker
+from .guard import identity_of
+from .identity import Unauthorized
 from .runner import Runner
 from .schemas import (
     FeedbackIn,
@@ -33,9 +38,18 @@ def broker() -> Broker:
     return cast(Broker, current_app.extensions["broker"])
 
 
+def who(scope: Mapping[str, Any] | None = None) -> Identity:
+    """Who is asking (in this request, or the one of ``scope``), as the guard found: every
+    path but the public ones has someone."""
+    identity = identity_of(request.scope if scope is None else scope)
+    if identity is None:
+        raise Unauthorized("sign in first (a session, or Authorization: Bearer <token>)")
+    return identity
+
+
 async def task_named(task_id: str) -> str:
     """The full id of the task a URL names: its id, or a unique prefix (8+ characters)."""
-    return await runner().resolve(checked_id(task_id))
+    return await runner().resolve(checked_id(task_id), by=who())
 
 
 @api.post("/submit")
@@ -43,7 +57,9 @@ async def task_named(task_id: str) -> str:
 @validate_response(SubmitOut, 202)
 async def submit(data: SubmitIn) -> tuple[SubmitOut, int]:
     """Submit a task; it is processed, then waits for a human review."""
-    task = await runner().submit(data.data, idempotency_key(request.headers))
+    task = await runner().submit(data.data, idempotency_key(request.headers), by=who(),
+                                 reviewers=tuple(data.reviewers),
+                                 allow_self_review=data.allow_self_review)
     return SubmitOut(message="Task submitted", task_id=task.task_id), 202
 
 
@@ -53,7 +69,7 @@ async def submit(data: SubmitIn) -> tuple[SubmitOut, int]:
 async def feedback(task_id: str, data: FeedbackIn) -> MessageOut:
     """Approve or reject the output under review (409 unless one is waiting)."""
     await runner().decide(await task_named(task_id), data.feedback, data.comment,
-                          data.reviewer, data.attempt)
+                          data.reviewer, data.attempt, by=who())
     return MessageOut(message=f"Feedback '{data.feedback}' received")
 
 
@@ -63,21 +79,21 @@ async def list_tasks(query_args: TaskQuery) -> dict[str, object]:
     """Tasks, newest first (or ``order=waiting``), each text an excerpt with its length;
     filter by ``status`` and ``q``, page with ``limit`` (at most 200) and ``after``."""
     page = await runner().task_page(query_args.view(), query_args.limit, query_args.after,
-                                    query_args.offset)
+                                    query_args.offset, by=who())
     return {"tasks": [task.to_json() for task in page.rows], "total": page.total,
             "next": page.next, "limit": query_args.limit, "offset": query_args.offset}
 
 
 @api.get("/api/tasks/<task_id>")
 async def get_task(task_id: str) -> dict[str, object]:
-    """One task with every review decision."""
-    return (await runner().get_task(await task_named(task_id))).to_json()
+    """One task with every review decision, and who made it."""
+    return (await runner().get_task(await task_named(task_id), by=who())).to_json()
 
 
 @api.post("/api/tasks/<task_id>/cancel")
 async def cancel_task(task_id: str) -> dict[str, object]:
     """Cancel an unfinished task (409 if it has already finished)."""
-    return (await runner().cancel(await task_named(task_id))).to_json()
+    return (await runner().cancel(await task_named(task_id), by=who())).to_json()
 
 
 @api.get("/healthz")

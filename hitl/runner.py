@@ -1,19 +1,25 @@
 """Owns every running flow: starts, resumes, decides, cancels and stops them.
 
 Routes call these service functions; nothing else creates a flow or touches a task's
-runtime handles.
+runtime handles. Each takes who is asking (``by``) and asks :mod:`hitl.policy` first, so
+every path to a task, whatever its form, is checked alike and once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
+import json
 import logging
 from collections import OrderedDict
+from typing import Any
 
 from pocketflow import AsyncFlow
 from quart import Quart
 
+from . import policy
+from .accounts import Identity
 from .broker import Broker
 from .config import Config
 from .errors import (
@@ -30,7 +36,7 @@ from .lifecycle import attach
 from .models import Decision, Review, Status, Task, TaskRow, new_task_id
 from .nodes import check_attempts_left
 from .processors import Processor, ProcessorPool, load_processor
-from .store import IdempotencyKey, Store, TaskPage, View
+from .store import IdempotencyKey, Store, TaskPage, TaskState, View
 from .tracker import Tracker
 
 log = logging.getLogger(__name__)
@@ -55,7 +61,7 @@ class Runner:
         self._recovery: asyncio.Task[None] | None = None
         self._submitting: dict[str, asyncio.Future[Task]] = {}  # by Idempotency-Key
         self._stranded: set[str] = set()  # unfinished tasks whose flow stopped on a failure
-        self._finished: OrderedDict[str, tuple[Status, int]] = OrderedDict()
+        self._finished: OrderedDict[str, TaskState] = OrderedDict()
         journal.on_refused = self._strand
 
     def init_app(self, app: Quart) -> None:
@@ -96,46 +102,55 @@ class Runner:
                 log.exception("hourly tidy-up failed")
             await asyncio.sleep(3600)
 
-    async def submit(self, task_input: str, idempotency_key: str | None = None) -> Task:
+    async def submit(self, task_input: str, idempotency_key: str | None = None, *,
+                     by: Identity, reviewers: tuple[str, ...] = (),
+                     allow_self_review: bool = False) -> Task:
         """Store a new task (pending), then start its flow; with an ``idempotency_key``
         already used for the same request within its window, the task it created.
 
-        Runs to the end even if the client leaves: a submit creates a running task or none.
+        ``reviewers`` and ``allow_self_review`` say who may decide it (:mod:`hitl.policy`);
+        it is recorded as submitted by ``by``. Runs to the end even if the client leaves:
+        a submit creates a running task or none.
         """
+        policy.can_submit(by).require()
         if not self.accepting:
             raise Unavailable("the service is shutting down; submit again shortly")
+        task = Task(new_task_id(), task_input,
+                    submitted_by=None if policy.signed_out(by) else by.name,
+                    reviewers=reviewers, allow_self_review=allow_self_review)
         if idempotency_key is None:
-            return await asyncio.shield(self._create(task_input, None))
-        key = IdempotencyKey(idempotency_key, hashlib.sha256(task_input.encode()).hexdigest())
+            return await asyncio.shield(self._create(task, None))
+        key = IdempotencyKey(idempotency_key, request_hash(task))
         same = self._submitting.get(key.key)
         if same is None:  # the first of concurrent retries here; the store settles the rest
             same = self._submitting[key.key] = asyncio.ensure_future(self._submit_once(key,
-                                                                                  task_input))
+                                                                                  task))
             same.add_done_callback(lambda _: self._submitting.pop(key.key, None))
-        task = await asyncio.shield(same)
-        return await self._check_same_request(task, key)
+        created = await asyncio.shield(same)
+        return await self._check_same_request(created, key, by)
 
-    async def _submit_once(self, key: IdempotencyKey, task_input: str) -> Task:
+    async def _submit_once(self, key: IdempotencyKey, task: Task) -> Task:
         stored = await self.store.find_idempotent(key.key)
         if stored is None:
             try:
-                return await self._create(task_input, key)
+                return await self._create(task, key)
             except DuplicateKey:  # another process took the key first
                 stored = await self.store.find_idempotent(key.key)
                 if stored is None:  # ... and its window ended in between
                     raise Conflict(f"Idempotency-Key {key.key!r} is in use; "
                                    "send it again") from None
-        return await self.get_task(stored[0])
+        return await self._stored(stored[0])
 
-    async def _check_same_request(self, task: Task, key: IdempotencyKey) -> Task:
+    async def _check_same_request(self, task: Task, key: IdempotencyKey, by: Identity) -> Task:
         stored = await self.store.find_idempotent(key.key)
         if stored is not None and stored[1] != key.request_hash:
-            raise Conflict(f"Idempotency-Key {key.key!r} was used for another request "
-                           f"(task {stored[0]}); use a new key for a new task")
+            which = f" (task {stored[0]})" if policy.can_see(by, task) else ""
+            raise Conflict(f"Idempotency-Key {key.key!r} was used for another request"
+                           f"{which}; use a new key for a new task")
         return task
 
-    async def _create(self, task_input: str, key: IdempotencyKey | None) -> Task:
-        tracker = Tracker(Task(new_task_id(), task_input), self.journal)
+    async def _create(self, task: Task, key: IdempotencyKey | None) -> Task:
+        tracker = Tracker(task, self.journal)
         task_id = tracker.task.task_id
         self.trackers[task_id] = tracker
         try:
@@ -148,17 +163,26 @@ class Runner:
         return tracker.task
 
     async def decide(self, task_id: str, decision: Decision, comment: str = "",
-                     reviewer: str = "", attempt: int | None = None) -> Task:
-        """Hand a reviewer's decision to the waiting flow; returns once it is stored."""
+                     reviewer: str = "", attempt: int | None = None, *,
+                     by: Identity) -> Task:
+        """Hand a reviewer's decision to the waiting flow; returns once it is stored.
+
+        It is recorded as ``by``'s; ``reviewer`` (free text) names the decider only when
+        no one signs in (``--auth none``).
+        """
+        verdict = policy.can_decide(by, await self._visible(task_id, by))
+        verdict.require()
         tracker = await self._live(task_id)
         task = tracker.task
-        review = Review(decision, attempt or task.attempt, comment, reviewer)
+        review = Review(decision, attempt or task.attempt, comment,
+                        **signature(by, reviewer, verdict))
         stored = tracker.claim_decision(review)  # check and Event.set(), no await between
         await asyncio.shield(stored)
         return task
 
-    async def cancel(self, task_id: str) -> Task:
+    async def cancel(self, task_id: str, *, by: Identity) -> Task:
         """Cancel an unfinished task; its flow stops and the task ends as cancelled."""
+        policy.can_cancel(by, await self._visible(task_id, by)).require()
         tracker = await self._live(task_id)
         if tracker.flow is None or tracker.task.status.terminal:
             raise Conflict(f"task {task_id} is already {tracker.task.status}")
@@ -174,52 +198,73 @@ class Runner:
         raise tracker.finish_error or Unavailable(f"task {task_id} was not cancelled; "
                                                   "send it again shortly")
 
-    async def get_task(self, task_id: str) -> Task:
+    async def get_task(self, task_id: str, *, by: Identity) -> Task:
         """The task as stored: what the API shows is never ahead of the database."""
+        policy.can_read(by).require()
         task = await self.store.get_task(task_id)
-        if task is None:
+        if task is None or not policy.can_see(by, task):
             raise NotFound(f"no task with id {task_id!r}")
         return task
 
-    async def resolve(self, task_id: str) -> str:
-        """The full id of the task named by its id or a unique prefix (8+ characters)."""
-        return await self.store.resolve_task_id(task_id)
+    async def resolve(self, task_id: str, *, by: Identity) -> str:
+        """The full id of the task named by its id or a unique prefix (8+ characters),
+        among the tasks ``by`` may see."""
+        policy.can_read(by).require()
+        return await self.store.resolve_task_id(task_id, policy.owner_filter(by))
 
-    async def task_state(self, task_id: str) -> tuple[Status, int]:
-        """Status and last message number, for a stream to decide what to replay.
+    async def task_state(self, task_id: str, *, by: Identity) -> TaskState:
+        """Status, last message number and submitter, for a stream to decide what to replay.
 
         Live and recently finished tasks are answered from memory: a reconnect storm
         after a task finishes asks this thousands of times at once.
         """
+        policy.can_read(by).require()
         tracker = self.trackers.get(task_id)
-        if tracker is not None:
-            return tracker.task.status, tracker.task.last_seq
-        state = self._finished.get(task_id) or await self.store.task_state(task_id)
-        if state is None:
+        state = (task_state(tracker.task) if tracker is not None
+                 else self._finished.get(task_id) or await self.store.task_state(task_id))
+        if state is None or not policy.can_see(by, state):
             raise NotFound(f"no task with id {task_id!r}")
         return state
 
-    async def list_tasks(self, status: Status | None, limit: int, offset: int
-                         ) -> tuple[list[TaskRow], int]:
-        return await self.store.list_tasks(status, limit, offset)
+    async def list_tasks(self, status: Status | None, limit: int, offset: int, *,
+                         by: Identity) -> tuple[list[TaskRow], int]:
+        """A page of the tasks ``by`` may see (a submitter: their own, filtered in SQL)."""
+        policy.can_read(by).require()
+        return await self.store.list_tasks(status, limit, offset, policy.owner_filter(by))
+
+    def watch_scope(self, by: Identity) -> str | None:
+        """Whose tasks ``by`` may watch on the all-tasks streams: everyone's (None), or
+        only those this user submitted (a submitter); Forbidden for a worker."""
+        policy.can_read(by).require()
+        return policy.owner_filter(by)
 
     async def task_page(self, view: View, limit: int, after: str | None = None,
-                        offset: int = 0) -> TaskPage:
+                        offset: int = 0, *, by: Identity) -> TaskPage:
+        """A page of the view's tasks that ``by`` may see (a submitter: their own, in SQL)."""
+        policy.can_read(by).require()
+        view = dataclasses.replace(view, submitted_by=policy.owner_filter(by))
         return await self.store.task_page(view, limit, after, offset)
 
-    async def oldest_waiting(self, after: str | None = None) -> str | None:
-        return await self.store.oldest_waiting(after)
+    async def oldest_waiting(self, after: str | None = None, *, by: Identity) -> str | None:
+        """The task waiting longest that ``by`` may decide (after ``after``, round)."""
+        policy.can_read(by).require()
+        return await self.store.oldest_waiting(after, policy.review_scope(by))
 
-    async def changes_since(self, since: int, limit: int) -> list[tuple[TaskRow, bool]]:
-        return await self.store.changes_since(since, limit)
+    async def changes_since(self, since: int, limit: int, *, by: Identity
+                            ) -> list[tuple[TaskRow, bool]]:
+        """The tasks ``by`` may see that changed after message ``since``."""
+        policy.can_read(by).require()
+        return await self.store.changes_since(since, limit, policy.owner_filter(by))
 
     async def task_row(self, task_id: str) -> TaskRow | None:
-        """One task as lists show it (excerpts), or None once it is deleted."""
+        """One task as lists show it (excerpts), or None once it is deleted: for a stream
+        that has checked the task is its reader's (a dashboard row, rendered once for all)."""
         return await self.store.task_row(task_id)
 
-    async def status_counts(self) -> dict[str, int]:
-        """How many stored tasks are in each status (for dashboards)."""
-        return await self.store.status_counts()
+    async def status_counts(self, *, by: Identity) -> dict[str, int]:
+        """How many stored tasks ``by`` may see are in each status (for dashboards)."""
+        policy.can_read(by).require()
+        return await self.store.status_counts(policy.owner_filter(by))
 
     def health(self) -> dict[str, object]:
         """Liveness and gauges; ``status`` is "degraded" while changes cannot be stored."""
@@ -228,11 +273,27 @@ class Runner:
                 "live_tasks": len(self.trackers), "subscribers": self.broker.subscriber_count(),
                 **({"error": f"storage unavailable: {failure}"} if failure else {})}
 
+    async def _stored(self, task_id: str) -> Task:
+        task = await self.store.get_task(task_id)
+        if task is None:
+            raise NotFound(f"no task with id {task_id!r}")
+        return task
+
+    async def _visible(self, task_id: str, by: Identity) -> Task:
+        """The task, live or stored, if ``by`` may see it (who submitted it and who may
+        decide it never change: a live task's record answers without a read)."""
+        policy.can_read(by).require()
+        tracker = self.trackers.get(task_id)
+        task = tracker.task if tracker is not None else await self.store.get_task(task_id)
+        if task is None or not policy.can_see(by, task):
+            raise NotFound(f"no task with id {task_id!r}")
+        return task
+
     async def _live(self, task_id: str) -> Tracker:
         """The tracker of a task whose flow runs, or the reason a change cannot be made."""
         tracker = self.trackers.get(task_id)
         if tracker is None:
-            task = await self.get_task(task_id)  # NotFound, or finished
+            task = await self._stored(task_id)  # NotFound, or finished
             if task.status.terminal:
                 raise Conflict(f"task {task_id} is already {task.status}")
             if not self.accepting:
@@ -301,7 +362,7 @@ class Runner:
             tracker.settle_decision(self._why_stopped(task.task_id))
         if tracker.ended:
             self.broker.release(task.task_id)
-            self._finished[task.task_id] = (task.status, task.last_seq)
+            self._finished[task.task_id] = task_state(task)
             if len(self._finished) > RECENTLY_FINISHED:
                 self._finished.popitem(last=False)
         elif self.accepting:  # not shutting down: bring it back from the store
@@ -370,3 +431,26 @@ class Runner:
                     self.journal.forgive(task_id)
             if not self._stranded and self.journal.failure is None:
                 return
+
+
+def task_state(task: Task) -> TaskState:
+    return TaskState(task.status, task.last_seq, task.submitted_by)
+
+
+def request_hash(task: Task) -> str:
+    """What an Idempotency-Key stands for: the same input, from the same user, with the
+    same reviewers (a submit with sign-in off and no options hashes its input alone)."""
+    text = task.task_input
+    if task.submitted_by is not None or task.reviewers or task.allow_self_review:
+        text += "\0" + json.dumps([task.submitted_by, task.reviewers, task.allow_self_review])
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def signature(by: Identity, reviewer: str, verdict: policy.Decision) -> dict[str, Any]:
+    """Who made a decision, as the review records it: the signed-in user, however the
+    request names its reviewer; with sign-in off, the name they typed."""
+    if policy.signed_out(by):
+        return {"reviewer": reviewer, "display_name": reviewer, "auth_method": "none"}
+    return {"reviewer": by.name, "display_name": by.user.display_name,
+            "auth_method": by.method, "token_label": by.token_label,
+            "admin_override": verdict.override}

@@ -8,6 +8,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 from pydantic_core import PydanticCustomError
 from werkzeug.datastructures import Headers
 
+from .accounts import MAX_NAME, checked_login, checked_name
 from .errors import Invalid
 from .models import Status
 from .store import View
@@ -18,6 +19,8 @@ MAX_KEY_LENGTH = 255
 MAX_LIMIT = 200  # tasks one list answers at most
 MAX_INTEGER = 2**63 - 1  # SQLite's largest: beyond it a query cannot even be asked
 MAX_SEARCH = 200  # characters of a search
+MAX_REVIEWERS = 50  # entries a task's reviewers list may have
+GROUP = "group:"
 
 
 def checked_id(task_id: str) -> str:
@@ -37,8 +40,23 @@ def idempotency_key(headers: Headers) -> str | None:
     return key
 
 
+def reviewer_entry(entry: str) -> str:
+    """A user name or ``group:NAME``, as sign-in names are written (lower-case, plain)."""
+    name = entry.removeprefix(GROUP)
+    try:
+        name = checked_login(name)
+    except Invalid as exc:
+        raise ValueError(f"{entry[:80]!r} is not a user name or group:NAME ({exc})") from None
+    return GROUP + name if entry.startswith(GROUP) else name
+
+
 class SubmitIn(BaseModel):
     data: str = Field(max_length=MAX_TEXT, description="the task input")
+    reviewers: list[str] = Field(
+        default_factory=list, max_length=MAX_REVIEWERS,
+        description="who may decide it: user names and group:NAME entries (none: any "
+                    "reviewer)")
+    allow_self_review: bool = Field(False, description="may its submitter decide it too")
 
     @field_validator("data")
     @classmethod
@@ -46,6 +64,11 @@ class SubmitIn(BaseModel):
         if not value.strip():
             raise ValueError("must not be empty")
         return value
+
+    @field_validator("reviewers")
+    @classmethod
+    def plain_names(cls, value: list[str]) -> list[str]:
+        return list(dict.fromkeys(reviewer_entry(entry) for entry in value))
 
 
 class SubmitOut(BaseModel):
@@ -58,8 +81,19 @@ class FeedbackIn(BaseModel):
 
     feedback: Literal["approved", "rejected"]
     comment: str = Field("", max_length=20_000)
-    reviewer: str = Field("", max_length=200)
+    reviewer: str = Field("", max_length=MAX_NAME, description="with --auth none only: who "
+                                                               "decides (signed in: the user)")
     attempt: int | None = Field(None, ge=1, description="the attempt the decision was made on")
+
+    @field_validator("reviewer")
+    @classmethod
+    def plain_text(cls, value: str) -> str:
+        """A name shown to people: no control or formatting characters (a right-to-left
+        override would render another name)."""
+        try:
+            return checked_name(value, "reviewer") if value.strip() else ""
+        except Invalid as exc:
+            raise ValueError(exc.message) from None
 
 
 class MessageOut(BaseModel):

@@ -8,6 +8,10 @@ client leaving (``python -m bench fanout``: memory per idle watcher).
 This path only ever answers a stream it could open. A request it refuses (or a bug in
 checking it) is handed to Quart with the error, so Quart's error handlers answer it as
 they answer every other error: one renderer, JSON or a page for a browser.
+
+A stream is opened only to a reader who may see its task (the runner asks the policy);
+the all-tasks stream of a submitter carries only their tasks' messages, filtered by the
+submitter each message carries, so the filter costs no query.
 """
 
 from __future__ import annotations
@@ -19,8 +23,10 @@ from urllib.parse import parse_qs
 
 from quart import Quart, request
 
-from .broker import GLOBAL, Broker, Subscription
+from .broker import GLOBAL, HEARTBEAT, RESET, Broker, Subscription
 from .guard import Guard
+from .models import Message
+from .routes import who
 from .runner import Runner
 from .schemas import checked_id
 from .security import secured
@@ -44,6 +50,7 @@ class Stream:
     topic: str
     last_id: int | None
     finished: bool  # a finished task with nothing left to replay
+    owner: str | None = None  # the submitter whose messages alone it carries (None: all)
 
 
 def is_stream_path(path: str) -> bool:
@@ -55,14 +62,15 @@ def is_stream_path(path: str) -> bool:
 async def check_stream(app: Quart, scope: Scope) -> Stream:
     """Check a stream request as Quart checks every other one, then parse it; raises
     HitlError for a bad one."""
-    cast(Guard, app.extensions["guard"]).check_request(scope)
+    await cast(Guard, app.extensions["guard"]).check_request(scope)
+    identity = who(scope)
     task_id = scope["path"].removeprefix("/stream").removeprefix("/")
     last_id = parse_last_id(last_event_id(scope))
-    if not task_id:
-        return Stream(GLOBAL, last_id, finished=False)
     runner = cast(Runner, app.extensions["runner"])
-    task_id = await runner.resolve(checked_id(task_id))  # a unique prefix names it too
-    status, last_seq = await runner.task_state(task_id)
+    if not task_id:
+        return Stream(GLOBAL, last_id, finished=False, owner=runner.watch_scope(identity))
+    task_id = await runner.resolve(checked_id(task_id), by=identity)  # a prefix names it too
+    status, last_seq, _ = await runner.task_state(task_id, by=identity)
     if last_id is None:  # no Last-Event-ID: the task's current state (its latest message) first
         last_id = max(last_seq - 1, 0)
     return Stream(task_id, last_id, finished=status.terminal and last_id >= last_seq)
@@ -97,13 +105,16 @@ async def serve_stream(app: Quart, scope: Scope, receive: Receive, send: Send,
         client_gone = asyncio.ensure_future(until_disconnect(receive, subscription))
         try:
             while more:
-                chunk, more = encode(await subscription.batch(),
-                                     ends_at_terminal=stream.topic != GLOBAL)
-                if not chunk:  # ended: we are stopping, or it fell too far behind
+                batch = await subscription.batch()
+                if not batch:  # ended: we are stopping, or it fell too far behind
                     break
+                if stream.owner is not None and not (batch := owned(batch, stream.owner)):
+                    continue
+                chunk, more = encode(batch, ends_at_terminal=stream.topic != GLOBAL)
                 await send({"type": "http.response.body", "body": head + chunk,
                             "more_body": more})
                 head = chunk = b""
+                del batch
         finally:
             client_gone.cancel()
     if more:
@@ -115,6 +126,11 @@ async def answer_refused() -> None:
     error = request.scope.get(REFUSED)
     if isinstance(error, Exception):
         raise error
+
+
+def owned(batch: list[Message], owner: str) -> list[Message]:
+    """The messages of ``owner``'s tasks (and heartbeats and resets): all a submitter may see."""
+    return [m for m in batch if m.submitted_by == owner or m is HEARTBEAT or m.status == RESET]
 
 
 def last_event_id(scope: Scope) -> str | None:

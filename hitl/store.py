@@ -10,13 +10,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import json
 import os
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import aiosqlite
 from quart import Quart
@@ -99,23 +100,85 @@ MIGRATIONS: tuple[str, ...] = (
         SELECT task_id, n, CASE WHEN n = attempt THEN processed_output END, n = attempt
           FROM tasks JOIN numbers ON n <= attempt;
     """,
+    """
+    CREATE TABLE users (
+        name          TEXT PRIMARY KEY,
+        display_name  TEXT NOT NULL,
+        role          TEXT NOT NULL,
+        groups        TEXT NOT NULL DEFAULT '[]',
+        password_hash TEXT,
+        created_at    REAL NOT NULL,
+        disabled_at   REAL
+    );
+    CREATE TABLE tokens (
+        id           TEXT PRIMARY KEY,
+        user_name    TEXT NOT NULL REFERENCES users (name),
+        label        TEXT NOT NULL DEFAULT '',
+        token_hash   TEXT NOT NULL UNIQUE,
+        created_at   REAL NOT NULL,
+        expires_at   REAL,
+        revoked_at   REAL,
+        last_used_at REAL
+    );
+    CREATE TABLE sessions (
+        id_hash    TEXT PRIMARY KEY,
+        user_name  TEXT NOT NULL REFERENCES users (name),
+        method     TEXT NOT NULL,
+        csrf       TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        expires_at REAL NOT NULL,
+        ended_at   REAL
+    );
+    CREATE INDEX sessions_by_user ON sessions (user_name);
+    CREATE TABLE login_links (
+        token_hash TEXT PRIMARY KEY,
+        user_name  TEXT NOT NULL REFERENCES users (name),
+        expires_at REAL NOT NULL,
+        used_at    REAL
+    );
+    CREATE TABLE login_failures (
+        key TEXT NOT NULL,
+        at  REAL NOT NULL
+    );
+    CREATE INDEX login_failures_by_key ON login_failures (key, at);
+    CREATE TABLE settings (
+        key   TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    );
+    """,
+    # Who submitted each task and who may decide it; who decided, and how they signed in.
+    # Earlier tasks and reviews were made with sign-in off: NULL submitter, method 'none'.
+    """
+    ALTER TABLE tasks ADD COLUMN submitted_by TEXT;
+    ALTER TABLE tasks ADD COLUMN reviewers TEXT NOT NULL DEFAULT '[]';
+    ALTER TABLE tasks ADD COLUMN allow_self_review INTEGER NOT NULL DEFAULT 0;
+    CREATE INDEX tasks_by_submitter ON tasks (submitted_by, created_at);
+    ALTER TABLE reviews ADD COLUMN display_name TEXT NOT NULL DEFAULT '';
+    ALTER TABLE reviews ADD COLUMN auth_method TEXT NOT NULL DEFAULT 'none';
+    ALTER TABLE reviews ADD COLUMN token_label TEXT;
+    ALTER TABLE reviews ADD COLUMN admin_override INTEGER NOT NULL DEFAULT 0;
+    """,
 )
 
 IDEMPOTENCY_WINDOW = 24 * 3600  # seconds an Idempotency-Key stands for its task
 
 _UPSERT_TASK = """
     INSERT INTO tasks (task_id, task_input, status, attempt, processed_output, final_result,
-                       error, last_seq, created_at, updated_at)
+                       error, last_seq, created_at, updated_at, submitted_by, reviewers,
+                       allow_self_review)
     VALUES (:task_id, :task_input, :status, :attempt, :processed_output, :final_result,
-            :error, :last_seq, :created_at, :updated_at)
+            :error, :last_seq, :created_at, :updated_at, :submitted_by, :reviewers,
+            :allow_self_review)
     ON CONFLICT (task_id) DO UPDATE SET
         status = excluded.status, attempt = excluded.attempt,
         processed_output = excluded.processed_output, final_result = excluded.final_result,
         error = excluded.error, last_seq = excluded.last_seq, updated_at = excluded.updated_at
 """
 _INSERT_REVIEW = """
-    INSERT INTO reviews (task_id, attempt, decision, comment, reviewer, created_at)
-    VALUES (:task_id, :attempt, :decision, :comment, :reviewer, :created_at)
+    INSERT INTO reviews (task_id, attempt, decision, comment, reviewer, created_at,
+                         display_name, auth_method, token_label, admin_override)
+    VALUES (:task_id, :attempt, :decision, :comment, :reviewer, :created_at,
+            :display_name, :auth_method, :token_label, :admin_override)
 """
 _INSERT_MESSAGE = """
     INSERT INTO messages (gid, task_id, seq, status, data)
@@ -136,24 +199,31 @@ _UPSERT_ATTEMPT = """
         finished_at = excluded.finished_at, error = excluded.error, tries = excluded.tries,
         known = excluded.known
 """
-_GLOBAL_PAGE = """
-    SELECT gid, task_id, seq, status, data FROM messages
+# A message, with its task's submitter: a stream filters replayed messages as live ones.
+_MESSAGE_COLUMNS = """messages.gid AS gid, messages.task_id AS task_id, seq,
+                      messages.status AS status, data, submitted_by"""
+_GLOBAL_PAGE = f"""
+    SELECT {_MESSAGE_COLUMNS} FROM messages JOIN tasks USING (task_id)
      WHERE gid > :after ORDER BY gid LIMIT :limit
 """
-_TASK_PAGE = """
-    SELECT gid, task_id, seq, status, data FROM messages
-     WHERE task_id = :task_id AND seq > :after ORDER BY seq LIMIT :limit
+_TASK_PAGE = f"""
+    SELECT {_MESSAGE_COLUMNS} FROM messages JOIN tasks USING (task_id)
+     WHERE messages.task_id = :task_id AND seq > :after ORDER BY seq LIMIT :limit
 """
 _LATEST_GID = """
     SELECT max(coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'messages'), 0),
                coalesce((SELECT max(gid) FROM messages), 0))
 """
 _TASK_COLUMNS = """task_id, task_input, status, attempt, processed_output, final_result,
-                   error, last_seq, created_at, updated_at"""
+                   error, last_seq, created_at, updated_at, submitted_by, reviewers,
+                   allow_self_review"""
+_REVIEW_COLUMNS = """decision, attempt, comment, reviewer, created_at, display_name,
+                     auth_method, token_label, admin_override"""
 # A list's columns: each text cut in SQL, so a list never reads a whole text. (SQLite's
 # text functions stop at a NUL character: such a text is cut and measured up to it.)
 _TEXTS = ("task_input", "processed_output", "final_result", "error")
-_ROW_COLUMNS = "task_id, status, attempt, last_seq, created_at, updated_at, " + ", ".join(
+_ROW_COLUMNS = ("task_id, status, attempt, last_seq, created_at, updated_at, submitted_by, "
+                "reviewers, allow_self_review, ") + ", ".join(
     f"substr({text}, 1, {EXCERPT}) AS {text}, length({text}) AS {text}_length" for text in _TEXTS
 )
 # A list's orders: each its sort key and direction, and how the rows after a cursor
@@ -172,7 +242,34 @@ _HEX = frozenset("0123456789abcdef")
 _MATCHING_PREFIX = """
     SELECT count(*) AS matches, min(task_id) AS first FROM tasks
      WHERE task_id >= :prefix AND task_id < :prefix || 'g'
+       AND (:owner IS NULL OR submitted_by = :owner)
 """
+
+
+class ReviewScope(NamedTuple):
+    """Whose review queue: a signed-in reviewer's name and the names that stand for them
+    in a task's ``reviewers`` (themselves and their groups); ``names`` None for an admin,
+    who may decide any task. The same rule as :func:`hitl.policy.can_decide`, in SQL."""
+
+    name: str
+    names: tuple[str, ...] | None
+
+
+# The tasks a ReviewScope may decide: not their own (unless allowed), and naming them or no one.
+_DECIDABLE = """
+    AND (submitted_by IS NOT :me OR allow_self_review)
+    AND (:any_named OR reviewers = '[]'
+         OR EXISTS (SELECT 1 FROM json_each(tasks.reviewers)
+                     WHERE value IN (SELECT value FROM json_each(:names))))
+"""
+
+
+class TaskState(NamedTuple):
+    """What a stream needs to know of a task before it opens: where it stands, whose it is."""
+
+    status: Status
+    last_seq: int
+    submitted_by: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,6 +287,7 @@ class View:
     status: Status | None = None
     search: str = ""  # text found literally in a task's input, output or id
     order: Order = "newest"
+    submitted_by: str | None = None  # only this user's tasks (what a submitter may see)
 
 
 @dataclass(frozen=True, slots=True)
@@ -364,15 +462,17 @@ class Store:
         )
         return next(((str(row[0]), str(row[1])) for row in rows), None)
 
-    async def resolve_task_id(self, prefix: str) -> str:
-        """The id of the one task whose id starts with ``prefix`` (8 hex characters or more).
+    async def resolve_task_id(self, prefix: str, submitted_by: str | None = None) -> str:
+        """The id of the one task whose id starts with ``prefix`` (8 hex characters or more),
+        among those ``submitted_by`` that user if given.
 
         Anything else, a whole id included, is returned as it is, with no query: looking it
         up then finds the task or says there is none. More than one match is Invalid.
         """
         if not MIN_PREFIX <= len(prefix) < ID_LENGTH or not _HEX.issuperset(prefix):
             return prefix
-        rows = await self.reader.execute_fetchall(_MATCHING_PREFIX, {"prefix": prefix})
+        rows = await self.reader.execute_fetchall(_MATCHING_PREFIX, {"prefix": prefix,
+                                                                     "owner": submitted_by})
         matches, first = next(iter(rows))
         if matches > 1 and first != prefix:
             raise Invalid(f"task id {prefix!r} is ambiguous: {matches} tasks start with it; "
@@ -390,12 +490,13 @@ class Store:
         task.attempts = await self.attempts(task_id)
         return task
 
-    async def task_state(self, task_id: str) -> tuple[Status, int] | None:
-        """A task's status and last message number, without loading the rest."""
+    async def task_state(self, task_id: str) -> TaskState | None:
+        """A task's status, last message number and submitter, without loading the rest."""
         rows = await self.reader.execute_fetchall(
-            "SELECT status, last_seq FROM tasks WHERE task_id = :task_id", {"task_id": task_id}
+            "SELECT status, last_seq, submitted_by FROM tasks WHERE task_id = :task_id",
+            {"task_id": task_id}
         )
-        return next(((Status(row[0]), int(row[1])) for row in rows), None)
+        return next((TaskState(Status(row[0]), int(row[1]), row[2]) for row in rows), None)
 
     async def attempts(self, task_id: str) -> list[Attempt]:
         rows = await self.reader.execute_fetchall(
@@ -407,17 +508,21 @@ class Store:
 
     async def reviews(self, task_id: str) -> list[Review]:
         rows = await self.reader.execute_fetchall(
-            """SELECT decision, attempt, comment, reviewer, created_at
-                 FROM reviews WHERE task_id = :task_id ORDER BY id""",
+            f"""SELECT {_REVIEW_COLUMNS}
+                  FROM reviews WHERE task_id = :task_id ORDER BY id""",
             {"task_id": task_id},
         )
-        return [Review(**dict(row)) for row in rows]
+        return [Review(**{**dict(row), "admin_override": bool(row["admin_override"])})
+                for row in rows]
 
     async def list_tasks(
-        self, status: Status | None = None, limit: int = 50, offset: int = 0
+        self, status: Status | None = None, limit: int = 50, offset: int = 0,
+        submitted_by: str | None = None,
     ) -> tuple[list[TaskRow], int]:
-        """One page of tasks (excerpts), newest first, and how many match in all."""
-        page = await self.task_page(View(status), limit, offset=offset)
+        """One page of tasks (excerpts), newest first, and how many match in all; only
+        those ``submitted_by`` that user, if given."""
+        page = await self.task_page(View(status, submitted_by=submitted_by), limit,
+                                    offset=offset)
         return page.rows, page.total
 
     async def task_page(self, view: View, limit: int, after: str | None = None,
@@ -446,31 +551,42 @@ class Store:
         return TaskPage(tasks, next(iter(total))[0],
                         cursor(tasks[-1], view.order) if more else None, since)
 
-    async def oldest_waiting(self, after: str | None = None) -> str | None:
+    async def oldest_waiting(self, after: str | None = None,
+                             scope: ReviewScope | None = None) -> str | None:
         """The id of the task that has waited longest for review; with ``after`` (a task
-        id), of the one after it in that queue, round to the start, never ``after`` itself."""
+        id), of the one after it in that queue, round to the start, never ``after`` itself.
+        With a ``scope``, only among the tasks that reviewer may decide."""
+        params: dict[str, Any] = {"after": after}
+        scoped = ""
+        if scope is not None:
+            scoped = _DECIDABLE
+            params |= {"me": scope.name, "any_named": scope.names is None,
+                       "names": json.dumps(scope.names or [])}
         rows = await self.reader.execute_fetchall(
-            """SELECT task_id FROM tasks
-                WHERE status = 'waiting_for_review' AND task_id IS NOT :after
-                ORDER BY (updated_at, task_id) < (SELECT updated_at, task_id FROM tasks
-                                                   WHERE task_id = :after
-                                                     AND status = 'waiting_for_review'),
-                         updated_at, task_id
-                LIMIT 1""",
-            {"after": after},
+            f"""SELECT task_id FROM tasks
+                 WHERE status = 'waiting_for_review' AND task_id IS NOT :after {scoped}
+                 ORDER BY (updated_at, task_id) < (SELECT updated_at, task_id FROM tasks
+                                                    WHERE task_id = :after
+                                                      AND status = 'waiting_for_review'),
+                          updated_at, task_id
+                 LIMIT 1""",
+            params,
         )
         return next((str(row[0]) for row in rows), None)
 
-    async def changes_since(self, since: int, limit: int) -> list[tuple[TaskRow, bool]]:
+    async def changes_since(self, since: int, limit: int, submitted_by: str | None = None
+                            ) -> list[tuple[TaskRow, bool]]:
         """The tasks changed after message ``since`` (at most ``limit``, the least recently
-        changed first), each with whether it was submitted after it."""
+        changed first), each with whether it was submitted after it; only those
+        ``submitted_by`` that user, if given."""
         rows = await self.reader.execute_fetchall(
             f"""SELECT {_ROW_COLUMNS}, EXISTS (
                        SELECT 1 FROM messages AS first WHERE first.task_id = tasks.task_id
                           AND first.seq = 1 AND first.gid > :since) AS submitted_since
                   FROM tasks WHERE task_id IN (SELECT task_id FROM messages WHERE gid > :since)
+                   AND (:submitted_by IS NULL OR submitted_by = :submitted_by)
                  ORDER BY updated_at, task_id LIMIT :limit""",
-            {"since": since, "limit": limit},
+            {"since": since, "limit": limit, "submitted_by": submitted_by},
         )
         return [(_task_row(row, skip=("submitted_since",)), bool(row["submitted_since"]))
                 for row in rows]
@@ -489,9 +605,10 @@ class Store:
         )
         return next((_task_row(row) for row in rows), None)
 
-    async def status_counts(self) -> dict[str, int]:
+    async def status_counts(self, submitted_by: str | None = None) -> dict[str, int]:
+        clauses, params = _view_clauses(View(submitted_by=submitted_by))
         rows = await self.reader.execute_fetchall(
-            "SELECT status, count(*) FROM tasks GROUP BY status"
+            f"SELECT status, count(*) FROM tasks {_where(clauses)} GROUP BY status", params
         )
         return {row[0]: row[1] for row in rows}
 
@@ -527,8 +644,8 @@ class Store:
 
     async def task_messages(self, task_id: str, after: int) -> list[Message]:
         rows = await self.reader.execute_fetchall(
-            """SELECT gid, task_id, seq, status, data FROM messages
-                WHERE task_id = :task_id AND seq > :after ORDER BY seq""",
+            f"""SELECT {_MESSAGE_COLUMNS} FROM messages JOIN tasks USING (task_id)
+                 WHERE messages.task_id = :task_id AND seq > :after ORDER BY seq""",
             {"task_id": task_id, "after": after},
         )
         return [_event(row).for_task() for row in rows]
@@ -636,10 +753,15 @@ def lock_exclusively(path: str) -> int | None:
     return fd
 
 
-def _task(row: sqlite3.Row) -> Task:
-    data = dict(row)
+def _assignment(data: dict[str, Any]) -> dict[str, Any]:
     data["status"] = Status(data["status"])
-    return Task(**data)
+    data["reviewers"] = tuple(json.loads(data["reviewers"]))
+    data["allow_self_review"] = bool(data["allow_self_review"])
+    return data
+
+
+def _task(row: sqlite3.Row) -> Task:
+    return Task(**_assignment(dict(row)))
 
 
 def escape_like(text: str) -> str:
@@ -653,6 +775,9 @@ def _view_clauses(view: View) -> tuple[list[str], dict[str, Any]]:
     if view.status is not None:
         clauses.append("status = :status")
         params["status"] = view.status.value
+    if view.submitted_by is not None:
+        clauses.append("submitted_by = :submitted_by")
+        params["submitted_by"] = view.submitted_by
     if view.search:  # a scan: about 20 ms over 10,000 tasks
         clauses.append("(" + " OR ".join(f"{column} LIKE :pattern ESCAPE '\\'"
                                          for column in _SEARCHED) + ")")
@@ -679,20 +804,22 @@ def parse_cursor(after: str) -> tuple[float, str]:
 
 
 def _task_row(row: sqlite3.Row, skip: tuple[str, ...] = ()) -> TaskRow:
-    data = {name: row[name] for name in row.keys() if name not in skip}
+    data = _assignment({name: row[name] for name in row.keys() if name not in skip})
     for text in _TEXTS:
         data[text] = excerpt(data[text], data[f"{text}_length"])
-    data["status"] = Status(data["status"])
     return TaskRow(**data)
 
 
 def _event(row: sqlite3.Row) -> TaskEvent:
-    return TaskEvent(row["task_id"], row["seq"], row["gid"], row["status"], row["data"])
+    return TaskEvent(row["task_id"], row["seq"], row["gid"], row["status"], row["data"],
+                     row["submitted_by"])
 
 
 def _review_row(review: Review) -> dict[str, Any]:
     return {"attempt": review.attempt, "decision": review.decision, "comment": review.comment,
-            "reviewer": review.reviewer, "created_at": review.created_at}
+            "reviewer": review.reviewer, "created_at": review.created_at,
+            "display_name": review.display_name, "auth_method": review.auth_method,
+            "token_label": review.token_label, "admin_override": review.admin_override}
 
 
 def _message_row(event: TaskEvent) -> dict[str, Any]:

@@ -60,7 +60,8 @@ def marked_reset(state: Message) -> Message:
     """A task's latest message again, with ``"replay": "reset"``: the state it is in, for a
     watcher whose ``Last-Event-ID`` cannot be replayed exactly."""
     data = state.data[:-1] + ',"replay":"reset"}'  # the payload is a compact JSON object
-    return Message(state.id, state.task_id, state.status, data, sse_frame(data, state.id))
+    return Message(state.id, state.task_id, state.status, data, sse_frame(data, state.id),
+                   state.submitted_by)
 
 
 def contiguous(messages: list[Message]) -> list[Message]:

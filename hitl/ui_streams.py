@@ -6,6 +6,10 @@ watch (:class:`FragmentCache`). htmx's SSE extension reconnects with a *new*
 EventSource, which sends no ``Last-Event-ID``; so every connection starts with the
 current state, and a finished task's stream ends with a ``close`` event the page's
 ``sse-close`` attribute acts on. The JSON API streams (:mod:`hitl.streams`) are apart.
+
+A stream carries only what its reader may see: a task's stream is opened only to those
+who may see the task, and the dashboard's skips other people's tasks for a submitter,
+by the submitter each message carries (no query per message).
 """
 
 from __future__ import annotations
@@ -14,12 +18,14 @@ import asyncio
 import json
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any, TypeVar, cast
 
 from quart import Quart, render_template
 
+from . import policy
+from .accounts import Identity
 from .broker import GLOBAL, HEARTBEAT, RESET, Broker
 from .diffs import attempt_views
 from .models import Message, Status, Task, sse_frame
@@ -88,24 +94,42 @@ def snapshot(task: Task) -> Task:
     return replace(task, reviews=list(task.reviews), attempts=list(task.attempts))
 
 
-async def task_view(runner: Runner, task: Task) -> dict[str, Any]:
-    """What the task page's regions render from: the task and its attempts compared.
+@dataclass(frozen=True, slots=True)
+class Standing:
+    """How a task's regions differ by who watches: whether they may decide and cancel (the
+    policy's answers, with their reasons), and whether they type their name (sign-in off). Templates
+    are given this, never the identity: so a render is shared by all with one standing."""
+
+    verdict: policy.Decision
+    cancel: policy.Decision
+    ask_name: bool
+
+    @classmethod
+    def of(cls, identity: Identity, task: Task) -> Standing:
+        return cls(policy.can_decide(identity, task), policy.can_cancel(identity, task),
+                   policy.signed_out(identity))
+
+
+async def task_view(runner: Runner, task: Task, standing: Standing) -> dict[str, Any]:
+    """What the task page's regions render from: the task and its attempts compared, and
+    the watcher's standing.
 
     The word diffs of long outputs take a while, so they are made in a worker thread.
     """
     task = snapshot(task)
     return {"task": task, "attempts": await asyncio.to_thread(attempt_views, task),
-            "max_attempts": runner.config.max_attempts}
+            "max_attempts": runner.config.max_attempts, "standing": standing}
 
 
-async def render_task_message(runner: Runner, message: Message, full: bool) -> bytes:
+async def render_task_message(runner: Runner, message: Message, full: bool,
+                              standing: Standing, by: Identity) -> bytes:
     """The task page's regions after ``message``; ``full`` adds more than the status."""
-    task = snapshot(await runner.get_task(message.task_id))
+    task = snapshot(await runner.get_task(message.task_id, by=by))
     progress = progress_of(task, message)
     parts = [frame("status", await render_template("_task_status.html", task=task,
                                                    progress=progress))]
     if full:
-        view = await task_view(runner, task)
+        view = await task_view(runner, task, standing)
         for region in ("review", "history", "result"):
             parts.append(frame(region, await render_template(f"_task_{region}.html", **view)))
     if message.terminal:
@@ -114,22 +138,25 @@ async def render_task_message(runner: Runner, message: Message, full: bool) -> b
 
 
 async def task_events(runner: Runner, broker: Broker, cache: FragmentCache,
-                      task: Task) -> AsyncIterator[bytes]:
-    """A task page's stream: its current state, then each change, then ``close``.
+                      task: Task, by: Identity) -> AsyncIterator[bytes]:
+    """A task page's stream (``task`` is one ``by`` may see): its current state, then each
+    change, then ``close``.
 
     Subscribing from the message before the last one replays that last message, which
     renders the current state (with the progress it reported, if running).
     """
     yield RETRY
     first = True
+    standing = Standing.of(by, task)  # who submitted it and who may decide never change
     async with broker.subscribe(task.task_id, max(task.last_seq - 1, 0)) as subscription:
         async for message in subscription:
             if message is HEARTBEAT:
                 yield message.frame
                 continue
             full = first or not is_progress_tick(message)
-            key = ("task", task.task_id, message.id, full)
-            yield await cache.get(key, partial(render_task_message, runner, message, full))
+            key = ("task", task.task_id, message.id, full, standing)
+            yield await cache.get(key, partial(render_task_message, runner, message, full,
+                                               standing, by))
             first = False
             if message.terminal:
                 return
@@ -161,16 +188,17 @@ def announce(task_id: str) -> bytes:
     return frame("task-new", task_id)
 
 
-async def render_counts(runner: Runner, view: View) -> bytes:
-    counts = await runner.status_counts()
+async def render_counts(runner: Runner, view: View, by: Identity) -> bytes:
+    counts = await runner.status_counts(by=by)
     return frame("counts", await render_template("_counts.html", counts=counts,
                                                  wanted=view.status))
 
 
-async def catch_up(runner: Runner, view: View, since: int) -> AsyncIterator[bytes]:
+async def catch_up(runner: Runner, view: View, since: int, by: Identity
+                   ) -> AsyncIterator[bytes]:
     """The rows changed since the page was read, and the new work among them: a page
     stays true across the moment before its stream connects, and across reconnects."""
-    changes = await runner.changes_since(since, CATCH_UP + 1)
+    changes = await runner.changes_since(since, CATCH_UP + 1, by=by)
     for task, submitted in changes[:CATCH_UP]:
         yield frame(f"task-{task.task_id}", await render_template("_task_row.html", task=task))
         if joins(view, task.status, submitted):
@@ -179,35 +207,32 @@ async def catch_up(runner: Runner, view: View, since: int) -> AsyncIterator[byte
         yield frame("stale", await render_template("_stale.html"))
 
 
-async def render_table(runner: Runner, wanted: Status | None, limit: int
-                       ) -> tuple[bytes, set[str]]:
-    """The dashboard's rows as they are now, and the ids of the tasks shown."""
-    tasks, _ = await runner.list_tasks(wanted, limit, 0)
-    rows = frame("rows", await render_template("_task_rows.html", tasks=tasks))
-    return rows, {task.task_id for task in tasks}
-
-
 async def dashboard_events(runner: Runner, broker: Broker, cache: FragmentCache,
-                           view: View, since: int | None) -> AsyncIterator[bytes]:
+                           view: View, since: int | None, by: Identity
+                           ) -> AsyncIterator[bytes]:
     """The dashboard's one stream: what changed since its page (``since``), the counts,
-    then each task's row as it changes, rows in place and new work only announced.
+    then each task's row as it changes, rows in place and new work only announced; of the
+    tasks ``by`` may see (a submitter: their own, by :meth:`Runner.watch_scope`).
 
     Each row is rendered once per message for every watcher, and sent to all: a page
     keeps the rows it loaded ("Load more") up to date without telling the server which.
     Counts are re-rendered only once this watcher has caught up, so a burst of messages
     costs one count query, not one per message.
     """
+    owner = runner.watch_scope(by)
     yield RETRY
     async with broker.subscribe(GLOBAL) as subscription:  # first: no change in between
         if since is not None:
-            async for update in catch_up(runner, view, since):
+            async for update in catch_up(runner, view, since, by):
                 yield update
-        yield await render_counts(runner, view)
+        yield await render_counts(runner, view, by)
         counts_stale = False
         async for message in subscription:
             if message is HEARTBEAT:
                 yield message.frame
                 continue
+            if owner is not None and message.status != RESET and message.submitted_by != owner:
+                continue  # another's task: not this reader's to see
             if message.status == RESET:  # messages were missed: the page must read anew
                 yield frame("stale", await render_template("_stale.html"))
                 counts_stale = True
@@ -220,6 +245,6 @@ async def dashboard_events(runner: Runner, broker: Broker, cache: FragmentCache,
                                  if joins(view, message.status, submitted) else b"")
                 counts_stale = True
             if counts_stale and not subscription.ready():  # caught up: counts now
-                yield await cache.get(("counts", message.id, view.status),
-                                      partial(render_counts, runner, view))
+                yield await cache.get(("counts", message.id, view.status, owner),
+                                      partial(render_counts, runner, view, by))
                 counts_stale = False

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import html
 import json
+import re
 import socket
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -13,10 +15,12 @@ from typing import Any, TypeVar
 
 import httpx
 import pytest
-from quart import Quart
+from quart import Quart, Response
 from quart.typing import TestClientProtocol as Client
 
 from hitl import Config, create_app
+from hitl.accounts import Identity
+from hitl.identity import ANONYMOUS
 from hitl.models import Status
 from hitl.processors import Processor
 from hitl.runner import Runner
@@ -53,10 +57,15 @@ def assert_contiguous(ids: Sequence[int], start: int | None = None) -> None:
     for at, (got, wanted) in enumerate(zip(ids, range(first, first + len(ids)), strict=True)):
         assert got == wanted, f"id {wanted} expected, got {got} after {list(ids[:at][-3:])}"
 
+# Who a test is when it calls the runner itself: the one operator of --auth none, who may
+# do everything (requests are someone: the guard says who).
+OPERATOR = Identity(ANONYMOUS, "none")
+
 
 @pytest.fixture
 def config(tmp_path: Path) -> Config:
-    return Config(db=str(tmp_path / "hitl.db"), process_delay=0, retry_wait=0)
+    """Sign-in off (``--auth none``): the tests of identity and access turn it on."""
+    return Config(db=str(tmp_path / "hitl.db"), process_delay=0, retry_wait=0, auth="none")
 
 
 @pytest.fixture
@@ -99,6 +108,24 @@ async def app(config: Config, processor: Processor | None) -> AsyncIterator[Quar
 @pytest.fixture
 def client(app: Quart) -> Client:
     return app.test_client()
+
+
+CSRF_META = re.compile(r'<meta name="csrf-token" content="([^"]+)">')
+
+
+async def csrf_token(client: Client, page: str = "/") -> str:
+    """The session's form token, read as a browser's page has it: from the page's meta tag."""
+    body = await (await client.get(page)).get_data(as_text=True)
+    match = CSRF_META.search(body)
+    assert match, f"{page} carries no csrf-token meta tag"
+    return html.unescape(match[1])
+
+
+async def post_form(client: Client, path: str, form: dict[str, str], *, page: str = "/",
+                    headers: dict[str, str] | None = None) -> Response:
+    """Post ``form`` as a browser would from ``page``: with the token the page gave it."""
+    token = await csrf_token(client, page)
+    return await client.post(path, form={**form, "csrf_token": token}, headers=headers)
 
 
 @dataclass
@@ -273,13 +300,13 @@ async def reach(runner: Runner, task_id: str, status: Status, attempt: int = 1,
                 timeout: float = 10) -> None:
     """Wait until the stored task is in ``status`` on ``attempt``; fail saying where it is."""
     async def poll() -> None:
-        while (task := await runner.get_task(task_id)).status is not status or (
+        while (task := await runner.get_task(task_id, by=OPERATOR)).status is not status or (
                 task.attempt != attempt):
             await asyncio.sleep(0.01)
 
     try:
         await asyncio.wait_for(poll(), timeout)
     except TimeoutError:
-        task = await runner.get_task(task_id)
+        task = await runner.get_task(task_id, by=OPERATOR)
         raise AssertionError(f"{task_id} never reached {status}/{attempt} in {timeout} s: "
                              f"it is {task.status}/{task.attempt}") from None

@@ -41,7 +41,7 @@ class ServerProcess:
 
     def start(self) -> ServerProcess:
         env = {**os.environ, "PYTHONPATH": str(ROOT), "HITL_PROCESS_DELAY": "0",
-               "HITL_RETRY_WAIT": "0", **self.env}
+               "HITL_RETRY_WAIT": "0", "HITL_AUTH": "none", **self.env}
         with open(self.db.with_suffix(f".{self.port}.log"), "ab") as log:  # the child keeps it
             self.proc = subprocess.Popen(self.command(), cwd=ROOT, env=env, stdout=log,
                                          stderr=subprocess.STDOUT)
@@ -74,7 +74,8 @@ class ServerProcess:
             self.proc.wait(5)
 
 
-def run_cli(*args: str, python: str = sys.executable, timeout: float = 30
-            ) -> subprocess.CompletedProcess[str]:
+def run_cli(*args: str, python: str = sys.executable, timeout: float = 30,
+            stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([python, "-m", "hitl", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                          text=True, timeout=timeout, input=stdin,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})

@@ -14,7 +14,7 @@ from hitl.models import Status
 from hitl.processors import Job, Processor
 from hitl.runner import Runner
 
-from .conftest import old_database, reach
+from .conftest import OPERATOR, old_database, reach
 
 BOUND = 10
 
@@ -45,13 +45,13 @@ async def api_task(app: Quart, task_id: str) -> dict[str, Any]:
 
 async def test_every_attempt_keeps_its_output_and_its_decisions(app: Quart,
                                                                 runner: Runner) -> None:
-    task = await runner.submit("draft")
+    task = await runner.submit("draft", by=OPERATOR)
     await reach(runner, task.task_id, Status.WAITING_FOR_REVIEW, 1)
-    await runner.decide(task.task_id, "rejected", "shorter", "ann")
+    await runner.decide(task.task_id, "rejected", "shorter", "ann", by=OPERATOR)
     await reach(runner, task.task_id, Status.WAITING_FOR_REVIEW, 2)
-    await runner.decide(task.task_id, "rejected", "politer", "bob")
+    await runner.decide(task.task_id, "rejected", "politer", "bob", by=OPERATOR)
     await reach(runner, task.task_id, Status.WAITING_FOR_REVIEW, 3)
-    await runner.decide(task.task_id, "approved", "good", "ann")
+    await runner.decide(task.task_id, "approved", "good", "ann", by=OPERATOR)
     await reach(runner, task.task_id, Status.COMPLETED, 3)
     body = await api_task(app, task.task_id)
     attempts = body["attempts"]
@@ -71,7 +71,7 @@ async def test_every_attempt_keeps_its_output_and_its_decisions(app: Quart,
 
 async def test_a_failed_attempt_keeps_the_error_and_the_tries(app: Quart, runner: Runner,
                                                               config: Config) -> None:
-    task = await runner.submit("fail")
+    task = await runner.submit("fail", by=OPERATOR)
     await reach(runner, task.task_id, Status.FAILED, 1)
     [attempt] = (await api_task(app, task.task_id))["attempts"]
     assert attempt["output"] is None and attempt["finished_at"] is not None
@@ -82,7 +82,7 @@ async def test_a_failed_attempt_keeps_the_error_and_the_tries(app: Quart, runner
 async def test_earlier_outputs_of_a_migrated_task_are_unknown(tmp_path: Path) -> None:
     db = tmp_path / "old.db"
     old_database(db)  # from before attempts were kept
-    app = create_app(Config(db=str(db), process_delay=0), processor=numbered)
+    app = create_app(Config(db=str(db), process_delay=0, auth="none"), processor=numbered)
     async with app.test_app():
         attempts = (await api_task(app, "old"))["attempts"]
     assert [(a["attempt"], a["output"], a["output_known"]) for a in attempts] == [
@@ -92,7 +92,7 @@ async def test_earlier_outputs_of_a_migrated_task_are_unknown(tmp_path: Path) ->
 
 
 async def test_export_and_show_include_the_attempts(app: Quart, runner: Runner) -> None:
-    task = await runner.submit("draft")
+    task = await runner.submit("draft", by=OPERATOR)
     await reach(runner, task.task_id, Status.WAITING_FOR_REVIEW, 1)
     store = app.extensions["store"]
     exported = [t.to_json() async for t in store.iter_tasks()]

@@ -23,7 +23,7 @@ from hitl.pages import DASHBOARD
 from hitl.runner import Runner
 from hitl.store import Store, View, Write
 
-from .conftest import LiveServer, ReviewActions, reach
+from .conftest import OPERATOR, LiveServer, ReviewActions, reach
 from .test_ui_streams import Named, read_named
 
 WAITING = Status.WAITING_FOR_REVIEW
@@ -99,19 +99,19 @@ async def test_waiting_time_counts_from_when_the_current_attempt_came_up(
     app: Quart,
 ) -> None:
     runner: Runner = app.extensions["runner"]
-    first = (await runner.submit("first")).task_id
+    first = (await runner.submit("first", by=OPERATOR)).task_id
     await reach(runner, first, WAITING)
-    other = (await runner.submit("second")).task_id
+    other = (await runner.submit("second", by=OPERATOR)).task_id
     await reach(runner, other, WAITING)
     rejected_at = time.time()
-    await runner.decide(first, "rejected", "again")
+    await runner.decide(first, "rejected", "again", by=OPERATOR)
     await reach(runner, first, WAITING, attempt=2)
-    page = await runner.task_page(View(WAITING, order="waiting"), 10)
+    page = await runner.task_page(View(WAITING, order="waiting"), 10, by=OPERATOR)
     assert [row.task_id for row in page.rows] == [other, first]  # back: at the end
     again = page.rows[1]
     assert again.attempt == 2 and again.waiting_since is not None
     assert again.waiting_since >= rejected_at
-    assert (await runner.oldest_waiting()) == other
+    assert (await runner.oldest_waiting(by=OPERATOR)) == other
 
 
 async def test_pages_follow_on_while_tasks_are_decided_and_new_ones_arrive(

@@ -226,7 +226,7 @@ async def test_retention_deletes_old_finished_tasks_only(tmp_path: Path) -> None
     await store.write([Write(t.row(), TaskEvent.create(t.task_id, 1, n, {"status": "pending"}))
                        for n, t in enumerate((old, fresh, waiting), start=1)])
     await store.close()
-    app = create_app(Config(db=str(db), retain_days=2, process_delay=0))
+    app = create_app(Config(db=str(db), retain_days=2, process_delay=0, auth="none"))
     async with app.test_app():
         await asyncio.sleep(0.1)
         client = app.test_client()

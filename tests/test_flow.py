@@ -16,7 +16,7 @@ from hitl.models import Status
 from hitl.processors import Job, Processor
 from hitl.runner import Runner
 
-from .conftest import until, within
+from .conftest import OPERATOR, until, within
 
 calls: list[Job] = []
 blocking = threading.Event()
@@ -61,7 +61,7 @@ def runner(app: Quart) -> Runner:
 
 async def settle(runner: Runner, task_id: str, *statuses: Status) -> Any:
     for _ in range(1000):
-        task = await runner.get_task(task_id)
+        task = await runner.get_task(task_id, by=OPERATOR)
         if task.status in statuses:
             return task
         await asyncio.sleep(0.005)
@@ -69,41 +69,41 @@ async def settle(runner: Runner, task_id: str, *statuses: Status) -> Any:
 
 
 async def test_rejection_comment_reaches_the_next_attempt(runner: Runner) -> None:
-    task = await runner.submit("essay")
+    task = await runner.submit("essay", by=OPERATOR)
     await settle(runner, task.task_id, Status.WAITING_FOR_REVIEW)
-    await runner.decide(task.task_id, "rejected", "cite sources", "ann")
+    await runner.decide(task.task_id, "rejected", "cite sources", "ann", by=OPERATOR)
     task = await settle(runner, task.task_id, Status.WAITING_FOR_REVIEW)
     assert task.attempt == 2 and task.processed_output == "essay #2 cite sources"
     assert calls[-1].reviews[0].comment == "cite sources" and calls[-1].attempt == 2
 
 
 async def test_task_fails_after_max_attempts_without_approval(runner: Runner) -> None:
-    task = await runner.submit("never good")
+    task = await runner.submit("never good", by=OPERATOR)
     for attempt in (1, 2, 3):
         await settle(runner, task.task_id, Status.WAITING_FOR_REVIEW)
-        await runner.decide(task.task_id, "rejected", f"no {attempt}", attempt=attempt)
+        await runner.decide(task.task_id, "rejected", f"no {attempt}", attempt=attempt, by=OPERATOR)
     task = await settle(runner, task.task_id, Status.FAILED)
     assert task.error is not None and "3 attempts" in task.error
     assert len(task.reviews) == 3 and len(calls) == 3
 
 
 async def test_processor_exception_is_retried_then_fails_the_task(runner: Runner) -> None:
-    task = await runner.submit("fail hard")
+    task = await runner.submit("fail hard", by=OPERATOR)
     task = await settle(runner, task.task_id, Status.FAILED)
     assert len(calls) == 2  # retries=2
     assert task.error == "processing failed after 2 tries: RuntimeError: boom on try 2"
-    other = await runner.submit("fine")  # the service goes on
+    other = await runner.submit("fine", by=OPERATOR)  # the service goes on
     await settle(runner, other.task_id, Status.WAITING_FOR_REVIEW)
 
 
 async def test_a_retry_that_succeeds_goes_to_review(runner: Runner) -> None:
-    task = await runner.submit("flaky")
+    task = await runner.submit("flaky", by=OPERATOR)
     task = await settle(runner, task.task_id, Status.WAITING_FOR_REVIEW)
     assert task.processed_output == "flaky #1"
 
 
 async def test_processor_returning_non_text_fails_clearly(runner: Runner) -> None:
-    task = await runner.submit("not text")
+    task = await runner.submit("not text", by=OPERATOR)
     task = await settle(runner, task.task_id, Status.FAILED)
     assert "returned int, not str" in task.error
 
@@ -122,16 +122,17 @@ async def loop_lags(seconds: float, tick: float = 0.01) -> list[float]:
 async def test_blocking_processor_does_not_stall_other_tasks(runner: Runner) -> None:
     sampling = asyncio.create_task(loop_lags(1.0))  # from before the block begins
     try:
-        blocked = await runner.submit("block")
+        blocked = await runner.submit("block", by=OPERATOR)
         await until(blocking.is_set, "the processor to block its thread")
         started = time.perf_counter()
-        fast = await runner.submit("fast")
+        fast = await runner.submit("fast", by=OPERATOR)
         await settle(runner, fast.task_id, Status.WAITING_FOR_REVIEW)
         assert time.perf_counter() - started < 1.0
         lags = await within(sampling, 5, "a second of lag samples")
         assert len(lags) > 20 and max(lags) < 0.1, (  # the event loop stayed free throughout
             f"the loop lagged up to {max(lags):.3f} s over {len(lags)} samples")
-        assert (await runner.get_task(blocked.task_id)).status is Status.RUNNING  # still blocked
+        blocked_now = await runner.get_task(blocked.task_id, by=OPERATOR)
+        assert blocked_now.status is Status.RUNNING  # still blocked
     finally:
         release_blocker.set()
         sampling.cancel()
@@ -140,7 +141,7 @@ async def test_blocking_processor_does_not_stall_other_tasks(runner: Runner) -> 
 
 async def test_progress_reported_from_the_worker_thread_is_published(app: Quart,
                                                                       runner: Runner) -> None:
-    task = await runner.submit("essay")
+    task = await runner.submit("essay", by=OPERATOR)
     await settle(runner, task.task_id, Status.WAITING_FOR_REVIEW)
     history = await app.extensions["broker"].history(task.task_id, 0)
     assert [m.status for m in history] == ["pending", "running", "running", "waiting_for_review"]
@@ -148,10 +149,11 @@ async def test_progress_reported_from_the_worker_thread_is_published(app: Quart,
 
 
 async def test_of_many_concurrent_decisions_exactly_one_wins(runner: Runner) -> None:
-    task = await runner.submit("contested")
+    task = await runner.submit("contested", by=OPERATOR)
     await settle(runner, task.task_id, Status.WAITING_FOR_REVIEW)
     results = await asyncio.gather(
-        *(runner.decide(task.task_id, "approved", reviewer=f"r{n}") for n in range(20)),
+        *(runner.decide(task.task_id, "approved", reviewer=f"r{n}", by=OPERATOR)
+          for n in range(20)),
         return_exceptions=True,
     )
     assert sum(not isinstance(r, BaseException) for r in results) == 1
@@ -173,7 +175,7 @@ async def test_async_processor_is_awaited(app: Quart, config: Config) -> None:
     runner = Runner(config, app.extensions["store"], app.extensions["journal"],
                     app.extensions["broker"], async_processor)
     runner.accepting = True
-    task = await runner.submit("hello")
+    task = await runner.submit("hello", by=OPERATOR)
     task = await settle(runner, task.task_id, Status.WAITING_FOR_REVIEW)
     assert task.processed_output == "async hello"
     await runner.close()

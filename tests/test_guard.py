@@ -13,7 +13,7 @@ from hitl import Config, create_app
 from hitl.errors import ConfigError
 from hitl.runner import Runner
 
-from .conftest import LiveServer
+from .conftest import OPERATOR, LiveServer
 from .test_request_path import CHROMIUM_ACCEPT
 
 
@@ -36,7 +36,7 @@ async def test_a_host_not_ours_is_refused_on_every_path(
         text = await response.get_data(as_text=True)
         assert "evil.example" in text and "--allowed-hosts" in text
     runner: Runner = app.extensions["runner"]
-    assert (await runner.list_tasks(None, 10, 0))[1] == 0
+    assert (await runner.list_tasks(None, 10, 0, by=OPERATOR))[1] == 0
 
 
 async def test_a_browser_sent_to_a_host_not_ours_gets_a_readable_page(client: Client) -> None:

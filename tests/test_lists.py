@@ -112,7 +112,8 @@ async def test_the_largest_page_queries_are_answered(client: Client) -> None:
 
 
 def test_the_readme_states_the_excerpt_and_the_cap() -> None:
-    row = next(line for line in README.splitlines() if line.startswith("| `GET /api/tasks` |"))
+    row = next(line for line in README.splitlines()
+               if line.startswith("| `GET /api/tasks` | tasks, newest first"))
     assert models.EXCERPT == EXCERPT and f"first {EXCERPT} characters" in row
     assert f"`limit` at most {MAX_LIMIT}" in row
     assert "task_input_length" in row and "processed_output_length" in row

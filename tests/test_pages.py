@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING
 import pytest
 from quart import Quart, Response
 
+from .conftest import OPERATOR, csrf_token, post_form
+
 if TYPE_CHECKING:  # imported for annotations only: pytest would collect a Test* class
     from quart.typing import TestClientProtocol
 
@@ -22,7 +24,7 @@ async def text(response: Response) -> str:
 
 
 async def submit_form(client: TestClientProtocol, data: str = "draft a reply") -> str:
-    response = await client.post("/tasks", form={"data": data})
+    response = await post_form(client, "/tasks", {"data": data})
     assert response.status_code == 303
     match = re.fullmatch(r"/tasks/([0-9a-f]{32})", response.headers["Location"])
     assert match, response.headers["Location"]
@@ -33,7 +35,7 @@ async def waiting(app: Quart, task_id: str) -> None:
     """Wait until the task's output is up for review."""
     runner = app.extensions["runner"]
     for _ in range(500):
-        if (await runner.get_task(task_id)).status == "waiting_for_review":
+        if (await runner.get_task(task_id, by=OPERATOR)).status == "waiting_for_review":
             return
         await asyncio.sleep(0.01)
     raise AssertionError("task never waited for review")
@@ -68,14 +70,15 @@ async def test_a_decision_without_javascript_redirects_back_and_is_recorded(
 ) -> None:
     task_id = await submit_form(client)
     await waiting(app, task_id)
-    response = await client.post(f"/tasks/{task_id}/decision", form={
-        "feedback": "rejected", "attempt": "1", "comment": "more detail", "reviewer": " Ann "})
+    response = await post_form(client, f"/tasks/{task_id}/decision", {
+        "feedback": "rejected", "attempt": "1", "comment": "more detail", "reviewer": " Ann "},
+        page=f"/tasks/{task_id}")
     assert response.status_code == 303
     assert response.headers["Location"] == f"/tasks/{task_id}"
     await waiting(app, task_id)
     page = await text(await client.get(f"/tasks/{task_id}"))
     assert "Attempt <strong>2</strong>" in page
-    assert re.search(r"Rejected</strong>\s+by <span class=\"reviewer\">Ann</span>", page)
+    assert re.search(r"Rejected</strong>\s+by <bdi class=\"reviewer\">Ann</bdi>", page)
     assert "more detail" in page
 
 
@@ -84,8 +87,10 @@ async def test_an_htmx_decision_gets_a_notice_fragment(
 ) -> None:
     task_id = await submit_form(client)
     await waiting(app, task_id)
-    response = await client.post(f"/tasks/{task_id}/decision", headers={"HX-Request": "true"},
-                                 form={"feedback": "approved", "attempt": "1"})
+    token = await csrf_token(client, f"/tasks/{task_id}")  # htmx sends it as a header
+    response = await client.post(f"/tasks/{task_id}/decision", form={
+        "feedback": "approved", "attempt": "1"}, headers={"HX-Request": "true",
+                                                          "X-CSRF-Token": token})
     assert response.status_code == 200
     assert (await text(response)).startswith('<p class="notice notice-ok">')
 
@@ -98,8 +103,9 @@ async def test_a_late_decision_is_a_readable_409_never_json(
     await waiting(app, task_id)
     headers = {"HX-Request": "true"} if htmx else {}
     form = {"feedback": "approved", "attempt": "1"}
-    assert (await client.post(f"/tasks/{task_id}/decision", form=form)).status_code == 303
-    response = await client.post(f"/tasks/{task_id}/decision", form=form, headers=headers)
+    page = f"/tasks/{task_id}"
+    assert (await post_form(client, page + "/decision", form, page=page)).status_code == 303
+    response = await post_form(client, page + "/decision", form, page=page, headers=headers)
     body = await text(response)
     assert response.status_code == 409
     assert response.content_type.startswith("text/html")
@@ -114,7 +120,7 @@ async def test_a_late_decision_is_a_readable_409_never_json(
 async def test_a_bad_submission_is_a_readable_400_page(
     client: TestClientProtocol, form: dict[str, str], message: str
 ) -> None:
-    response = await client.post("/tasks", form=form)
+    response = await post_form(client, "/tasks", form)
     assert response.status_code == 400
     assert message in await text(response)
     assert response.content_type.startswith("text/html")
@@ -125,12 +131,12 @@ async def test_a_bad_decision_is_a_400_and_a_stale_attempt_a_409(
 ) -> None:
     task_id = await submit_form(client)
     await waiting(app, task_id)
-    response = await client.post(f"/tasks/{task_id}/decision", form={"feedback": "maybe"})
+    response = await post_form(client, f"/tasks/{task_id}/decision", {"feedback": "maybe"})
     assert response.status_code == 400
     assert "Decision: must be &#39;approved&#39; or &#39;rejected&#39;" in await text(
         response)
-    response = await client.post(f"/tasks/{task_id}/decision",
-                                 form={"feedback": "approved", "attempt": "7"})
+    response = await post_form(client, f"/tasks/{task_id}/decision",
+                               {"feedback": "approved", "attempt": "7"})
     assert response.status_code == 409
     assert "attempt 7 is no longer under review" in await text(response)
 
@@ -151,7 +157,7 @@ async def test_unknown_pages_are_html_for_browsers_and_json_for_the_api(
 
 async def test_a_too_large_form_is_a_413_page(app: Quart, client: TestClientProtocol) -> None:
     size = app.config["HITL"].max_body + 1
-    response = await client.post("/tasks", form={"data": "x" * size})
+    response = await post_form(client, "/tasks", {"data": "x" * size})
     assert response.status_code == 413
     assert "request body is too large" in await text(response)
 
@@ -161,7 +167,7 @@ async def test_task_text_is_escaped_on_every_page(
 ) -> None:
     task_id = await submit_form(client, HOSTILE)
     await waiting(app, task_id)
-    await client.post(f"/tasks/{task_id}/decision", form={
+    await post_form(client, f"/tasks/{task_id}/decision", {
         "feedback": "rejected", "attempt": "1", "comment": HOSTILE, "reviewer": HOSTILE})
     await waiting(app, task_id)
     for path in ("/", f"/tasks/{task_id}", "/dashboard"):

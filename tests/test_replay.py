@@ -102,7 +102,7 @@ async def test_replay_from_before_what_the_store_keeps_gets_a_reset(store: Store
 
 
 async def test_streams_over_http_replay_far_back_or_reset(tmp_path: Path) -> None:
-    config = Config(db=str(tmp_path / "hitl.db"), process_delay=0, retry_wait=0)
+    config = Config(db=str(tmp_path / "hitl.db"), process_delay=0, retry_wait=0, auth="none")
     store = Store(config.db)
     await store.open()
     await fill(store, 12_000)
@@ -133,7 +133,7 @@ async def test_streams_over_http_replay_far_back_or_reset(tmp_path: Path) -> Non
 async def test_clients_that_leave_during_their_replay_leave_no_subscriber(
     tmp_path: Path,
 ) -> None:
-    config = Config(db=str(tmp_path / "hitl.db"), process_delay=0, retry_wait=0)
+    config = Config(db=str(tmp_path / "hitl.db"), process_delay=0, retry_wait=0, auth="none")
     store = Store(config.db)
     await store.open()
     task_id = (await fill(store, 12_000))[0]

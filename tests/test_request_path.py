@@ -18,7 +18,7 @@ from hitl.asgi import ANSWERS_IN_SERVER_TASK
 from hitl.errors import BODY_TIMEOUT_ERROR, HitlError
 from hitl.runner import Runner
 
-from .conftest import LiveServer
+from .conftest import OPERATOR, LiveServer, post_form
 from .test_api import submit, wait_status
 
 Exchange = tuple[int, dict[str, str], bytes]
@@ -80,8 +80,8 @@ async def test_a_hook_on_the_app_guards_every_endpoint(app: Quart, client: Clien
         assert response.status_code == 401, (method, path)
         assert await response.get_json() == {"error": "who are you?"}
     runner: Runner = app.extensions["runner"]
-    assert (await runner.list_tasks(None, 10, 0))[1] == 1
-    assert (await runner.get_task(task_id)).status == "waiting_for_review"
+    assert (await runner.list_tasks(None, 10, 0, by=OPERATOR))[1] == 1
+    assert (await runner.get_task(task_id, by=OPERATOR)).status == "waiting_for_review"
 
 
 async def test_a_body_in_chunks_is_read_whole_and_kept_to_the_limit(app: Quart) -> None:
@@ -111,7 +111,7 @@ async def test_a_client_leaving_mid_body_creates_nothing(app: Quart) -> None:
                                    complete=False, then=disconnect)
     assert status == 0  # nobody to answer
     runner: Runner = app.extensions["runner"]
-    assert (await runner.list_tasks(None, 10, 0))[1] == 0
+    assert (await runner.list_tasks(None, 10, 0, by=OPERATOR))[1] == 0
 
 
 async def test_an_unexpected_error_is_a_logged_json_500_and_the_service_goes_on(
@@ -119,7 +119,8 @@ async def test_an_unexpected_error_is_a_logged_json_500_and_the_service_goes_on(
 ) -> None:
     runner: Runner = app.extensions["runner"]
 
-    async def broken(task_input: str, idempotency_key: str | None = None) -> None:
+    async def broken(task_input: str, idempotency_key: str | None = None,
+                     **options: object) -> None:
         raise RuntimeError("a bug")
 
     with monkeypatch.context() as patch:
@@ -228,7 +229,7 @@ async def test_a_last_event_id_header_of_other_bytes_is_a_400_over_real_http(
      "attempt: must be a whole number"),
     ("/feedback/abc", {"feedback": "approved", "comment": 7}, "comment: must be a string"),
     ("/feedback/abc", {"feedback": 1, "reviewer": "r" * 201},
-     "feedback: must be 'approved' or 'rejected'; reviewer: must be at most 200 characters"),
+     "feedback: must be 'approved' or 'rejected'; reviewer: must be at most 64 characters"),
 ])
 async def test_validation_errors_are_said_plainly(
     client: Client, path: str, body: object, error: str
@@ -250,7 +251,7 @@ async def test_query_errors_are_said_plainly(client: Client, query: str, error: 
 
 
 async def test_form_errors_are_said_plainly_too(client: Client) -> None:
-    response = await client.post("/tasks/abc/decision", form={"feedback": "maybe"})
+    response = await post_form(client, "/tasks/abc/decision", {"feedback": "maybe"})
     assert response.status_code == 400
     page = await response.get_data(as_text=True)
     assert "Decision: must be &#39;approved&#39; or &#39;rejected&#39;" in page
@@ -268,7 +269,7 @@ async def test_any_domain_error_keeps_its_status_on_every_path(
 ) -> None:
     runner: Runner = app.extensions["runner"]
 
-    async def busy(*args: object) -> None:
+    async def busy(*args: object, **kwargs: object) -> None:
         raise Busy("storage unavailable: disk full")
 
     monkeypatch.setattr(runner, "submit", busy)
@@ -288,7 +289,7 @@ async def test_a_client_leaving_cancels_its_answer_and_the_request_ends_cleanly(
     runner: Runner = app.extensions["runner"]
     started, cancelled = asyncio.Event(), asyncio.Event()
 
-    async def slow(task_id: str) -> None:
+    async def slow(task_id: str, **kwargs: object) -> None:
         started.set()
         try:
             await asyncio.sleep(30)
@@ -320,7 +321,7 @@ async def test_a_server_stopping_cancels_a_request_through_it(
     runner: Runner = app.extensions["runner"]
     started = asyncio.Event()
 
-    async def slow(task_id: str) -> None:
+    async def slow(task_id: str, **kwargs: object) -> None:
         started.set()
         await asyncio.sleep(30)
 

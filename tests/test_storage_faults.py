@@ -201,7 +201,8 @@ def fill(disk: Path) -> Path:
 
 async def test_a_full_disk_loses_no_accepted_task_and_recovers_by_itself(
         small_disk: Path, tmp_path: Path) -> None:
-    config = Config(db=str(small_disk / "hitl.db"), process_delay=0.05, retry_wait=0)
+    config = Config(db=str(small_disk / "hitl.db"), process_delay=0.05, retry_wait=0,
+                    auth="none")
     server = await start_server(config)
     try:
         async with server.http() as http:

@@ -17,7 +17,7 @@ from hitl.models import Status
 from hitl.processors import Job, Processor
 from hitl.runner import Runner
 
-from .conftest import LiveServer, ReviewActions, old_database, reach
+from .conftest import OPERATOR, LiveServer, ReviewActions, old_database, post_form, reach
 from .test_ui_streams import read_named
 
 if TYPE_CHECKING:  # imported for annotations only: pytest would collect a Test* class
@@ -43,7 +43,8 @@ def processor() -> Processor:
 
 @pytest.fixture
 def config(tmp_path: Path) -> Config:
-    return Config(db=str(tmp_path / "hitl.db"), process_delay=0, retry_wait=0, max_attempts=3)
+    return Config(db=str(tmp_path / "hitl.db"), process_delay=0, retry_wait=0, max_attempts=3,
+                  auth="none")
 
 
 @pytest.fixture
@@ -54,14 +55,14 @@ def runner(app: Quart) -> Runner:
 
 async def rejected_twice(runner: Runner, approve: bool = False) -> str:
     """A task whose first two attempts were rejected (by ann, then bob)."""
-    task = await runner.submit("write to the customer")
+    task = await runner.submit("write to the customer", by=OPERATOR)
     await reach(runner, task.task_id, Status.WAITING_FOR_REVIEW, 1)
-    await runner.decide(task.task_id, "rejected", "use her name", "ann")
+    await runner.decide(task.task_id, "rejected", "use her name", "ann", by=OPERATOR)
     await reach(runner, task.task_id, Status.WAITING_FOR_REVIEW, 2)
-    await runner.decide(task.task_id, "rejected", "say how much", "bob")
+    await runner.decide(task.task_id, "rejected", "say how much", "bob", by=OPERATOR)
     await reach(runner, task.task_id, Status.WAITING_FOR_REVIEW, 3)
     if approve:
-        await runner.decide(task.task_id, "approved", "good", "ann")
+        await runner.decide(task.task_id, "approved", "good", "ann", by=OPERATOR)
         await reach(runner, task.task_id, Status.COMPLETED, 3)
     return task.task_id
 
@@ -120,11 +121,11 @@ async def test_each_attempt_is_compared_word_by_word_with_the_one_before(
 async def test_the_review_card_shows_what_was_asked_and_what_changed(
     client: Client, runner: Runner
 ) -> None:
-    task = await runner.submit("write to the customer")
+    task = await runner.submit("write to the customer", by=OPERATOR)
     await reach(runner, task.task_id, Status.WAITING_FOR_REVIEW, 1)
     review = region(await page_of(client, task.task_id), "review")
     assert "<ins>" not in review and "Changes since" not in review  # nothing before it
-    await runner.decide(task.task_id, "rejected", "use her name", "ann")
+    await runner.decide(task.task_id, "rejected", "use her name", "ann", by=OPERATOR)
     await reach(runner, task.task_id, Status.WAITING_FOR_REVIEW, 2)
     page = await page_of(client, task.task_id)
     review = region(page, "review")
@@ -139,7 +140,7 @@ async def test_the_review_card_shows_what_was_asked_and_what_changed(
 async def test_the_review_card_says_when_the_attempt_is_the_last_allowed(
     client: Client, runner: Runner
 ) -> None:
-    task = await runner.submit("write to the customer")
+    task = await runner.submit("write to the customer", by=OPERATOR)
     await reach(runner, task.task_id, Status.WAITING_FOR_REVIEW, 1)
     assert "last attempt" not in readable(region(await page_of(client, task.task_id), "review"))
     task_id = await rejected_twice(runner)
@@ -151,11 +152,12 @@ async def test_a_failed_attempt_shows_the_processors_error(tmp_path: Path) -> No
     def broken(job: Job) -> str:
         raise RuntimeError("the model is away")
 
-    config = Config(db=str(tmp_path / "hitl.db"), process_delay=0, retry_wait=0, retries=2)
+    config = Config(db=str(tmp_path / "hitl.db"), process_delay=0, retry_wait=0, retries=2,
+                    auth="none")
     app = create_app(config, processor=broken)
     async with app.test_app():
         runner: Runner = app.extensions["runner"]
-        task = await runner.submit("anything")
+        task = await runner.submit("anything", by=OPERATOR)
         await reach(runner, task.task_id, Status.FAILED)
         [attempt] = attempts_of(region(await page_of(app.test_client(), task.task_id),
                                        "history"))
@@ -166,9 +168,9 @@ async def test_a_failed_attempt_shows_the_processors_error(tmp_path: Path) -> No
 async def test_hostile_text_in_outputs_and_diffs_is_escaped(
     client: Client, runner: Runner
 ) -> None:
-    task = await runner.submit(HOSTILE)
+    task = await runner.submit(HOSTILE, by=OPERATOR)
     await reach(runner, task.task_id, Status.WAITING_FOR_REVIEW, 1)
-    await runner.decide(task.task_id, "rejected", HOSTILE, HOSTILE)
+    await runner.decide(task.task_id, "rejected", HOSTILE, HOSTILE, by=OPERATOR)
     await reach(runner, task.task_id, Status.WAITING_FOR_REVIEW, 2)
     page = await page_of(client, task.task_id)
     assert "<img" not in page and "<script>alert" not in page
@@ -183,7 +185,7 @@ async def test_earlier_outputs_of_a_migrated_task_are_said_to_be_unknown(
 ) -> None:
     db = tmp_path / "old.db"
     old_database(db)  # from before attempts were kept
-    app = create_app(Config(db=str(db), process_delay=0), processor=drafts)
+    app = create_app(Config(db=str(db), process_delay=0, auth="none"), processor=drafts)
     async with app.test_app():
         page = await page_of(app.test_client(), "old")
     first, second, third = attempts_of(region(page, "history"))
@@ -198,18 +200,18 @@ async def test_earlier_outputs_of_a_migrated_task_are_said_to_be_unknown(
 async def test_a_rejection_from_the_form_needs_a_comment_the_api_does_not(
     client: Client, runner: Runner
 ) -> None:
-    task = await runner.submit("write to the customer")
+    task = await runner.submit("write to the customer", by=OPERATOR)
     await reach(runner, task.task_id, Status.WAITING_FOR_REVIEW, 1)
     review = region(await page_of(client, task.task_id), "review")
     assert re.search(r"<textarea[^>]* required", review)
     assert re.search(r'<button[^>]* value="approved"[^>]* formnovalidate', review)
     for comment in ("", "  \r\n "):
-        response = await client.post(f"/tasks/{task.task_id}/decision", form={
+        response = await post_form(client, f"/tasks/{task.task_id}/decision", {
             "feedback": "rejected", "attempt": "1", "comment": comment})
         assert response.status_code == 400
         assert "Comment: say what the next attempt should change" in await response.get_data(
             as_text=True)
-    assert (await runner.get_task(task.task_id)).reviews == []
+    assert (await runner.get_task(task.task_id, by=OPERATOR)).reviews == []
     response = await client.post(f"/feedback/{task.task_id}", json={"feedback": "rejected"})
     assert response.status_code == 200  # the reference page rejects without a comment
 
@@ -218,7 +220,7 @@ async def test_a_rejection_from_the_form_needs_a_comment_the_api_does_not(
 async def test_the_cancel_button_stops_an_unfinished_task(
     client: Client, runner: Runner, htmx: bool
 ) -> None:
-    task = await runner.submit("write to the customer")
+    task = await runner.submit("write to the customer", by=OPERATOR)
     await reach(runner, task.task_id, Status.WAITING_FOR_REVIEW, 1)
     review = region(await page_of(client, task.task_id), "review")
     action = f"/tasks/{task.task_id}/cancel"
@@ -231,7 +233,7 @@ async def test_the_cancel_button_stops_an_unfinished_task(
     else:
         assert response.status_code == 303
         assert response.headers["Location"] == f"/tasks/{task.task_id}"
-    assert (await runner.get_task(task.task_id)).status is Status.CANCELLED
+    assert (await runner.get_task(task.task_id, by=OPERATOR)).status is Status.CANCELLED
     assert "cancel-form" not in await page_of(client, task.task_id)
     response = await client.post(action, headers=headers)
     assert response.status_code == 409
@@ -242,11 +244,12 @@ async def test_next_opens_the_task_waiting_longest(client: Client, runner: Runne
     response = await client.get("/next")
     assert response.status_code == 303
     assert response.headers["Location"] == "/dashboard?status=waiting_for_review"
-    first, second = [await runner.submit(f"task {n}") for n in (1, 2)]
+    first, second = [await runner.submit(f"task {n}", by=OPERATOR) for n in (1, 2)]
     await reach(runner, first.task_id, Status.WAITING_FOR_REVIEW, 1)
     await reach(runner, second.task_id, Status.WAITING_FOR_REVIEW, 1)
     assert (await client.get("/next")).headers["Location"] == f"/tasks/{first.task_id}"
-    await runner.decide(first.task_id, "rejected", "again")  # waits anew, after the second
+    # waits anew, after the second
+    await runner.decide(first.task_id, "rejected", "again", by=OPERATOR)
     await reach(runner, first.task_id, Status.WAITING_FOR_REVIEW, 2)
     assert (await client.get("/next")).headers["Location"] == f"/tasks/{second.task_id}"
     response = await client.get(f"/next?after={second.task_id}")  # from the second's page
@@ -257,9 +260,9 @@ async def test_next_opens_the_task_waiting_longest(client: Client, runner: Runne
 async def test_times_are_utc_time_elements_with_a_utc_tooltip(
     client: Client, runner: Runner
 ) -> None:
-    task = await runner.submit("write to the customer")
+    task = await runner.submit("write to the customer", by=OPERATOR)
     await reach(runner, task.task_id, Status.WAITING_FOR_REVIEW, 1)
-    await runner.decide(task.task_id, "rejected", "use her name", "ann")
+    await runner.decide(task.task_id, "rejected", "use her name", "ann", by=OPERATOR)
     await reach(runner, task.task_id, Status.WAITING_FOR_REVIEW, 2)
     page = await page_of(client, task.task_id)
     times = re.findall(r"<time [^>]*>[^<]*</time>", page)
@@ -273,7 +276,7 @@ async def test_times_are_utc_time_elements_with_a_utc_tooltip(
 
 
 async def test_the_page_says_which_keys_do_what(client: Client, runner: Runner) -> None:
-    task = await runner.submit("write to the customer")
+    task = await runner.submit("write to the customer", by=OPERATOR)
     await reach(runner, task.task_id, Status.WAITING_FOR_REVIEW, 1)
     page = await page_of(client, task.task_id)
     keys = re.search(r'<p class="keys[^"]*">.*?</p>', page, re.S)

@@ -6,6 +6,8 @@ import asyncio
 import os
 import re
 import shutil
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -28,7 +30,8 @@ def walkthrough() -> str:
 @pytest.fixture
 def config(config: Config) -> Config:
     # A short heartbeat: a watch that grep has stopped reading notices at its next write.
-    return config.with_changes(heartbeat=0.2)
+    # Sign-in on, as `hitl serve` runs by default: the walk-through makes its own tokens.
+    return config.with_changes(heartbeat=0.2, auth="accounts")
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is missing")
@@ -39,9 +42,13 @@ async def test_the_readme_walkthrough_runs_as_written(live_server: LiveServer) -
                 if not line.lstrip().startswith("#")]
     assert not [line for line in commands if "8000" in line or "…" in line]  # nothing to edit
     script = HITL_LINE.sub(f"HITL={live_server.url}", script, count=1)
+    # Its `hitl` commands run on the server's database, as they would on the server's machine.
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     proc = await asyncio.create_subprocess_exec(
-        "bash", "-c", script, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "LC_ALL": "C.UTF-8"})
+        "bash", "-c", script, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "LC_ALL": "C.UTF-8", "HITL_DB": live_server.app.config["HITL"].db,
+             "PATH": path})
     try:
         out, err = await asyncio.wait_for(proc.communicate(), 60)
     finally:
@@ -51,14 +58,15 @@ async def test_the_readme_walkthrough_runs_as_written(live_server: LiveServer) -
     assert proc.returncode == 0, output + err.decode()
     assert "Feedback 'rejected' received" in output and "Feedback 'approved' received" in output
     assert '"status":"waiting_for_review"' in output and '"attempt":2' in output
-    async with live_server.http() as http:
-        [task] = (await http.get("/api/tasks")).json()["tasks"]
-        assert task["task_id"] in output
-        for _ in range(200):
-            task = (await http.get(f"/api/tasks/{task['task_id']}")).json()
-            if task["status"] == "completed":
-                break
-            await asyncio.sleep(0.05)
-    assert task["status"] == "completed", task
-    assert [(r["decision"], r["attempt"]) for r in task["reviews"]] == [("rejected", 1),
-                                                                       ("approved", 2)]
+    store = live_server.app.extensions["store"]
+    [row], _ = await store.list_tasks()
+    assert row.task_id in output and row.submitted_by == "bot"
+    for _ in range(200):
+        task = await store.get_task(row.task_id)
+        if task.status == "completed":
+            break
+        await asyncio.sleep(0.05)
+    assert task.status == "completed", task
+    assert [(r.decision, r.attempt, r.reviewer, r.auth_method, r.token_label)
+            for r in task.reviews] == [("rejected", 1, "ann", "token", "walk-through"),
+                                       ("approved", 2, "ann", "token", "walk-through")]

@@ -3,7 +3,9 @@
 //  - remembers the reviewer's name in localStorage,
 //  - keeps a half-written comment when a live update (or a reconnect) redraws the form,
 //  - shows whether the live stream is connected,
-//  - keeps the dashboard's "age" column fresh.
+//  - keeps the dashboard's "age" column fresh,
+//  - sends the session's CSRF token with htmx's requests (X-CSRF-Token, from the page's
+//    meta tag), and fills the token into forms a stream swapped in without one.
 // --- dashboard: review queue ------------------------------------------------------------
 // Every title leads with how many tasks wait for review, "(3) Dashboard · hitl": the
 // dashboard reads it from its stream's counts; any other page asks the list API for one
@@ -148,8 +150,25 @@
     } catch (e) { /* quota or privacy mode: remembering is best effort */ }
   }
 
+  function csrfToken() {
+    var meta = document.querySelector('meta[name="csrf-token"]');
+    return meta ? meta.content : "";
+  }
+
+  // Only to our own origin: the token must never travel to another site.
+  document.addEventListener("htmx:configRequest", function (event) {
+    var token = csrfToken();
+    var url = new URL(event.detail.path, window.location.href);
+    if (token && url.origin === window.location.origin) {
+      event.detail.headers["X-CSRF-Token"] = token;
+    }
+  });
+
   function fill(root) {
     if (!root.querySelectorAll) return;
+    root.querySelectorAll('input[name="csrf_token"]').forEach(function (input) {
+      if (!input.value) input.value = csrfToken();
+    });
     root.querySelectorAll('input[name="reviewer"]').forEach(function (input) {
       if (!input.value) input.value = read("localStorage", NAME_KEY) || "";
     });

@@ -58,9 +58,10 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]
 
 @pytest.fixture
 def config(tmp_path: Path) -> Config:
-    """Slow enough processing that progress is visible."""
+    """Slow enough processing that progress is visible; sign-in off (``--auth none``), as
+    in tests/conftest.py: the sign-in tests turn accounts on."""
     return Config(db=str(tmp_path / "hitl.db"), process_delay=0.3, retry_wait=0,
-                  shutdown_timeout=1)
+                  shutdown_timeout=1, auth="none")
 
 
 @pytest.fixture

@@ -36,7 +36,7 @@ LONG = ("Draft a reply to the customer who wrote a very long message about a ref
 def config(tmp_path: Path) -> Config:
     """Processing at once: 150 tasks come up for review in a moment."""
     return Config(db=str(tmp_path / "hitl.db"), process_delay=0, retry_wait=0,
-                  shutdown_timeout=1)
+                  shutdown_timeout=1, auth="none")
 
 
 async def waiting_total(actions: ReviewActions) -> int:

@@ -145,7 +145,7 @@ async def test_two_reviewers_at_once_one_wins_and_both_pages_show_it(
         # already be completed, which has no form left; after a rejection, the buttons
         # stay disabled until the next attempt waits for review.
         decided = [html for html in await seen(page, "review")
-                   if f"by <strong class=\"reviewer\">{winner}</strong>" in html]
+                   if f'by <strong><bdi class="reviewer">{winner}</bdi>' in html]
         assert decided, "the decision was not shown"
         assert all("<fieldset disabled>" in html or "<fieldset" not in html
                    for html in decided), "buttons stayed enabled with the decision shown"
