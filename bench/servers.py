@@ -51,7 +51,7 @@ SPECS: dict[str, ServerSpec] = {
         "hitl",
         durable=True,
         command=_hitl_command,
-        env={"HITL_PROCESS_DELAY": "0"},
+        env={"HITL_PROCESS_DELAY": "0", "HITL_AUTH": "none"},  # the baselines sign no one in
         about="hitl serve (Quart on hypercorn, SQLite store in a temp dir)",
     ),
     "asgi": ServerSpec(
