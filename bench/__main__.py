@@ -166,6 +166,8 @@ def table(jobs: list[Job], servers: list[str], med: dict[str, dict[str, dict[str
     ratios = [b for b in BASELINES if "hitl" in servers and b in servers]
     heads = ["scenario", "metric", "better", *(names.get(s, s) for s in servers)]
     heads += [f"hitl/({'ab'[BASELINES.index(b)]})" for b in ratios]
+    signed_in = "hitl" in servers and "hitl-token" in servers  # the cost of sign-in
+    heads += ["token/hitl"] if signed_in else []
     lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
     for job in jobs:
         per = med.get(job.name, {})
@@ -177,6 +179,10 @@ def table(jobs: list[Job], servers: list[str], med: dict[str, dict[str, dict[str
             for base in ratios:
                 other = per.get(base, {}).get(key, math.nan)
                 ratio = hitl / other if other and not math.isnan(hitl + other) else math.nan
+                row.append("n/a" if math.isnan(ratio) else f"{ratio:.2f}")
+            if signed_in:
+                token = per.get("hitl-token", {}).get(key, math.nan)
+                ratio = token / hitl if hitl and not math.isnan(hitl + token) else math.nan
                 row.append("n/a" if math.isnan(ratio) else f"{ratio:.2f}")
             lines.append("| " + " | ".join(row) + " |")
         failed = [s for s, m in per.items() if "failed" in m]
@@ -249,9 +255,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = [s for s in servers if s not in SPECS]
     if unknown or not servers:
         parser.error(f"unknown server(s) {unknown}; choose from {', '.join(SPECS)}")
-    if "hitl" in servers and not hitl_available():
+    if any(s.startswith("hitl") for s in servers) and not hitl_available():
         print("hitl serve is not available here: running the baselines only", file=sys.stderr)
-        servers.remove("hitl")
+        servers = [s for s in servers if not s.startswith("hitl")]
     rounds = args.rounds or (3 if args.command == "compare" else 1)
     load_before = os.getloadavg()
     if load_before[0] > 1.0:

@@ -79,7 +79,7 @@ class Watcher:
         headers = f"Last-Event-ID: {last_event_id}\r\n" if last_event_id is not None else ""
         request = (
             f"GET {self.path} HTTP/1.1\r\nHost: {HOST}:{self.port}\r\n"
-            f"Accept: text/event-stream\r\nCache-Control: no-cache\r\n{headers}"
+            f"Accept: text/event-stream\r\nCache-Control: no-cache\r\n{headers}{_authorization}"
             "Connection: close\r\n\r\n"
         ).encode()
         self.connects += 1
@@ -235,6 +235,16 @@ class _SSEProtocol(asyncio.Protocol):
             self.done.set_result(None)
 
 
+_authorization = ""  # the header every request carries: see use_token
+
+
+def use_token(token: str | None) -> None:
+    """Send ``Authorization: Bearer <token>`` with every request from now on (None: none),
+    as a program does against hitl with sign-in on."""
+    global _authorization
+    _authorization = f"Authorization: Bearer {token}\r\n" if token else ""
+
+
 async def request_json(
     port: int, method: str, path: str, body: Any = None, timeout: float = 30.0
 ) -> tuple[int, Any]:
@@ -242,7 +252,7 @@ async def request_json(
     payload = b"" if body is None else json.dumps(body).encode()
     head = (
         f"{method} {path} HTTP/1.1\r\nHost: {HOST}:{port}\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n"
+        f"Content-Length: {len(payload)}\r\n{_authorization}Connection: close\r\n\r\n"
     ).encode()
     reader, writer = await asyncio.wait_for(asyncio.open_connection(HOST, port), timeout)
     try:

@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .client import HOST, request_json
+from .client import HOST, request_json, use_token
 
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
@@ -44,6 +44,7 @@ class ServerSpec:
     command: Callable[[int, Path], list[str]]
     env: Mapping[str, str] = field(default_factory=dict)
     about: str = ""
+    signs_in: bool = False  # hitl with sign-in on: an admin and a token made before start
 
 
 SPECS: dict[str, ServerSpec] = {
@@ -53,6 +54,14 @@ SPECS: dict[str, ServerSpec] = {
         command=_hitl_command,
         env={"HITL_PROCESS_DELAY": "0", "HITL_AUTH": "none"},  # the baselines sign no one in
         about="hitl serve (Quart on hypercorn, SQLite store in a temp dir)",
+    ),
+    "hitl-token": ServerSpec(
+        "hitl-token",
+        durable=True,
+        command=_hitl_command,
+        env={"HITL_PROCESS_DELAY": "0", "HITL_AUTH": "accounts"},
+        about="hitl serve with sign-in on: every request carries an API token",
+        signs_in=True,
     ),
     "asgi": ServerSpec(
         "asgi",
@@ -124,6 +133,7 @@ class Server:
         self.db = workdir / f"{spec.name}.db"
         self.log_path = workdir / f"{spec.name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.token: str | None = None  # with sign-in on: the API token every request sends
 
     @property
     def pid(self) -> int:
@@ -137,6 +147,7 @@ class Server:
         """Start, then wait for ``GET /healthz`` to answer 200; returns the seconds taken."""
         t0 = time.perf_counter()
         env = {**os.environ, **self.spec.env, "PYTHONUNBUFFERED": "1"}
+        use_token(self._token(env) if self.spec.signs_in else None)
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 self.spec.command(self.port, self.db),
@@ -160,6 +171,18 @@ class Server:
             await asyncio.sleep(0.05)
         await self.stop()
         raise RuntimeError(f"{self.spec.name} not healthy after {timeout}s:\n{self.log_tail()}")
+
+    def _token(self, env: Mapping[str, str]) -> str:
+        """An admin's API token in this server's database, made once (a restart keeps it)."""
+        if self.token is None:
+            base = _hitl_base()
+            db = ["--db", str(self.db)]
+            subprocess.run([*base, "users", "add", "bench", "--role", "admin", *db], cwd=REPO,
+                           env=env, check=True, capture_output=True, timeout=60)
+            made = subprocess.run([*base, "tokens", "create", "--user", "bench", *db], cwd=REPO,
+                                  env=env, check=True, capture_output=True, text=True, timeout=60)
+            self.token = made.stdout.strip().splitlines()[-1]
+        return self.token
 
     async def stop(self, timeout: float = 20.0) -> tuple[float, bool]:
         """SIGTERM, then SIGKILL after ``timeout``; returns (seconds to exit, exited gracefully)."""
