@@ -245,6 +245,10 @@ def use_token(token: str | None) -> None:
     _authorization = f"Authorization: Bearer {token}\r\n" if token else ""
 
 
+def signed_in() -> bool:
+    return bool(_authorization)
+
+
 async def request_json(
     port: int, method: str, path: str, body: Any = None, timeout: float = 30.0
 ) -> tuple[int, Any]:

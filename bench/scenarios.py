@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from .client import Event, Watcher, request_json
+from .client import Event, Watcher, request_json, signed_in
 from .servers import Server
 
 Metrics = dict[str, float]
@@ -117,7 +117,9 @@ def bad_streams(watchers: Iterable[Watcher]) -> int:
 
 
 async def submit(port: int, data: str) -> str:
-    status, body = await request_json(port, "POST", "/submit", {"data": data})
+    # Signed in, the bench approves what it submitted itself, which hitl allows only so.
+    extra = {"allow_self_review": True} if signed_in() else {}
+    status, body = await request_json(port, "POST", "/submit", {"data": data, **extra})
     if status != 202 or not isinstance(body, dict):
         raise RuntimeError(f"POST /submit answered {status}: {body!r}")
     return str(body["task_id"])
