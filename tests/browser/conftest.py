@@ -11,6 +11,7 @@ import asyncio
 import os
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -148,6 +149,21 @@ async def new_session(browser: Browser, origin: str, **options: Any) -> Session:
     await context.route("**/*", session.fence)
     await context.add_init_script(RECORDER)
     return session
+
+
+@asynccontextmanager
+async def server_with_session(browser: Browser, config: Config
+                              ) -> AsyncIterator[tuple[LiveServer, Session]]:
+    """A server of its own on ``config`` (e.g. another ``auth`` than the module's), and a
+    browser profile fenced to it; both closed after, the fence checked."""
+    server = await start_server(config)
+    session = await new_session(browser, server.url)
+    try:
+        yield server, session
+    finally:
+        await session.context.close()
+        await stop_server(server)
+    assert session.outside == [] and session.csp_reports == []
 
 
 @pytest.fixture

@@ -18,8 +18,8 @@ from playwright.async_api import Browser, Page, Route, expect
 from hitl import Config
 from hitl.accounts import Role
 
-from ..conftest import LiveServer, start_server, stop_server
-from .conftest import Session, browser_test, new_session
+from ..conftest import LiveServer
+from .conftest import Session, browser_test, server_with_session
 from .test_sign_in import PASSWORD, accounts_of, sign_in
 
 pytestmark = browser_test
@@ -63,14 +63,8 @@ def config(config: Config) -> Config:
 async def test_the_reference_page_runs_a_task_to_the_end_with_sign_in_off(
     browser: Browser, config: Config
 ) -> None:
-    server = await start_server(config.with_changes(auth="none"))
-    session = await new_session(browser, server.url)
-    try:
-        await run_to_the_end(session, server)
-    finally:
-        await session.context.close()
-        await stop_server(server)
-    assert session.outside == [] and session.csp_reports == []
+    async with server_with_session(browser, config.with_changes(auth="none")) as running:
+        await run_to_the_end(running[1], running[0])
 
 
 async def run_to_the_end(session: Session, live_server: LiveServer) -> None:

@@ -14,10 +14,10 @@ from playwright.async_api import Browser, Page, Response, Route, expect
 from hitl import Config
 from hitl.accounts import Accounts, Role
 
-from ..conftest import LiveServer, start_server, stop_server
+from ..conftest import LiveServer
 from ..serverproc import ServerProcess
 from ..test_auth_pages import LINK
-from .conftest import Session, browser_test, eventually, new_session, seen
+from .conftest import Session, browser_test, eventually, new_session, seen, server_with_session
 
 pytestmark = browser_test
 
@@ -272,25 +272,18 @@ async def test_another_site_cannot_decide_with_sign_in_off(
     browser: Browser, config: Config
 ) -> None:
     """The original report: with no sign-in at all, a cross-site form post approved."""
-    server = await start_server(config.with_changes(auth="none"))
-    session = await new_session(browser, server.url)
-    try:
-        async with server.http() as http:
-            task_id = (await http.post("/submit", json={"data": "forge me"})).json()["task_id"]
-            await wait_for_review(http, task_id)
-            await refused_then_decided_here(session, http, server.url, task_id)
-    finally:
-        await session.context.close()
-        await stop_server(server)
-    assert session.outside == []
+    async with (server_with_session(browser, config.with_changes(auth="none"))
+                as (server, session), server.http() as http):
+        task_id = (await http.post("/submit", json={"data": "forge me"})).json()["task_id"]
+        await wait_for_review(http, task_id)
+        await refused_then_decided_here(session, http, server.url, task_id)
 
 
 async def test_htmx_sends_the_pages_token_and_fills_swapped_in_forms(
     browser: Browser, config: Config
 ) -> None:
-    server = await start_server(config.with_changes(auth="none"))
-    session = await new_session(browser, server.url)
-    try:
+    async with server_with_session(browser, config.with_changes(auth="none")) as (server,
+                                                                                  session):
         async with server.http() as http:
             task_id = (await http.post("/submit", json={"data": "decide me"})).json()["task_id"]
             await wait_for_review(http, task_id)
@@ -312,7 +305,3 @@ async def test_htmx_sends_the_pages_token_and_fills_swapped_in_forms(
         assert await request.header_value("x-csrf-token") == token
         assert f"csrf_token={token}" in (request.post_data or "")
         await expect(page.locator("#flash")).to_contain_text("was recorded")
-    finally:
-        await session.context.close()
-        await stop_server(server)
-    assert session.outside == [] and session.csp_reports == []
