@@ -96,15 +96,18 @@ def owner_filter(identity: Identity) -> str | None:
     return identity.name if identity.user.role is Role.SUBMITTER else None
 
 
+def decides_any(identity: Identity) -> bool:
+    """Whether their role decides tasks at all (which ones: :func:`can_decide`)."""
+    return signed_out(identity) or identity.user.role in (Role.ADMIN, Role.REVIEWER)
+
+
 def review_scope(identity: Identity) -> ReviewScope | None:
-    """The tasks whose review is theirs to take up next, as the store filters them (the
-    rule of :func:`can_decide`); None: any task (sign-in off)."""
+    """For one who :func:`decides_any`, the tasks they may decide, as the store filters
+    them (the rule of :func:`can_decide`); None: any task (sign-in off)."""
     if signed_out(identity):
         return None
     if identity.user.role is Role.ADMIN:
         return ReviewScope(identity.name, None)
-    if identity.user.role is not Role.REVIEWER:  # decides nothing: an empty queue
-        return ReviewScope(identity.name, ())
     return ReviewScope(identity.name, (identity.name, *(f"group:{group}"
                                                          for group in identity.user.groups)))
 

@@ -248,6 +248,8 @@ class Runner:
     async def oldest_waiting(self, after: str | None = None, *, by: Identity) -> str | None:
         """The task waiting longest that ``by`` may decide (after ``after``, round)."""
         policy.can_read(by).require()
+        if not policy.decides_any(by):  # a viewer's or a submitter's queue is empty
+            return None
         return await self.store.oldest_waiting(after, policy.review_scope(by))
 
     async def changes_since(self, since: int, limit: int, *, by: Identity

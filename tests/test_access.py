@@ -410,3 +410,25 @@ async def verified(db: Path, name: str, password: str) -> bool:
         return await Accounts(store).verify_password(name, password) is not None
     finally:
         await store.close()
+
+
+async def test_review_next_opens_the_oldest_task_the_reader_may_decide(world: World) -> None:
+    """``GET /next`` follows the policy: rita (group legal) gets sam's task for legal first;
+    rex, not in legal, skips it for sue's; neither gets a task they submitted themselves;
+    a viewer, who decides nothing, gets the empty queue."""
+    rexs = await world.submit("rex")  # newer than both, and rex's own
+
+    async def next_for(person: str, after: str | None = None) -> str:
+        query = f"?after={after}" if after else ""
+        response = await world.http.get(f"/next{query}", headers=world.auth(person))
+        assert response.status_code == 303, response.text
+        return response.headers["Location"]
+
+    assert await next_for("rita") == f"/tasks/{world.task}"
+    assert await next_for("rita", world.task) == f"/tasks/{world.theirs}"
+    assert await next_for("rita", world.theirs) == f"/tasks/{rexs}"
+    assert await next_for("rex") == f"/tasks/{world.theirs}"
+    assert (await next_for("rex", world.theirs)).startswith("/dashboard")  # none but that one
+    assert await next_for("ada") == f"/tasks/{world.task}"  # an admin: any, as an override
+    for nobody in ("vic", "sue"):  # a viewer and a submitter decide nothing
+        assert (await next_for(nobody)).startswith("/dashboard?status=waiting_for_review")
