@@ -129,11 +129,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("secret_key", str, "key that signs session cookies; default: one kept in the "
             "database", "text"),
     Setting("public_url", str, "the address people reach hitl at, for links in webhook "
-            "events; default http://HOST:PORT", "text"),
+            "events; off: http://HOST:PORT", "text"),
     Setting("webhook_timeout", _number, "seconds a webhook delivery may take", "number"),
-    Setting("webhook_backoff", _number, "seconds before a failed webhook delivery's first "
+    Setting("webhook_first_retry", _number, "seconds before a failed webhook delivery's first "
             "retry; each next wait doubles", "number"),
-    Setting("webhook_backoff_cap", _number, "longest wait between webhook retries, seconds",
+    Setting("webhook_max_backoff", _number, "longest wait between webhook retries, seconds",
             "number"),
     Setting("webhook_retry_for", _number, "seconds a webhook event is retried before it is "
             "skipped", "number"),
@@ -170,10 +170,10 @@ class Config:
     trusted_proxies: tuple[str, ...] = ()
     proxy_default_role: str = "reviewer"
     secret_key: str | None = None
-    public_url: str = ""  # "" is http://HOST:PORT
+    public_url: str | None = None  # None: http://HOST:PORT
     webhook_timeout: float = 10.0
-    webhook_backoff: float = 1.0
-    webhook_backoff_cap: float = 600.0
+    webhook_first_retry: float = 1.0
+    webhook_max_backoff: float = 600.0
     webhook_retry_for: float = 24 * 3600.0
     webhook_poll: float = 2.0
 

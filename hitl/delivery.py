@@ -3,8 +3,8 @@
 One asyncio task per endpoint, each with its own HTTP client, delivers that endpoint's
 events one at a time, in the log's order: a slow or failing endpoint holds up only
 itself, and the service never waits for any of them. A failed delivery is tried again
-after an exponential, jittered wait (``--webhook-backoff`` doubling up to
-``--webhook-backoff-cap``) for ``--webhook-retry-for`` seconds, then skipped and logged.
+after an exponential, jittered wait (``--webhook-first-retry`` doubling up to
+``--webhook-max-backoff``) for ``--webhook-retry-for`` seconds, then skipped and logged.
 
 Where each endpoint stands (its cursor, the event it is retrying, how often, when next)
 is stored, so a restart, or a crash, goes on where it left off: an event is sent at
@@ -171,8 +171,9 @@ class Dispatcher:
                 record = AttemptRecord(message_id, item.gid, item.type, tries, now, status,
                                        error, "skipped", None)
                 return await self._advanced(endpoint, item, record)
-            wait = self.config.webhook_backoff * 2 ** min(tries - 1, 60) * random.uniform(*JITTER)
-            next_at = min(now + min(wait, self.config.webhook_backoff_cap), give_up)
+            wait = min(self.config.webhook_first_retry * 2 ** min(tries - 1, 60)
+                       * random.uniform(*JITTER), self.config.webhook_max_backoff)
+            next_at = min(now + wait, give_up)
             record = AttemptRecord(message_id, item.gid, item.type, tries, now, status, error,
                                    "failed", next_at)
             if not await self.webhooks.retrying(endpoint, record, since):

@@ -26,7 +26,7 @@ PUBLIC = "https://hitl.example"
 @pytest.fixture
 def config(config: Config) -> Config:
     """Retries in tens of milliseconds, so that a test of many takes well under a second."""
-    return config.with_changes(webhook_backoff=0.05, webhook_backoff_cap=0.2, webhook_poll=0.2,
+    return config.with_changes(webhook_first_retry=0.05, webhook_max_backoff=0.2, webhook_poll=0.2,
                                public_url=PUBLIC)
 
 
