@@ -37,7 +37,9 @@ from .webhooks import AttemptRecord, Endpoint, Pending, Webhooks, secret_key, si
 log = logging.getLogger(__name__)
 
 BATCH = 200  # messages read at a time (a few columns each, never a whole output)
+STORE_EVERY = (20, 0.1)  # deliveries, seconds: how often a moving cursor is stored
 JITTER = (0.8, 1.2)
+MAX_REPLY = 64 * 1024  # bytes of a reply read, so that its connection can be kept
 
 
 class Dispatcher:
@@ -130,24 +132,21 @@ class Dispatcher:
                         await waker.wait()
                 continue
             batch = await self.webhooks.pending(endpoint.cursor, horizon, BATCH)
-            current: Endpoint | None = endpoint
+            progress = Progress(self.webhooks, endpoint)
             for item in batch:
                 if item.type is None or not endpoint.wants(item.type):
                     continue  # passed over: the cursor moves past it with the next one
-                current = await self._deliver(endpoint, item, http)
-                if current is None:
+                if not await self._deliver(progress, item, http):
                     break  # the cursor moved meanwhile (another process): read it again
-                endpoint = current
-            if current is not None:
-                end = horizon if len(batch) < BATCH else batch[-1].gid
-                if end > endpoint.cursor:
-                    await self.webhooks.advance(endpoint, end)
+            else:
+                await progress.store(horizon if len(batch) < BATCH else batch[-1].gid)
 
-    async def _deliver(self, endpoint: Endpoint, item: Pending,
-                       http: httpx.AsyncClient) -> Endpoint | None:
-        """Send one event until it is taken or has been retried for too long; the endpoint
-        as it then is (its cursor on the event), or None if its cursor had moved."""
+    async def _deliver(self, progress: Progress, item: Pending,
+                       http: httpx.AsyncClient) -> bool:
+        """Send one event until it is taken or has been retried for too long; False if the
+        endpoint's cursor had moved meanwhile."""
         assert item.type is not None
+        endpoint = progress.endpoint
         message_id = f"msg_{endpoint.id.removeprefix('wh_')}_{item.gid}"
         tries, since = 0, time.time()
         if endpoint.retry_gid == item.gid:  # retrying it before a restart: go on
@@ -162,35 +161,29 @@ class Dispatcher:
             status, error = await self._post(http, endpoint.url, key, message_id, body)
             now = time.time()
             if error is None:
-                record = AttemptRecord(message_id, item.gid, item.type, tries, now, status,
-                                       None, "delivered", None)
-                return await self._advanced(endpoint, item, record)
+                return await progress.reached(item.gid, AttemptRecord(
+                    message_id, item.gid, item.type, tries, now, status, None, "delivered",
+                    None))
             if now >= give_up:
                 log.warning("webhook %s: gave up on %s (%s) after %d tries: %s",
                             endpoint.id, message_id, item.type, tries, error)
                 record = AttemptRecord(message_id, item.gid, item.type, tries, now, status,
                                        error, "skipped", None)
-                return await self._advanced(endpoint, item, record)
+                return await progress.reached(item.gid, record) and await progress.store()
             wait = min(self.config.webhook_first_retry * 2 ** min(tries - 1, 60)
                        * random.uniform(*JITTER), self.config.webhook_max_backoff)
             next_at = min(now + wait, give_up)
             record = AttemptRecord(message_id, item.gid, item.type, tries, now, status, error,
                                    "failed", next_at)
-            if not await self.webhooks.retrying(endpoint, record, since):
-                return None
+            if not await progress.store() or not await self.webhooks.retrying(
+                    progress.endpoint, record, since):
+                return False
             await asyncio.sleep(max(0.0, next_at - time.time()))
-
-    async def _advanced(self, endpoint: Endpoint, item: Pending,
-                        record: AttemptRecord) -> Endpoint | None:
-        if not await self.webhooks.advance(endpoint, item.gid, record):
-            return None
-        return replace(endpoint, cursor=item.gid, retry_gid=None, retry_since=None,
-                       retry_tries=0, next_retry=None)
 
     async def _post(self, http: httpx.AsyncClient, url: str, key: bytes, message_id: str,
                     body: bytes) -> tuple[int | None, str | None]:
         """One signed POST: its status code and, unless a 2xx, what went wrong. The reply's
-        body is never read (a receiver cannot make hitl hold a large one)."""
+        body is read and dropped (a receiver cannot make hitl hold a large one)."""
         timestamp = int(time.time())
         headers = {"content-type": "application/json", "webhook-id": message_id,
                    "webhook-timestamp": str(timestamp),
@@ -201,6 +194,11 @@ class Dispatcher:
                 async with http.stream("POST", url, content=body, headers=headers,
                                        timeout=timeout) as response:
                     status = response.status_code
+                    read = 0  # to its end, so its connection is kept, but never much of it
+                    async for chunk in response.aiter_raw():
+                        read += len(chunk)
+                        if read > MAX_REPLY:
+                            break
         except TimeoutError:
             return None, f"no answer within {timeout:g} s"
         except httpx.HTTPError as exc:
@@ -223,3 +221,35 @@ class Dispatcher:
 def _own_url(config: Config) -> str:
     host = f"[{config.host}]" if ":" in config.host else config.host
     return f"http://{host}:{config.port}"
+
+
+class Progress:
+    """Where one endpoint's worker has got to, stored every few deliveries (one commit
+    for many under load): a crash sends again at most those since the last store."""
+
+    def __init__(self, webhooks: Webhooks, endpoint: Endpoint) -> None:
+        self.webhooks = webhooks
+        self.endpoint = endpoint  # as stored
+        self.cursor = endpoint.cursor  # delivered up to here
+        self.records: list[AttemptRecord] = []
+        self.since = time.monotonic()
+
+    async def reached(self, gid: int, record: AttemptRecord) -> bool:
+        self.cursor = gid
+        self.records.append(record)
+        count, seconds = STORE_EVERY
+        if len(self.records) >= count or time.monotonic() - self.since >= seconds:
+            return await self.store()
+        return True
+
+    async def store(self, to: int | None = None) -> bool:
+        """Store the cursor (moved on to ``to``, past messages that are not events, if
+        given); False if it had moved meanwhile, elsewhere."""
+        cursor = max(self.cursor, to or 0)
+        if cursor > self.endpoint.cursor:
+            if not await self.webhooks.advance(self.endpoint, cursor, self.records):
+                return False
+            self.endpoint = replace(self.endpoint, cursor=cursor, retry_gid=None,
+                                    retry_since=None, retry_tries=0, next_retry=None)
+        self.cursor, self.records, self.since = cursor, [], time.monotonic()
+        return True

@@ -22,6 +22,7 @@ import hmac
 import json
 import secrets
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -260,9 +261,9 @@ class Webhooks:
         return self._task_columns
 
     async def advance(self, endpoint: Endpoint, to: int,
-                      attempt: AttemptRecord | None = None) -> bool:
+                      attempts: Sequence[AttemptRecord] = ()) -> bool:
         """Move the cursor from where ``endpoint`` saw it to ``to`` (ending any retry), and
-        log the attempt that did it, in one transaction. False when the cursor had moved
+        log the attempts that did it, in one transaction. False when the cursor had moved
         meanwhile (another process) or the endpoint is gone: nothing is changed then."""
         async with self.store._transaction() as conn:
             cursor = await conn.execute(
@@ -272,8 +273,8 @@ class Webhooks:
                 {"id": endpoint.id, "from": endpoint.cursor, "to": to})
             if cursor.rowcount == 0:
                 return False
-            if attempt is not None:
-                await self._log(conn, endpoint.id, attempt)
+            if attempts:
+                await self._log(conn, endpoint.id, attempts)
             return True
 
     async def retrying(self, endpoint: Endpoint, attempt: AttemptRecord, since: float) -> bool:
@@ -287,20 +288,21 @@ class Webhooks:
                  "since": since, "tries": attempt.try_number, "next": attempt.next_retry})
             if cursor.rowcount == 0:
                 return False
-            await self._log(conn, endpoint.id, attempt)
+            await self._log(conn, endpoint.id, [attempt])
             return True
 
     @staticmethod
-    async def _log(conn: Any, endpoint_id: str, attempt: AttemptRecord) -> None:
-        await conn.execute(
+    async def _log(conn: Any, endpoint_id: str, attempts: Sequence[AttemptRecord]) -> None:
+        await conn.executemany(
             """INSERT INTO webhook_attempts (webhook_id, message_id, gid, type, try, at,
                                              status_code, error, outcome, next_retry)
                VALUES (:webhook_id, :message_id, :gid, :type, :try, :at, :status_code,
                        :error, :outcome, :next_retry)""",
-            {"webhook_id": endpoint_id, "message_id": attempt.message_id, "gid": attempt.gid,
-             "type": attempt.type, "try": attempt.try_number, "at": attempt.at,
-             "status_code": attempt.status_code, "error": attempt.error,
-             "outcome": attempt.outcome, "next_retry": attempt.next_retry})
+            [{"webhook_id": endpoint_id, "message_id": attempt.message_id, "gid": attempt.gid,
+              "type": attempt.type, "try": attempt.try_number, "at": attempt.at,
+              "status_code": attempt.status_code, "error": attempt.error,
+              "outcome": attempt.outcome, "next_retry": attempt.next_retry}
+             for attempt in attempts[-RECENT_ATTEMPTS:]])
         await conn.execute(  # keep the latest few: the log stays small however long it runs
             """DELETE FROM webhook_attempts WHERE webhook_id = :id AND id <= (
                    SELECT id FROM webhook_attempts WHERE webhook_id = :id
