@@ -59,6 +59,8 @@ async def test_a_killed_server_resumes_its_deliveries(tmp_path: Path) -> None:
                         >= set(tasks), "every task's event after the restart", timeout=20)
         finally:
             server.stop()
+    listing = await asyncio.to_thread(run_cli, "webhooks", "list", "--db", str(db))
+    assert "task.waiting_for_review" in listing.stdout and " 200  delivered" in listing.stdout
     after = receiver.requests[before:]
     assert after[0].id == refused.id  # the event it was retrying, tried again first
     firsts: dict[str, int] = {}
