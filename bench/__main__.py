@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import scenarios
+from . import scenarios, webhooks
 from .client import raise_nofile
 from .scenarios import METRICS, Metrics
 from .servers import REPO, SPECS, Server, ServerSpec, hitl_available
@@ -37,6 +37,7 @@ class Job:
     run: Callable[[Server], Awaitable[Metrics]]
     show: tuple[str, ...]
     durable_only: bool = False  # needs a server that keeps its state over a restart
+    hitl_only: bool = False  # a feature the baselines do not have
 
 
 def fanout_job(n: int) -> Job:
@@ -65,6 +66,12 @@ def storm_job(n: int, restart: bool) -> Job:
     return Job(name, lambda s: scenarios.storm(s, n, False), show)
 
 
+def webhooks_job(tasks: int, endpoints: int) -> Job:
+    show = ("events_per_s", "p50_ms", "p99_ms", "complete", "errors")
+    name = f"webhooks T={tasks} E={endpoints}: approval -> task.completed delivered"
+    return Job(name, lambda s: webhooks.webhooks(s, tasks, endpoints), show, hitl_only=True)
+
+
 def compare_jobs(quick: bool) -> list[Job]:
     """The scenarios of ``compare``, sized so that 3 rounds of 3 servers take about 10 minutes.
 
@@ -78,6 +85,7 @@ def compare_jobs(quick: bool) -> list[Job]:
             dashboard_job(200, 50),
             storm_job(1_000, False),
             storm_job(1_000, True),
+            webhooks_job(50, 2),
         ]
     return [
         *(fanout_job(n) for n in (100, 1_000, 5_000, 10_000)),
@@ -85,6 +93,7 @@ def compare_jobs(quick: bool) -> list[Job]:
         dashboard_job(1_000, 50),
         storm_job(2_000, False),
         storm_job(2_000, True),
+        webhooks_job(200, 2),
     ]
 
 
@@ -118,7 +127,8 @@ def run_rounds(jobs: list[Job], servers: list[str], rounds: int) -> list[dict[st
         for job in jobs:
             for name in order:
                 spec = SPECS[name]
-                if job.durable_only and not spec.durable:
+                if (job.durable_only and not spec.durable) or (job.hitl_only
+                                                                and name != "hitl"):
                     continue
                 t0 = time.perf_counter()
                 metrics = asyncio.run(run_once(spec, job))
@@ -238,6 +248,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("-t", "--tasks", type=int, default=200)
     p = sub.add_parser("storm", parents=[common], help="N watchers reconnect at once")
     p.add_argument("-n", type=int, default=5_000)
+    p = sub.add_parser("webhooks", parents=[common],
+                       help="T tasks, their events to E local webhook receivers (hitl only)")
+    p.add_argument("-t", "--tasks", type=int, default=200)
+    p.add_argument("-e", "--endpoints", type=int, default=2)
     args = parser.parse_args(argv)
 
     if args.command == "compare":
@@ -248,6 +262,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         jobs = [throughput_job(t) for t in args.tasks]
     elif args.command == "dashboard":
         jobs = [dashboard_job(args.watchers, args.tasks)]
+    elif args.command == "webhooks":
+        jobs = [webhooks_job(args.tasks, args.endpoints)]
     else:
         jobs = [storm_job(args.n, False), storm_job(args.n, True)]
 

@@ -42,6 +42,7 @@ METRICS: dict[str, Metric] = {
     "catch_up_s": Metric("all caught up (s)", "lower"),
     "reconnects": Metric("client reconnects", "lower"),
     "errors": Metric("failed requests/streams", "lower"),
+    "events_per_s": Metric("webhook events delivered/s", "higher"),
 }
 
 

@@ -20,6 +20,7 @@ from .asgi import ANSWERS_IN_SERVER_TASK, Edge, QuartHTTPConnection
 from .auth_pages import auth
 from .broker import Broker
 from .config import Config
+from .delivery import Dispatcher
 from .errors import BODY_TIMEOUT_ERROR, INTERNAL_ERROR, HitlError, Invalid, error_body, plain
 from .guard import Guard
 from .identity import Authenticator, Unauthorized
@@ -31,6 +32,7 @@ from .runner import Runner
 from .sse_asgi import answer_refused
 from .store import Store
 from .ui_streams import FragmentCache
+from .webhook_routes import hooks
 
 log = logging.getLogger(__name__)
 
@@ -61,11 +63,12 @@ def create_app(config: Config | None = None, *, processor: Processor | None = No
     broker.loader = store.load_history
     authenticator = Authenticator(config, store)
     for part in (Guard(config, authenticator), store, authenticator, broker, journal, runner,
-                 FragmentCache()):
+                 Dispatcher(config, store, journal), FragmentCache()):
         part.init_app(app)
 
     app.before_request(answer_refused)  # after the guard's check: see hitl.sse_asgi
     app.register_blueprint(api)
+    app.register_blueprint(hooks)
     app.register_blueprint(pages)
     app.register_blueprint(auth)
     register_error_handlers(app)

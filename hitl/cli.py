@@ -1,4 +1,5 @@
-"""The ``hitl`` command: ``serve``, ``tasks list|show``, ``export``, ``users``, ``tokens``."""
+"""The ``hitl`` command: ``serve``, ``tasks list|show``, ``export``, ``users``, ``tokens``,
+``webhooks``."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TextIO
 
-from . import cli_accounts
+from . import cli_accounts, cli_webhooks
 from .accounts import Accounts, Role
 from .config import SETTINGS, Config, default_db_path, default_of, env_var
 from .errors import ConfigError, HitlError, Invalid, StartupError
@@ -69,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--output", "-o", help="file to write (default: standard output)")
     add_db_option(export)
     cli_accounts.add_commands(commands, add_db_option)
+    cli_webhooks.add_commands(commands, add_db_option)
     return parser
 
 
@@ -213,4 +215,4 @@ async def export_command(store: Store, args: argparse.Namespace | None) -> int:
 COMMANDS: dict[tuple[str, str | None], Callable[[Store, argparse.Namespace | None],
                                                  Awaitable[int]]] = {
     ("tasks", "list"): list_command, ("tasks", "show"): show_command,
-    ("export", None): export_command, **cli_accounts.COMMANDS}
+    ("export", None): export_command, **cli_accounts.COMMANDS, **cli_webhooks.COMMANDS}

@@ -128,6 +128,17 @@ SETTINGS: tuple[Setting, ...] = (
             "role"),
     Setting("secret_key", str, "key that signs session cookies; default: one kept in the "
             "database", "text"),
+    Setting("public_url", str, "the address people reach hitl at, for links in webhook "
+            "events; off: http://HOST:PORT", "text"),
+    Setting("webhook_timeout", _number, "seconds a webhook delivery may take", "number"),
+    Setting("webhook_first_retry", _number, "seconds before a failed webhook delivery's first "
+            "retry; each next wait doubles", "number"),
+    Setting("webhook_max_backoff", _number, "longest wait between webhook retries, seconds",
+            "number"),
+    Setting("webhook_retry_for", _number, "seconds a webhook event is retried before it is "
+            "skipped", "number"),
+    Setting("webhook_poll", _number, "seconds between looks for new webhook endpoints and "
+            "events when nothing wakes the worker", "number"),
 )
 
 
@@ -159,6 +170,12 @@ class Config:
     trusted_proxies: tuple[str, ...] = ()
     proxy_default_role: str = "reviewer"
     secret_key: str | None = None
+    public_url: str | None = None  # None: http://HOST:PORT
+    webhook_timeout: float = 10.0
+    webhook_first_retry: float = 1.0
+    webhook_max_backoff: float = 600.0
+    webhook_retry_for: float = 24 * 3600.0
+    webhook_poll: float = 2.0
 
     @classmethod
     def load(

@@ -53,6 +53,7 @@ class Journal:
         self.refused: set[str] = set()  # tasks whose last change could not be stored
         self._generations: dict[str, int] = {}  # of tasks reloaded after a refusal
         self.on_refused: Callable[[str], None] = lambda task_id: None
+        self.listeners: list[Callable[[], None]] = []  # told after each commit (webhooks)
         self._queue: asyncio.Queue[Pending] = asyncio.Queue()
         self._writer: asyncio.Task[None] | None = None
         self._next_gid = 1
@@ -177,6 +178,8 @@ class Journal:
                 self.broker.publish(event.task_id, task_message)
                 self.broker.publish(GLOBAL, global_message)
             _settle(pending, None)
+        for listener in self.listeners:
+            listener()
 
     def _fail(self, pending: Pending, exc: Exception) -> None:
         task_id = pending.write.task_id

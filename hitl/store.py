@@ -158,6 +158,37 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE reviews ADD COLUMN token_label TEXT;
     ALTER TABLE reviews ADD COLUMN admin_override INTEGER NOT NULL DEFAULT 0;
     """,
+    # Webhook endpoints (hitl.webhooks): each with its cursor in the message log (the
+    # outbox: the last message handled) and the state of the one event it is retrying;
+    # and a short log of each endpoint's recent delivery attempts.
+    """
+    CREATE TABLE webhooks (
+        id            TEXT PRIMARY KEY,
+        url           TEXT NOT NULL,
+        events        TEXT NOT NULL DEFAULT '[]',
+        secret        TEXT NOT NULL,
+        cursor        INTEGER NOT NULL,
+        created_at    REAL NOT NULL,
+        retry_gid     INTEGER,
+        retry_since   REAL,
+        retry_tries   INTEGER NOT NULL DEFAULT 0,
+        next_retry    REAL
+    );
+    CREATE TABLE webhook_attempts (
+        id          INTEGER PRIMARY KEY,
+        webhook_id  TEXT NOT NULL REFERENCES webhooks (id) ON DELETE CASCADE,
+        message_id  TEXT NOT NULL,
+        gid         INTEGER NOT NULL,
+        type        TEXT NOT NULL,
+        try         INTEGER NOT NULL,
+        at          REAL NOT NULL,
+        status_code INTEGER,
+        error       TEXT,
+        outcome     TEXT NOT NULL,
+        next_retry  REAL
+    );
+    CREATE INDEX webhook_attempts_by_webhook ON webhook_attempts (webhook_id, id);
+    """,
 )
 
 IDEMPOTENCY_WINDOW = 24 * 3600  # seconds an Idempotency-Key stands for its task

@@ -1,0 +1,326 @@
+"""Webhook endpoints: who is told of which task events, and how a delivery is signed.
+
+The store's message log is the outbox: every change a webhook reports is already stored,
+in the same commit as the change, as one message. An endpoint is a cursor into that log
+(the last message it has handled) plus its URL, its events and its secret; the worker in
+:mod:`hitl.delivery` moves each cursor on. Every rule lives in the store (a cursor moves
+only by a conditional UPDATE from where it was), so a second process sharing the
+database cannot move one twice. Its SQL sits here, on the store's own connections, like
+:mod:`hitl.accounts`.
+
+Deliveries follow Standard Webhooks (https://www.standardwebhooks.com): headers
+``webhook-id``, ``webhook-timestamp`` and ``webhook-signature`` (``v1,`` and the base64
+HMAC-SHA256 of ``<id>.<timestamp>.<body>``, keyed with the secret's base64-decoded bytes).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import json
+import secrets
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from . import policy
+from .accounts import Identity
+from .errors import Invalid, NotFound
+from .models import iso
+from .store import Store
+
+EVENTS = ("task.waiting_for_review", "task.vote", "task.completed", "task.failed",
+          "task.cancelled", "task.timed_out")
+SECRET_PREFIX = "whsec_"
+SECRET_BYTES = (24, 64)  # the sizes Standard Webhooks asks of a secret
+MAX_URL = 2000
+RECENT_ATTEMPTS = 50  # attempts kept per endpoint, for `hitl webhooks list` and the API
+
+# The statuses whose messages may be events: the rest (running, progress) are passed over
+# in SQL, and each message's event type is found in SQL too, so a large output is never read.
+_EVENT_STATUSES = "('waiting_for_review', 'completed', 'failed', 'cancelled', " \
+                  "'processing_feedback')"
+_EVENT_TYPE = """
+    CASE WHEN messages.status = 'waiting_for_review' THEN
+              CASE WHEN coalesce(json_array_length(messages.data, '$.votes'), 0) > 0
+                   THEN 'task.vote' ELSE 'task.waiting_for_review' END
+         WHEN messages.status IN ('completed', 'failed', 'cancelled')
+              THEN 'task.' || messages.status
+         WHEN messages.status = 'processing_feedback'
+              AND json_extract(messages.data, '$.reviewer') = 'timeout' THEN 'task.timed_out'
+    END
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """One registered receiver, and where it stands in the message log."""
+
+    id: str
+    url: str
+    events: tuple[str, ...]  # () means every event
+    secret: str
+    cursor: int  # the last message handled (delivered, skipped, or not one of its events)
+    created_at: float
+    retry_gid: int | None = None  # the message being retried, if one is
+    retry_since: float | None = None  # when it was first tried
+    retry_tries: int = 0
+    next_retry: float | None = None
+
+    def wants(self, event_type: str) -> bool:
+        return not self.events or event_type in self.events
+
+    def to_json(self) -> dict[str, Any]:
+        """Everything but the secret, which is shown once, when the endpoint is added."""
+        return {"id": self.id, "url": self.url, "events": list(self.events) or list(EVENTS),
+                "all_events": not self.events, "created_at": iso(self.created_at),
+                "cursor": self.cursor,
+                "retrying": None if self.retry_gid is None else {
+                    "message": self.retry_gid, "tries": self.retry_tries,
+                    "since": iso(self.retry_since) if self.retry_since else None,
+                    "next_retry": iso(self.next_retry) if self.next_retry else None}}
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptRecord:
+    """One delivery attempt, as ``hitl webhooks list`` and the API show it."""
+
+    message_id: str
+    gid: int
+    type: str
+    try_number: int
+    at: float
+    status_code: int | None
+    error: str | None
+    outcome: str  # delivered, failed (a retry follows), skipped (retried for too long)
+    next_retry: float | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"webhook_id": self.message_id, "message": self.gid, "type": self.type,
+                "try": self.try_number, "at": iso(self.at), "status_code": self.status_code,
+                "error": self.error, "outcome": self.outcome,
+                "next_retry": iso(self.next_retry) if self.next_retry else None}
+
+
+@dataclass(frozen=True, slots=True)
+class Pending:
+    """A stored message that may be an event for an endpoint."""
+
+    gid: int
+    task_id: str
+    status: str
+    type: str | None  # None: not an event (a human's decision, say)
+    attempt: int
+    title: str | None
+    metadata: Any
+
+
+def new_secret() -> str:
+    return SECRET_PREFIX + base64.b64encode(secrets.token_bytes(32)).decode()
+
+
+def secret_key(secret: str) -> bytes:
+    """The HMAC key of a ``whsec_<base64>`` secret; Invalid if it is not one."""
+    if not secret.startswith(SECRET_PREFIX):
+        raise Invalid(f"secret: must be of the form {SECRET_PREFIX}<base64>")
+    try:
+        key = base64.b64decode(secret.removeprefix(SECRET_PREFIX), validate=True)
+    except (binascii.Error, ValueError):
+        raise Invalid(f"secret: the part after {SECRET_PREFIX} is not base64") from None
+    low, high = SECRET_BYTES
+    if not low <= len(key) <= high:
+        raise Invalid(f"secret: must decode to {low} to {high} bytes, not {len(key)}")
+    return key
+
+
+def sign(key: bytes, message_id: str, timestamp: int, body: bytes) -> str:
+    """The ``webhook-signature`` header: ``v1,<base64 HMAC-SHA256>``."""
+    signed = f"{message_id}.{timestamp}.".encode() + body
+    return "v1," + base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
+
+
+def checked_url(url: str) -> str:
+    url = url.strip()
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname or len(url) > MAX_URL:
+        raise Invalid(f"url: must be an http or https URL of at most {MAX_URL} characters")
+    if any(char.isspace() for char in url):
+        raise Invalid("url: must not contain spaces")
+    return url
+
+
+def checked_events(events: list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    unknown = [event for event in events if event not in EVENTS]
+    if unknown:
+        raise Invalid(f"events: unknown {', '.join(map(repr, unknown))}; choose from "
+                      f"{', '.join(EVENTS)}")
+    return tuple(dict.fromkeys(events)) if set(events) != set(EVENTS) else ()
+
+
+class Webhooks:
+    """The endpoints, kept in the store; each change is checked against the policy."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._task_columns: tuple[bool, bool] | None = None  # has title, has metadata
+
+    async def add(self, url: str, events: list[str] | tuple[str, ...] = (),
+                  secret: str | None = None, *, by: Identity | None = None) -> Endpoint:
+        """Register an endpoint; it is told of the events stored from now on."""
+        if by is not None:
+            policy.can_manage(by).require()
+        secret = secret or new_secret()
+        secret_key(secret)
+        endpoint = Endpoint("wh_" + secrets.token_hex(8), checked_url(url),
+                            checked_events(events), secret, 0, time.time())
+        async with self.store._transaction() as conn:
+            await conn.execute(
+                """INSERT INTO webhooks (id, url, events, secret, cursor, created_at)
+                   VALUES (:id, :url, :events, :secret,
+                           coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'messages'),
+                                    0),
+                           :created_at)""",
+                {"id": endpoint.id, "url": endpoint.url, "events": json.dumps(endpoint.events),
+                 "secret": endpoint.secret, "created_at": endpoint.created_at})
+        added = await self.get(endpoint.id)
+        assert added is not None
+        return added
+
+    async def remove(self, endpoint_id: str, *, by: Identity | None = None) -> None:
+        if by is not None:
+            policy.can_manage(by).require()
+        async with self.store._transaction() as conn:
+            cursor = await conn.execute("DELETE FROM webhooks WHERE id = :id",
+                                        {"id": endpoint_id})
+            if cursor.rowcount == 0:
+                raise NotFound(f"no webhook with id {endpoint_id!r}")
+
+    async def endpoints(self, *, by: Identity | None = None) -> list[Endpoint]:
+        if by is not None:
+            policy.can_manage(by).require()
+        rows = await self.store.reader.execute_fetchall(
+            "SELECT * FROM webhooks ORDER BY created_at, id")
+        return [_endpoint(row) for row in rows]
+
+    async def get(self, endpoint_id: str) -> Endpoint | None:
+        rows = await self.store.reader.execute_fetchall(
+            "SELECT * FROM webhooks WHERE id = :id", {"id": endpoint_id})
+        return next((_endpoint(row) for row in rows), None)
+
+    async def attempts(self, endpoint_id: str, limit: int = 10) -> list[AttemptRecord]:
+        """An endpoint's latest delivery attempts, newest first."""
+        rows = await self.store.reader.execute_fetchall(
+            """SELECT message_id, gid, type, try, at, status_code, error, outcome, next_retry
+                 FROM webhook_attempts WHERE webhook_id = :id ORDER BY id DESC LIMIT :limit""",
+            {"id": endpoint_id, "limit": limit})
+        return [AttemptRecord(row["message_id"], row["gid"], row["type"], row["try"], row["at"],
+                              row["status_code"], row["error"], row["outcome"],
+                              row["next_retry"]) for row in rows]
+
+    async def listing(self, *, by: Identity | None = None) -> list[dict[str, Any]]:
+        """Every endpoint with its recent attempts, as the API and the CLI show them."""
+        return [{**endpoint.to_json(),
+                 "attempts": [a.to_json() for a in await self.attempts(endpoint.id)]}
+                for endpoint in await self.endpoints(by=by)]
+
+    async def horizon(self) -> int:
+        """The last message stored: every message up to it is committed (or deleted)."""
+        rows = await self.store.reader.execute_fetchall(
+            "SELECT coalesce(max(gid), 0) FROM messages")
+        return int(next(iter(rows))[0])
+
+    async def pending(self, after: int, upto: int, limit: int) -> list[Pending]:
+        """The messages after ``after`` up to ``upto`` that may be events, oldest first."""
+        title, metadata = await self._columns()
+        rows = await self.store.reader.execute_fetchall(
+            f"""SELECT messages.gid, messages.task_id, messages.status,
+                       {_EVENT_TYPE} AS type,
+                       coalesce(json_extract(messages.data, '$.attempt'), tasks.attempt)
+                           AS attempt,
+                       {"tasks.title" if title else "NULL"} AS title,
+                       {"tasks.metadata" if metadata else "NULL"} AS metadata
+                  FROM messages JOIN tasks USING (task_id)
+                 WHERE messages.gid > :after AND messages.gid <= :upto
+                   AND messages.status IN {_EVENT_STATUSES}
+                 ORDER BY messages.gid LIMIT :limit""",
+            {"after": after, "upto": upto, "limit": limit})
+        return [Pending(row["gid"], row["task_id"], row["status"], row["type"],
+                        int(row["attempt"]), row["title"], _json(row["metadata"]))
+                for row in rows]
+
+    async def _columns(self) -> tuple[bool, bool]:
+        """Whether tasks have a title and metadata (kept by newer schemas)."""
+        if self._task_columns is None:
+            rows = await self.store.reader.execute_fetchall("PRAGMA table_info(tasks)")
+            names = {row["name"] for row in rows}
+            self._task_columns = ("title" in names, "metadata" in names)
+        return self._task_columns
+
+    async def advance(self, endpoint: Endpoint, to: int,
+                      attempts: Sequence[AttemptRecord] = ()) -> bool:
+        """Move the cursor from where ``endpoint`` saw it to ``to`` (ending any retry), and
+        log the attempts that did it, in one transaction. False when the cursor had moved
+        meanwhile (another process) or the endpoint is gone: nothing is changed then."""
+        async with self.store._transaction() as conn:
+            cursor = await conn.execute(
+                """UPDATE webhooks SET cursor = :to, retry_gid = NULL, retry_since = NULL,
+                                       retry_tries = 0, next_retry = NULL
+                    WHERE id = :id AND cursor = :from""",
+                {"id": endpoint.id, "from": endpoint.cursor, "to": to})
+            if cursor.rowcount == 0:
+                return False
+            if attempts:
+                await self._log(conn, endpoint.id, attempts)
+            return True
+
+    async def retrying(self, endpoint: Endpoint, attempt: AttemptRecord, since: float) -> bool:
+        """Record a failed attempt and when the next one is due; False as :meth:`advance`."""
+        async with self.store._transaction() as conn:
+            cursor = await conn.execute(
+                """UPDATE webhooks SET retry_gid = :gid, retry_since = :since,
+                                       retry_tries = :tries, next_retry = :next
+                    WHERE id = :id AND cursor = :from""",
+                {"id": endpoint.id, "from": endpoint.cursor, "gid": attempt.gid,
+                 "since": since, "tries": attempt.try_number, "next": attempt.next_retry})
+            if cursor.rowcount == 0:
+                return False
+            await self._log(conn, endpoint.id, [attempt])
+            return True
+
+    @staticmethod
+    async def _log(conn: Any, endpoint_id: str, attempts: Sequence[AttemptRecord]) -> None:
+        await conn.executemany(
+            """INSERT INTO webhook_attempts (webhook_id, message_id, gid, type, try, at,
+                                             status_code, error, outcome, next_retry)
+               VALUES (:webhook_id, :message_id, :gid, :type, :try, :at, :status_code,
+                       :error, :outcome, :next_retry)""",
+            [{"webhook_id": endpoint_id, "message_id": attempt.message_id, "gid": attempt.gid,
+              "type": attempt.type, "try": attempt.try_number, "at": attempt.at,
+              "status_code": attempt.status_code, "error": attempt.error,
+              "outcome": attempt.outcome, "next_retry": attempt.next_retry}
+             for attempt in attempts[-RECENT_ATTEMPTS:]])
+        await conn.execute(  # keep the latest few: the log stays small however long it runs
+            """DELETE FROM webhook_attempts WHERE webhook_id = :id AND id <= (
+                   SELECT id FROM webhook_attempts WHERE webhook_id = :id
+                    ORDER BY id DESC LIMIT 1 OFFSET :keep)""",
+            {"id": endpoint_id, "keep": RECENT_ATTEMPTS})
+
+
+def _endpoint(row: Any) -> Endpoint:
+    return Endpoint(row["id"], row["url"], tuple(json.loads(row["events"])), row["secret"],
+                    int(row["cursor"]), row["created_at"], row["retry_gid"],
+                    row["retry_since"], int(row["retry_tries"]), row["next_retry"])
+
+
+def _json(text: Any) -> Any:
+    """A JSON column's value (metadata), or the text itself if it is not JSON."""
+    if not isinstance(text, str):
+        return text
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
