@@ -126,6 +126,8 @@ SETTINGS: tuple[Setting, ...] = (
             "X-Forwarded-User is believed", "list of CIDRs"),
     Setting("proxy_default_role", _role, "proxy mode: the role of a user first seen",
             "role"),
+    Setting("reservation", _number, "seconds a task handed out by the review queue (next) "
+            "stays reserved for its reviewer", "number"),
     Setting("secret_key", str, "key that signs session cookies; default: one kept in the "
             "database", "text"),
 )
@@ -158,6 +160,7 @@ class Config:
     auth: str = "accounts"
     trusted_proxies: tuple[str, ...] = ()
     proxy_default_role: str = "reviewer"
+    reservation: float = 600.0
     secret_key: str | None = None
 
     @classmethod

@@ -65,6 +65,23 @@ class Review:
         return {**asdict(self), "created_at": iso(self.created_at)}
 
 
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """A reviewer holding a task's attempt in the review queue, until ``expires_at``
+    (:mod:`hitl.queue`); the store shows only live ones."""
+
+    reviewer: str
+    display_name: str
+    attempt: int
+    created_at: float
+    expires_at: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"reviewer": self.reviewer, "display_name": self.display_name,
+                "attempt": self.attempt, "since": iso(self.created_at),
+                "until": iso(self.expires_at)}
+
+
 @dataclass(slots=True)
 class Attempt:
     """One attempt's output (or the processor's error), with when it ran and how many tries.
@@ -114,6 +131,8 @@ class Task:
     submitted_by: str | None = None  # None: submitted with sign-in off
     reviewers: tuple[str, ...] = ()  # user names and "group:NAME"; none: any reviewer
     allow_self_review: bool = False
+    # Live reservations of its current attempt, as read from the store (never stored here).
+    reservations: list[Reservation] = field(default_factory=list)
 
     @property
     def rejections(self) -> int:
@@ -144,6 +163,7 @@ class Task:
         if reviews:
             data["reviews"] = [review.to_json() for review in self.reviews]
             data["attempts"] = [attempt.to_json(self.reviews) for attempt in self.attempts]
+            data["reservations"] = [held.to_json() for held in self.reservations]
         return data
 
     def current_attempt(self) -> Attempt:
@@ -189,6 +209,7 @@ class TaskRow:
     submitted_by: str | None = None
     reviewers: tuple[str, ...] = ()
     allow_self_review: bool = False
+    reservations: tuple[Reservation, ...] = ()  # live ones (hitl.queue)
 
     @property
     def waiting_since(self) -> float | None:
@@ -202,7 +223,8 @@ class TaskRow:
         data.update(status=self.status.value, created_at=iso(self.created_at),
                     updated_at=iso(self.updated_at),
                     waiting_since=iso(since) if since is not None else None,
-                    reviewers=list(self.reviewers))
+                    reviewers=list(self.reviewers),
+                    reservations=[held.to_json() for held in self.reservations])
         return data
 
 

@@ -24,7 +24,7 @@ from werkzeug.http import HTTP_STATUS_CODES
 from .errors import HitlError, Invalid, plain
 from .guard import identity_of
 from .models import Status, iso
-from .routes import api, broker, runner, task_named, who
+from .routes import api, broker, queue, runner, task_named, who
 from .schemas import DashboardStreamQuery, FeedbackIn, NextQuery, SubmitIn, TaskQuery
 from .store import View
 from .streams import sse_response
@@ -229,7 +229,7 @@ async def decide(task_id: str) -> ResponseReturnValue:
                           by=who())
     if is_htmx():
         return await render_template("_notice.html", decision=form.feedback,
-                                     attempt=form.attempt)
+                                     attempt=form.attempt, task_id=full_id)
     return redirect(url_for("pages.task_page", task_id=full_id), 303)
 
 
@@ -286,10 +286,10 @@ async def dashboard_stream() -> Response:
 @pages.get("/next")
 async def review_next() -> ResponseReturnValue:
     """Open the task that has waited longest for review among those the reader may decide
-    (with ``?after=<id>``, the one after that task in the queue); the empty queue when none
-    waits."""
+    and has not voted on (with ``?after=<id>``, the one after that task in the queue),
+    reserved for them as ``POST /api/queue/next`` does; the empty queue when none waits."""
     query = checked(NextQuery, request.args)
-    task_id = await runner().oldest_waiting(query.after, by=who())
-    if task_id is None:
+    task = await queue().next(query.after, by=who())
+    if task is None:
         return redirect(url_for("pages.dashboard", status=Status.WAITING_FOR_REVIEW.value), 303)
-    return redirect(url_for("pages.task_page", task_id=task_id), 303)
+    return redirect(url_for("pages.task_page", task_id=task.task_id), 303)

@@ -9,17 +9,19 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, cast
 
-from quart import Blueprint, current_app, request
+from quart import Blueprint, Response, current_app, request
 from quart_schema import validate_querystring, validate_request, validate_response
 
 from .accounts import Identity
 from .broker import Broker
 from .guard import identity_of
 from .identity import Unauthorized
+from .queue import ReviewQueue
 from .runner import Runner
 from .schemas import (
     FeedbackIn,
     MessageOut,
+    NextQuery,
     SubmitIn,
     SubmitOut,
     TaskQuery,
@@ -32,6 +34,10 @@ api = Blueprint("api", __name__)
 
 def runner() -> Runner:
     return cast(Runner, current_app.extensions["runner"])
+
+
+def queue() -> ReviewQueue:
+    return cast(ReviewQueue, current_app.extensions["queue"])
 
 
 def broker() -> Broker:
@@ -94,6 +100,25 @@ async def get_task(task_id: str) -> dict[str, object]:
 async def cancel_task(task_id: str) -> dict[str, object]:
     """Cancel an unfinished task (409 if it has already finished)."""
     return (await runner().cancel(await task_named(task_id), by=who())).to_json()
+
+
+@api.post("/api/queue/next")
+@validate_querystring(NextQuery)
+async def queue_next(query_args: NextQuery) -> Response | dict[str, object]:
+    """The oldest waiting task the caller may review and has not voted on, reserved for
+    them (``--reservation`` seconds); 204 when none waits for them. ``after``: skip past
+    that task in the queue."""
+    task = await queue().next(query_args.after, by=who())
+    if task is None:
+        return Response(status=204)
+    return task.to_json()
+
+
+@api.post("/api/tasks/<task_id>/release")
+async def release_task(task_id: str) -> dict[str, object]:
+    """End the caller's reservation of the task (``released``: whether they held one)."""
+    full_id = await task_named(task_id)
+    return {"task_id": full_id, "released": await queue().release(full_id, by=who())}
 
 
 @api.get("/healthz")

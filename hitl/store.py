@@ -30,6 +30,7 @@ from .models import (
     TERMINAL,
     Attempt,
     Message,
+    Reservation,
     Review,
     Status,
     Task,
@@ -158,6 +159,21 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE reviews ADD COLUMN token_label TEXT;
     ALTER TABLE reviews ADD COLUMN admin_override INTEGER NOT NULL DEFAULT 0;
     """,
+    # The review queue: who holds which task's current attempt, until when (hitl.queue);
+    # and the waiting tasks in queue order, so that a claim stops at the first that fits.
+    """
+    CREATE TABLE reservations (
+        task_id      TEXT NOT NULL REFERENCES tasks (task_id) ON DELETE CASCADE,
+        attempt      INTEGER NOT NULL,
+        reviewer     TEXT NOT NULL,
+        display_name TEXT NOT NULL DEFAULT '',
+        created_at   REAL NOT NULL,
+        expires_at   REAL NOT NULL,
+        PRIMARY KEY (task_id, attempt, reviewer)
+    );
+    CREATE INDEX reservations_by_reviewer ON reservations (reviewer, expires_at);
+    CREATE INDEX tasks_by_waiting ON tasks (status, updated_at, task_id);
+    """,
 )
 
 IDEMPOTENCY_WINDOW = 24 * 3600  # seconds an Idempotency-Key stands for its task
@@ -179,6 +195,10 @@ _INSERT_REVIEW = """
                          display_name, auth_method, token_label, admin_override)
     VALUES (:task_id, :attempt, :decision, :comment, :reviewer, :created_at,
             :display_name, :auth_method, :token_label, :admin_override)
+"""
+# A decision ends its reviewer's reservation of the task, in the decision's own commit.
+_END_RESERVATION = """
+    DELETE FROM reservations WHERE task_id = :task_id AND reviewer = :reviewer
 """
 _INSERT_MESSAGE = """
     INSERT INTO messages (gid, task_id, seq, status, data)
@@ -219,13 +239,24 @@ _TASK_COLUMNS = """task_id, task_input, status, attempt, processed_output, final
                    allow_self_review"""
 _REVIEW_COLUMNS = """decision, attempt, comment, reviewer, created_at, display_name,
                      auth_method, token_label, admin_override"""
+# SQL's clock, in seconds since the epoch (as time.time()): unixepoch('subsec') needs 3.42.
+NOW = "((julianday('now') - 2440587.5) * 86400.0)"
+# A task's live reservations (of its current attempt), as a JSON array, oldest first.
+LIVE_RESERVATIONS = f"""
+    SELECT json_group_array(json_object('reviewer', reviewer, 'display_name', display_name,
+                                        'attempt', attempt, 'created_at', created_at,
+                                        'expires_at', expires_at))
+      FROM (SELECT * FROM reservations AS held
+             WHERE held.task_id = tasks.task_id AND held.attempt = tasks.attempt
+               AND held.expires_at > {NOW} ORDER BY created_at)
+"""
 # A list's columns: each text cut in SQL, so a list never reads a whole text. (SQLite's
 # text functions stop at a NUL character: such a text is cut and measured up to it.)
 _TEXTS = ("task_input", "processed_output", "final_result", "error")
 _ROW_COLUMNS = ("task_id, status, attempt, last_seq, created_at, updated_at, submitted_by, "
                 "reviewers, allow_self_review, ") + ", ".join(
     f"substr({text}, 1, {EXCERPT}) AS {text}, length({text}) AS {text}_length" for text in _TEXTS
-)
+) + f", ({LIVE_RESERVATIONS}) AS reserved"
 # A list's orders: each its sort key and direction, and how the rows after a cursor
 # compare. "waiting" is the oldest change first: for tasks waiting for review, the longest
 # waiting (a waiting task changes no more until it is decided).
@@ -422,6 +453,8 @@ class Store:
             await conn.executemany(_UPSERT_TASK, tasks)
             if reviews:
                 await conn.executemany(_INSERT_REVIEW, reviews)
+                await conn.executemany(_END_RESERVATION, [
+                    {"task_id": r["task_id"], "reviewer": r["reviewer"]} for r in reviews])
             if messages:
                 await conn.executemany(_INSERT_MESSAGE, messages)
             if attempts:
@@ -488,7 +521,15 @@ class Store:
         task = _task(next(iter(rows)))
         task.reviews = await self.reviews(task_id)
         task.attempts = await self.attempts(task_id)
+        task.reservations = await self.reservations(task_id)
         return task
+
+    async def reservations(self, task_id: str) -> list[Reservation]:
+        """Who holds the task's current attempt in the review queue now (hitl.queue)."""
+        rows = await self.reader.execute_fetchall(
+            f"SELECT ({LIVE_RESERVATIONS}) FROM tasks WHERE task_id = :task_id",
+            {"task_id": task_id})
+        return list(next((reservations(row[0]) for row in rows), ()))
 
     async def task_state(self, task_id: str) -> TaskState | None:
         """A task's status, last message number and submitter, without loading the rest."""
@@ -803,8 +844,14 @@ def parse_cursor(after: str) -> tuple[float, str]:
         raise Invalid(f"after: not a cursor: {after[:80]!r}") from None
 
 
+def reservations(text: str | None) -> tuple[Reservation, ...]:
+    """The reservations of :data:`LIVE_RESERVATIONS`' JSON."""
+    return tuple(Reservation(**item) for item in json.loads(text or "[]"))
+
+
 def _task_row(row: sqlite3.Row, skip: tuple[str, ...] = ()) -> TaskRow:
     data = _assignment({name: row[name] for name in row.keys() if name not in skip})
+    data["reservations"] = reservations(data.pop("reserved"))
     for text in _TEXTS:
         data[text] = excerpt(data[text], data[f"{text}_length"])
     return TaskRow(**data)

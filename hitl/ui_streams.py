@@ -29,6 +29,7 @@ from .accounts import Identity
 from .broker import GLOBAL, HEARTBEAT, RESET, Broker
 from .diffs import attempt_views
 from .models import Message, Status, Task, sse_frame
+from .queue import SIGNAL
 from .runner import Runner
 from .store import View
 from .streams import RETRY_MS
@@ -137,6 +138,14 @@ async def render_task_message(runner: Runner, message: Message, full: bool,
     return b"".join(parts)
 
 
+async def render_review(runner: Runner, message: Message, standing: Standing,
+                        by: Identity) -> bytes:
+    """The task page's review region as stored now (its reservations changed)."""
+    task = await runner.get_task(message.task_id, by=by)
+    view = await task_view(runner, task, standing)
+    return frame("review", await render_template("_task_review.html", **view))
+
+
 async def task_events(runner: Runner, broker: Broker, cache: FragmentCache,
                       task: Task, by: Identity) -> AsyncIterator[bytes]:
     """A task page's stream (``task`` is one ``by`` may see): its current state, then each
@@ -152,6 +161,10 @@ async def task_events(runner: Runner, broker: Broker, cache: FragmentCache,
         async for message in subscription:
             if message is HEARTBEAT:
                 yield message.frame
+                continue
+            if message.status == SIGNAL:  # a reservation changed: the review region anew
+                yield await cache.get(("review", message.data, standing),
+                                      partial(render_review, runner, message, standing, by))
                 continue
             full = first or not is_progress_tick(message)
             key = ("task", task.task_id, message.id, full, standing)
@@ -236,6 +249,11 @@ async def dashboard_events(runner: Runner, broker: Broker, cache: FragmentCache,
             if message.status == RESET:  # messages were missed: the page must read anew
                 yield frame("stale", await render_template("_stale.html"))
                 counts_stale = True
+            elif message.status == SIGNAL:  # a reservation changed: the row anew
+                row = await cache.get(("row", message.data),
+                                      partial(render_row, runner, message.task_id))
+                if row is not None:
+                    yield row
             elif not is_progress_tick(message):  # progress shows on the task page only
                 row = await cache.get(("row", message.id),
                                       partial(render_row, runner, message.task_id))

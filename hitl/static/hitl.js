@@ -228,11 +228,23 @@
     return Math.max(0, Math.floor(seconds)) + " s";
   }
 
+  // A reservation shows until it runs out ("Ann is reviewing"): past then, it is hidden
+  // (the store no longer counts it; the next render leaves it out).
+  function expire() {
+    document.querySelectorAll(".reserved[data-until]").forEach(function (held) {
+      var until = Date.parse(held.dataset.until);
+      if (!isNaN(until) && until <= Date.now()) held.hidden = true;
+    });
+  }
+  document.addEventListener("DOMContentLoaded", expire);
+  document.addEventListener("htmx:afterSwap", expire);
+
   window.setInterval(function () {
     document.querySelectorAll("time[data-age]").forEach(function (time) {
       var then = Date.parse(time.dateTime);
       if (!isNaN(then)) time.textContent = age((Date.now() - then) / 1000);
     });
+    expire();
   }, 5000);
 })();
 
