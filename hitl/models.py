@@ -12,9 +12,11 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 Decision = Literal["approved", "rejected"]
+Outcome = Literal["fail", "reject", "approve", "escalate"]  # what a review timeout does
+OUTCOMES: tuple[str, ...] = ("fail", "reject", "approve", "escalate")
 
 
 class Status(StrEnum):
@@ -131,6 +133,16 @@ class Task:
     submitted_by: str | None = None  # None: submitted with sign-in off
     reviewers: tuple[str, ...] = ()  # user names and "group:NAME"; none: any reviewer
     allow_self_review: bool = False
+    # Options given at submission (the server's defaults filled in), stored with the task.
+    title: str = ""
+    metadata: dict[str, Any] | None = None  # a JSON object, returned as given
+    quorum: int = 1  # distinct approvals an attempt needs
+    review_timeout: float | None = None  # seconds an attempt may wait for review
+    on_timeout: str = "fail"  # an Outcome
+    escalate_to: tuple[str, ...] = ()  # the reviewers after an escalation
+    max_attempts: int | None = None  # None: the server's --max-attempts (older tasks)
+    review_deadline: float | None = None  # when the current review times out (absolute)
+    escalated: bool = False
     # Live reservations of its current attempt, as read from the store (never stored here).
     reservations: list[Reservation] = field(default_factory=list)
 
@@ -154,12 +166,17 @@ class Task:
             "submitted_by": self.submitted_by,
             "reviewers": json.dumps(self.reviewers) if self.reviewers else "[]",
             "allow_self_review": self.allow_self_review,
+            **options_row(self),
         }
+
+    def attempts_allowed(self, default: int) -> int:
+        """Attempts before the task fails unapproved: its own, else the server's."""
+        return self.max_attempts if self.max_attempts is not None else default
 
     def to_json(self, *, reviews: bool = True) -> dict[str, Any]:
         data = self.row()
         data.update(created_at=iso(self.created_at), updated_at=iso(self.updated_at),
-                    reviewers=list(self.reviewers))
+                    reviewers=list(self.reviewers), **options_json(self))
         if reviews:
             data["reviews"] = [review.to_json() for review in self.reviews]
             data["attempts"] = [attempt.to_json(self.reviews) for attempt in self.attempts]
@@ -171,6 +188,48 @@ class Task:
         if not self.attempts or self.attempts[-1].attempt != self.attempt:
             self.attempts.append(Attempt(self.attempt))
         return self.attempts[-1]
+
+
+class Options(Protocol):
+    """A task's options, as a :class:`Task` and a list's :class:`TaskRow` both hold them."""
+
+    @property
+    def title(self) -> str: ...
+    @property
+    def metadata(self) -> dict[str, Any] | None: ...
+    @property
+    def quorum(self) -> int: ...
+    @property
+    def review_timeout(self) -> float | None: ...
+    @property
+    def on_timeout(self) -> str: ...
+    @property
+    def escalate_to(self) -> tuple[str, ...]: ...
+    @property
+    def max_attempts(self) -> int | None: ...
+    @property
+    def review_deadline(self) -> float | None: ...
+    @property
+    def escalated(self) -> bool: ...
+
+
+def options_row(task: Options) -> dict[str, Any]:
+    """The options' columns, as named SQL parameters."""
+    return {"title": task.title,
+            "metadata": None if task.metadata is None else json.dumps(task.metadata),
+            "quorum": task.quorum, "review_timeout": task.review_timeout,
+            "on_timeout": task.on_timeout, "escalate_to": json.dumps(task.escalate_to),
+            "max_attempts": task.max_attempts, "review_deadline": task.review_deadline,
+            "escalated": int(task.escalated)}
+
+
+def options_json(task: Options) -> dict[str, Any]:
+    """The options as the API shows them (the metadata as given, the deadline in ISO 8601)."""
+    return {"title": task.title, "metadata": task.metadata, "quorum": task.quorum,
+            "review_timeout": task.review_timeout, "on_timeout": task.on_timeout,
+            "escalate_to": list(task.escalate_to), "max_attempts": task.max_attempts,
+            "review_deadline": iso(task.review_deadline) if task.review_deadline else None,
+            "escalated": task.escalated}
 
 
 EXCERPT = 300  # characters of each text a list shows
@@ -209,6 +268,15 @@ class TaskRow:
     submitted_by: str | None = None
     reviewers: tuple[str, ...] = ()
     allow_self_review: bool = False
+    title: str = ""
+    metadata: dict[str, Any] | None = None
+    quorum: int = 1
+    review_timeout: float | None = None
+    on_timeout: str = "fail"
+    escalate_to: tuple[str, ...] = ()
+    max_attempts: int | None = None
+    review_deadline: float | None = None
+    escalated: bool = False
     reservations: tuple[Reservation, ...] = ()  # live ones (hitl.queue)
 
     @property
@@ -223,7 +291,7 @@ class TaskRow:
         data.update(status=self.status.value, created_at=iso(self.created_at),
                     updated_at=iso(self.updated_at),
                     waiting_since=iso(since) if since is not None else None,
-                    reviewers=list(self.reviewers),
+                    reviewers=list(self.reviewers), **options_json(self),
                     reservations=[held.to_json() for held in self.reservations])
         return data
 

@@ -95,7 +95,7 @@ class ReviewNode(AsyncNode):  # type: ignore[misc]
     async def post_async(self, shared: SharedStore, prep: Any, _: None) -> Decision:
         review = cast(Review, shared["feedback"])
         shared["tracker"].record_decision(review)
-        check_attempts_left(shared, self.max_attempts)
+        check_attempts_left(shared, shared["tracker"].task.attempts_allowed(self.max_attempts))
         return review.decision
 
 

@@ -33,9 +33,9 @@ from .store import _DECIDABLE, Store
 SIGNAL = "reservation"  # the status of a signal message (never a task's status)
 FRAME = b": reservation\n\n"  # an SSE comment: a JSON stream's reader skips it
 
-# Votes the task's current attempt still needs: its quorum (1 until tasks carry one)
+# Votes the task's current attempt still needs: its quorum
 # less the approvals it has.
-QUORUM = "1"
+QUORUM = "tasks.quorum"
 _NEEDED = f"""({QUORUM}) - (SELECT count(*) FROM reviews AS vote
                              WHERE vote.task_id = tasks.task_id
                                AND vote.attempt = tasks.attempt

@@ -64,9 +64,16 @@ async def task_named(task_id: str) -> str:
 async def submit(data: SubmitIn) -> tuple[SubmitOut, int]:
     """Submit a task; it is processed, then waits for a human review."""
     task = await runner().submit(data.data, idempotency_key(request.headers), by=who(),
-                                 reviewers=tuple(data.reviewers),
-                                 allow_self_review=data.allow_self_review)
+                                 **submit_options(data))
     return SubmitOut(message="Task submitted", task_id=task.task_id), 202
+
+
+def submit_options(data: SubmitIn) -> dict[str, Any]:
+    """The runner's keyword arguments for a submit's options (the API's and the form's)."""
+    return {"reviewers": tuple(data.reviewers), "allow_self_review": data.allow_self_review,
+            "title": data.title, "metadata": data.metadata, "quorum": data.quorum,
+            "review_timeout": data.review_timeout, "on_timeout": data.on_timeout,
+            "escalate_to": tuple(data.escalate_to), "max_attempts": data.max_attempts}
 
 
 @api.post("/feedback/<task_id>")

@@ -33,7 +33,7 @@ from .errors import (
 from .flow import Step, build_flow
 from .journal import Journal
 from .lifecycle import attach
-from .models import Decision, Review, Status, Task, TaskRow, new_task_id
+from .models import Decision, Review, Status, Task, TaskRow, new_task_id, options_row
 from .nodes import check_attempts_left
 from .processors import Processor, ProcessorPool, load_processor
 from .store import IdempotencyKey, Store, TaskPage, TaskState, View
@@ -104,20 +104,31 @@ class Runner:
 
     async def submit(self, task_input: str, idempotency_key: str | None = None, *,
                      by: Identity, reviewers: tuple[str, ...] = (),
-                     allow_self_review: bool = False) -> Task:
+                     allow_self_review: bool = False, title: str = "",
+                     metadata: dict[str, Any] | None = None, quorum: int | None = None,
+                     review_timeout: float | None = None, on_timeout: str | None = None,
+                     escalate_to: tuple[str, ...] = (),
+                     max_attempts: int | None = None) -> Task:
         """Store a new task (pending), then start its flow; with an ``idempotency_key``
         already used for the same request within its window, the task it created.
 
         ``reviewers`` and ``allow_self_review`` say who may decide it (:mod:`hitl.policy`);
-        it is recorded as submitted by ``by``. Runs to the end even if the client leaves:
-        a submit creates a running task or none.
+        it is recorded as submitted by ``by``. The other options (validated by
+        :class:`~hitl.schemas.SubmitIn`) are stored with it, each None being the server's
+        default of then. Runs to the end even if the client leaves: a submit creates a
+        running task or none.
         """
         policy.can_submit(by).require()
         if not self.accepting:
             raise Unavailable("the service is shutting down; submit again shortly")
+        config = self.config
         task = Task(new_task_id(), task_input,
                     submitted_by=None if policy.signed_out(by) else by.name,
-                    reviewers=reviewers, allow_self_review=allow_self_review)
+                    reviewers=reviewers, allow_self_review=allow_self_review, title=title,
+                    metadata=metadata, quorum=quorum or config.quorum,
+                    review_timeout=review_timeout or config.review_timeout,
+                    on_timeout=on_timeout or config.on_timeout, escalate_to=escalate_to,
+                    max_attempts=max_attempts)  # None: the server's, as before
         if idempotency_key is None:
             return await asyncio.shield(self._create(task, None))
         key = IdempotencyKey(idempotency_key, request_hash(task))
@@ -333,7 +344,7 @@ class Runner:
         task = tracker.task
         try:
             if task.status is Status.PROCESSING_FEEDBACK and task.reviews:
-                check_attempts_left(tracker.shared, self.config.max_attempts)
+                check_attempts_left(tracker.shared, task.attempts_allowed(self.config.max_attempts))
             await flow.run_async(tracker.shared)
             tracker.ended = True
         except asyncio.CancelledError:
@@ -433,6 +444,10 @@ class Runner:
                 return
 
 
+BARE_OPTIONS = {key: value for key, value in options_row(Task("", "")).items()
+                if key not in ("review_deadline", "escalated")}
+
+
 def task_state(task: Task) -> TaskState:
     return TaskState(task.status, task.last_seq, task.submitted_by)
 
@@ -443,6 +458,10 @@ def request_hash(task: Task) -> str:
     text = task.task_input
     if task.submitted_by is not None or task.reviewers or task.allow_self_review:
         text += "\0" + json.dumps([task.submitted_by, task.reviewers, task.allow_self_review])
+    options = options_row(task)
+    del options["review_deadline"], options["escalated"]  # not the request's
+    if options != BARE_OPTIONS:  # as before options existed: the hash is unchanged
+        text += "\1" + json.dumps(options, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
 
 

@@ -159,6 +159,19 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE reviews ADD COLUMN token_label TEXT;
     ALTER TABLE reviews ADD COLUMN admin_override INTEGER NOT NULL DEFAULT 0;
     """,
+    # The options given at submission; the deadline of the review under way. Earlier tasks
+    # had the defaults of then: quorum 1, no timeout, the server's --max-attempts (NULL).
+    """
+    ALTER TABLE tasks ADD COLUMN title TEXT NOT NULL DEFAULT '';
+    ALTER TABLE tasks ADD COLUMN metadata TEXT;
+    ALTER TABLE tasks ADD COLUMN quorum INTEGER NOT NULL DEFAULT 1;
+    ALTER TABLE tasks ADD COLUMN review_timeout REAL;
+    ALTER TABLE tasks ADD COLUMN on_timeout TEXT NOT NULL DEFAULT 'fail';
+    ALTER TABLE tasks ADD COLUMN escalate_to TEXT NOT NULL DEFAULT '[]';
+    ALTER TABLE tasks ADD COLUMN max_attempts INTEGER;
+    ALTER TABLE tasks ADD COLUMN review_deadline REAL;
+    ALTER TABLE tasks ADD COLUMN escalated INTEGER NOT NULL DEFAULT 0;
+    """,
     # The review queue: who holds which task's current attempt, until when (hitl.queue);
     # and the waiting tasks in queue order, so that a claim stops at the first that fits.
     """
@@ -181,14 +194,18 @@ IDEMPOTENCY_WINDOW = 24 * 3600  # seconds an Idempotency-Key stands for its task
 _UPSERT_TASK = """
     INSERT INTO tasks (task_id, task_input, status, attempt, processed_output, final_result,
                        error, last_seq, created_at, updated_at, submitted_by, reviewers,
-                       allow_self_review)
+                       allow_self_review, title, metadata, quorum, review_timeout, on_timeout,
+                       escalate_to, max_attempts, review_deadline, escalated)
     VALUES (:task_id, :task_input, :status, :attempt, :processed_output, :final_result,
             :error, :last_seq, :created_at, :updated_at, :submitted_by, :reviewers,
-            :allow_self_review)
+            :allow_self_review, :title, :metadata, :quorum, :review_timeout, :on_timeout,
+            :escalate_to, :max_attempts, :review_deadline, :escalated)
     ON CONFLICT (task_id) DO UPDATE SET
         status = excluded.status, attempt = excluded.attempt,
         processed_output = excluded.processed_output, final_result = excluded.final_result,
-        error = excluded.error, last_seq = excluded.last_seq, updated_at = excluded.updated_at
+        error = excluded.error, last_seq = excluded.last_seq, updated_at = excluded.updated_at,
+        reviewers = excluded.reviewers, review_deadline = excluded.review_deadline,
+        escalated = excluded.escalated
 """
 _INSERT_REVIEW = """
     INSERT INTO reviews (task_id, attempt, decision, comment, reviewer, created_at,
@@ -234,9 +251,11 @@ _LATEST_GID = """
     SELECT max(coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'messages'), 0),
                coalesce((SELECT max(gid) FROM messages), 0))
 """
-_TASK_COLUMNS = """task_id, task_input, status, attempt, processed_output, final_result,
+_OPTION_COLUMNS = """title, metadata, quorum, review_timeout, on_timeout, escalate_to,
+                     max_attempts, review_deadline, escalated"""
+_TASK_COLUMNS = f"""task_id, task_input, status, attempt, processed_output, final_result,
                    error, last_seq, created_at, updated_at, submitted_by, reviewers,
-                   allow_self_review"""
+                   allow_self_review, {_OPTION_COLUMNS}"""
 _REVIEW_COLUMNS = """decision, attempt, comment, reviewer, created_at, display_name,
                      auth_method, token_label, admin_override"""
 # SQL's clock, in seconds since the epoch (as time.time()): unixepoch('subsec') needs 3.42.
@@ -254,7 +273,7 @@ LIVE_RESERVATIONS = f"""
 # text functions stop at a NUL character: such a text is cut and measured up to it.)
 _TEXTS = ("task_input", "processed_output", "final_result", "error")
 _ROW_COLUMNS = ("task_id, status, attempt, last_seq, created_at, updated_at, submitted_by, "
-                "reviewers, allow_self_review, ") + ", ".join(
+                f"reviewers, allow_self_review, {_OPTION_COLUMNS}, ") + ", ".join(
     f"substr({text}, 1, {EXCERPT}) AS {text}, length({text}) AS {text}_length" for text in _TEXTS
 ) + f", ({LIVE_RESERVATIONS}) AS reserved"
 # A list's orders: each its sort key and direction, and how the rows after a cursor
@@ -798,6 +817,9 @@ def _assignment(data: dict[str, Any]) -> dict[str, Any]:
     data["status"] = Status(data["status"])
     data["reviewers"] = tuple(json.loads(data["reviewers"]))
     data["allow_self_review"] = bool(data["allow_self_review"])
+    data["metadata"] = json.loads(data["metadata"]) if data["metadata"] is not None else None
+    data["escalate_to"] = tuple(json.loads(data["escalate_to"]))
+    data["escalated"] = bool(data["escalated"])
     return data
 
 

@@ -119,7 +119,8 @@ async def task_view(runner: Runner, task: Task, standing: Standing) -> dict[str,
     """
     task = snapshot(task)
     return {"task": task, "attempts": await asyncio.to_thread(attempt_views, task),
-            "max_attempts": runner.config.max_attempts, "standing": standing}
+            "max_attempts": task.attempts_allowed(runner.config.max_attempts),
+            "standing": standing}
 
 
 async def render_task_message(runner: Runner, message: Message, full: bool,

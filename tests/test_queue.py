@@ -293,3 +293,10 @@ async def test_two_stores_on_one_database_never_hand_a_task_twice(tmp_path: Path
     finally:
         for store in stores:
             await store.close()
+
+
+async def test_a_task_goes_to_as_many_reviewers_as_it_needs_votes(team: Team) -> None:
+    [task_id] = await team.submit(quorum=3)
+    answers = await asyncio.gather(*(team.next(person) for person in REVIEWERS))
+    assert [a.status_code for a in answers].count(200) == 3
+    assert len(await team.holders(task_id)) == 3
