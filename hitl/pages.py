@@ -180,6 +180,23 @@ def age(timestamp: float) -> str:
     return f"{seconds} s"
 
 
+@pages.app_template_filter("left")
+def left(deadline: float) -> str:
+    """How long until a deadline, as hitl.js counts it down: "in 4 min 05 s", "now"."""
+    return countdown(deadline - time.time())
+
+
+def countdown(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds <= 0:
+        return "now"
+    hours, rest = divmod(seconds, 3600)
+    minutes, seconds = divmod(rest, 60)
+    if hours:
+        return f"in {hours} h {minutes:02d} min"
+    return f"in {minutes} min {seconds:02d} s" if minutes else f"in {seconds} s"
+
+
 @pages.app_template_global("STATUSES")
 def statuses() -> list[Status]:
     return list(Status)

@@ -18,13 +18,14 @@ from typing import Any
 from pocketflow import AsyncFlow
 from quart import Quart
 
-from . import policy
-from .accounts import Identity
+from . import deadlines, policy
+from .accounts import SYSTEM_NAMES, Identity
 from .broker import Broker
 from .config import Config
 from .errors import (
     Conflict,
     DuplicateKey,
+    Invalid,
     NotFound,
     StorageUnavailable,
     TaskFailed,
@@ -185,6 +186,8 @@ class Runner:
         verdict.require()
         tracker = await self._live(task_id)
         task = tracker.task
+        verdict = policy.can_decide(by, task)  # again, live: an escalation changes reviewers
+        verdict.require()
         review = Review(decision, attempt or task.attempt, comment,
                         **signature(by, reviewer, verdict))
         stored = tracker.claim_decision(review)  # check and Event.set(), no await between
@@ -344,6 +347,9 @@ class Runner:
         task = tracker.task
         try:
             if task.status is Status.PROCESSING_FEEDBACK and task.reviews:
+                last = task.reviews[-1]  # resumed after a timeout that fails the task
+                if last.auth_method == deadlines.TIMEOUT.method and deadlines.fails(task):
+                    raise TaskFailed(deadlines.failure(task))
                 check_attempts_left(tracker.shared, task.attempts_allowed(self.config.max_attempts))
             await flow.run_async(tracker.shared)
             tracker.ended = True
@@ -469,6 +475,8 @@ def signature(by: Identity, reviewer: str, verdict: policy.Decision) -> dict[str
     """Who made a decision, as the review records it: the signed-in user, however the
     request names its reviewer; with sign-in off, the name they typed."""
     if policy.signed_out(by):
+        if reviewer.strip().lower() in SYSTEM_NAMES:
+            raise Invalid(f"reviewer: {reviewer.strip()!r} is the service's own name")
         return {"reviewer": reviewer, "display_name": reviewer, "auth_method": "none"}
     return {"reviewer": by.name, "display_name": by.user.display_name,
             "auth_method": by.method, "token_label": by.token_label,

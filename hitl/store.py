@@ -12,6 +12,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -186,6 +187,28 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX reservations_by_reviewer ON reservations (reviewer, expires_at);
     CREATE INDEX tasks_by_waiting ON tasks (status, updated_at, task_id);
+    """,
+    # Deadlines (hitl.deadlines), kept by the store too, for a second process: a review
+    # timeout decides only an undecided attempt, and nothing decides a timed-out one; an
+    # escalation (new reviewers) ends the task's reservations. (A trigger's body is one
+    # line: statements split at a semicolon that ends a line.)
+    """
+    CREATE TRIGGER reviews_one_decision_per_timeout BEFORE INSERT ON reviews
+      WHEN EXISTS (SELECT 1 FROM reviews AS earlier
+                    WHERE earlier.task_id = NEW.task_id AND earlier.attempt = NEW.attempt
+                      AND earlier.reviewer = 'timeout' AND earlier.auth_method = 'system')
+        OR (NEW.reviewer = 'timeout' AND NEW.auth_method = 'system' AND (
+            EXISTS (SELECT 1 FROM reviews AS earlier
+                     WHERE earlier.task_id = NEW.task_id AND earlier.attempt = NEW.attempt
+                       AND earlier.decision = 'rejected')
+            OR (SELECT count(*) FROM reviews AS vote
+                 WHERE vote.task_id = NEW.task_id AND vote.attempt = NEW.attempt
+                   AND vote.decision = 'approved')
+               >= (SELECT quorum FROM tasks WHERE tasks.task_id = NEW.task_id)))
+    BEGIN SELECT RAISE(ABORT, 'this attempt is already decided'); END;
+    CREATE TRIGGER reservations_end_on_escalation AFTER UPDATE OF reviewers ON tasks
+      WHEN NEW.reviewers IS NOT OLD.reviewers
+    BEGIN DELETE FROM reservations WHERE task_id = NEW.task_id; END;
     """,
 )
 
@@ -425,7 +448,7 @@ class Store:
                     f"hitl knows ({len(MIGRATIONS)}): upgrade hitl"
                 )
             for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
-                for statement in filter(str.strip, script.split(";")):
+                for statement in filter(str.strip, re.split(r";[ \t]*$", script, flags=re.M)):
                     await conn.execute(statement)
                 await conn.execute("INSERT INTO schema_version VALUES (?)", (number,))
             await conn.execute(f"PRAGMA user_version = {len(MIGRATIONS)}")  # a real write

@@ -145,6 +145,7 @@ class Tracker:
         watcher gets both in one write.
         """
         self.task.reviews.append(review)
+        self.task.review_deadline = None  # decided: no deadline until the next review
         self.decision_recorded = True
         event = {"feedback_value": review.decision, "comment": review.comment,
                  "reviewer": review.reviewer, "attempt": review.attempt}
