@@ -227,3 +227,21 @@ def test_deadlines_fire_after_a_crash_at_their_stored_time(tmp_path: Path) -> No
     finally:
         server.stop()
 
+
+
+async def test_an_escalation_ends_the_tasks_reservations_in_the_store(tmp_path: Path) -> None:
+    from hitl.store import Store
+
+    store = Store(str(tmp_path / "e.db"))
+    await store.open()
+    await store.close()
+    db = sqlite3.connect(tmp_path / "e.db")
+    db.execute("""INSERT INTO tasks (task_id, task_input, status, attempt, last_seq,
+                  created_at, updated_at) VALUES ('t', 'x', 'waiting_for_review', 1, 1, 1, 1)""")
+    db.execute("""INSERT INTO reservations (task_id, attempt, reviewer, created_at, expires_at)
+                  VALUES ('t', 1, 'ann', 1, 9e9)""")
+    db.execute("UPDATE tasks SET updated_at = 2 WHERE task_id = 't'")
+    assert db.execute("SELECT count(*) FROM reservations").fetchone() == (1,)
+    db.execute("""UPDATE tasks SET reviewers = '["lead"]' WHERE task_id = 't'""")
+    assert db.execute("SELECT count(*) FROM reservations").fetchone() == (0,)
+    db.close()
