@@ -120,10 +120,10 @@ async def wait_for_decision(tracker: Tracker, event: asyncio.Event) -> None:
             return
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(event.wait(), max(0.0, due - time.time()))
-        if event.is_set() or tracker.task.status is not Status.WAITING_FOR_REVIEW:
+        if event.is_set():
             return  # a reviewer's decision came first (no await since the check: it won)
         task = tracker.task
-        if deadlines.escalates(task):
+        if deadlines.escalates(task) and task.status is Status.WAITING_FOR_REVIEW:
             due = deadlines.deadline(task)
             await tracker.update(
                 Status.WAITING_FOR_REVIEW, reviewers=task.escalate_to, escalated=True,
@@ -134,6 +134,7 @@ async def wait_for_decision(tracker: Tracker, event: asyncio.Event) -> None:
             continue
         with contextlib.suppress(Conflict):  # Conflict: a reviewer's claim came first
             tracker.claim_decision(deadlines.timeout_review(task))
+        await event.wait()  # set by the claim: the timeout's, or the reviewer's
         return
 
 
