@@ -283,14 +283,16 @@ _REVIEW_COLUMNS = """decision, attempt, comment, reviewer, created_at, display_n
                      auth_method, token_label, admin_override"""
 # SQL's clock, in seconds since the epoch (as time.time()): unixepoch('subsec') needs 3.42.
 NOW = "((julianday('now') - 2440587.5) * 86400.0)"
-# A task's live reservations (of its current attempt), as a JSON array, oldest first.
+# A waiting task's live reservations (of its current attempt), as a JSON array, oldest
+# first: once it is decided, nobody holds it.
 LIVE_RESERVATIONS = f"""
     SELECT json_group_array(json_object('reviewer', reviewer, 'display_name', display_name,
                                         'attempt', attempt, 'created_at', created_at,
                                         'expires_at', expires_at))
       FROM (SELECT * FROM reservations AS held
              WHERE held.task_id = tasks.task_id AND held.attempt = tasks.attempt
-               AND held.expires_at > {NOW} ORDER BY created_at)
+               AND tasks.status = 'waiting_for_review' AND held.expires_at > {NOW}
+             ORDER BY created_at)
 """
 # A list's columns: each text cut in SQL, so a list never reads a whole text. (SQLite's
 # text functions stop at a NUL character: such a text is cut and measured up to it.)

@@ -160,6 +160,7 @@ async def test_a_reservation_never_stops_another_reviewer_deciding(team: Team) -
     assert decided.status_code == 200
     task = await team.wait(task_id, "completed")
     assert task["reviews"][0]["reviewer"] == "r05"
+    assert task["reservations"] == []  # decided: nobody holds it any more
     assert await team.next_id("r02") is None  # nothing waits any more: r02 holds nothing
 
 
