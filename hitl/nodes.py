@@ -31,7 +31,7 @@ class ProcessNode(AsyncNode):  # type: ignore[misc]
 
     async def prep_async(self, shared: SharedStore) -> Job:
         tracker = shared["tracker"]
-        attempt = tracker.task.rejections + 1
+        attempt = tracker.task.attempt_to_run()
         shared["current_attempt"] = attempt
         self.tries = 0
         await tracker.update(Status.RUNNING, attempt=attempt, processed_output=None,
@@ -81,9 +81,11 @@ class ReviewNode(AsyncNode):  # type: ignore[misc]
             event.clear()
             shared["feedback"] = None
             output = shared["processed_output"]
+            tally = tracker.task.tally() if tracker.task.quorum > 1 else {}
             await tracker.update(
                 Status.WAITING_FOR_REVIEW, processed_output=output,
-                event={"output_to_review": output, "attempt": shared["current_attempt"]},
+                event={"output_to_review": output, "attempt": shared["current_attempt"],
+                       **tally},
                 attempt_record={"output": output, "finished_at": time.time(),
                                 "tries": shared["tries"]},
             )
@@ -103,7 +105,9 @@ class ResultNode(AsyncNode):  # type: ignore[misc]
     """Finalize an approved output."""
 
     async def post_async(self, shared: SharedStore, prep: Any, _: None) -> None:
-        shared["final_result"] = shared["processed_output"]
+        review = shared["feedback"]
+        edited = review.edited_output if review is not None else None
+        shared["final_result"] = edited if edited is not None else shared["processed_output"]
         await shared["tracker"].update(
             Status.COMPLETED, final_result=shared["final_result"],
             event={"final_result": shared["final_result"], "attempt": shared["current_attempt"]},
