@@ -62,9 +62,24 @@ class Review:
     auth_method: str = "none"  # password, link, token, proxy or none
     token_label: str | None = None
     admin_override: bool = False
+    edited_output: str | None = None  # approved with an edit: the text approved
 
     def to_json(self) -> dict[str, Any]:
         return {**asdict(self), "created_at": iso(self.created_at)}
+
+    def vote(self) -> dict[str, Any]:
+        """The review as one vote among an attempt's (the ``votes`` of messages)."""
+        return {"reviewer": self.reviewer, "decision": self.decision, "comment": self.comment,
+                "at": iso(self.created_at)}
+
+
+def votes_on(reviews: list[Review], attempt: int) -> list[Review]:
+    """The votes cast on one attempt, in order."""
+    return [review for review in reviews if review.attempt == attempt]
+
+
+def approvals(votes: list[Review]) -> int:
+    return sum(1 for vote in votes if vote.decision == "approved")
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,19 +113,22 @@ class Attempt:
     error: str | None = None
     tries: int = 0
     known: bool = True
+    edited_by: str | None = None  # a reviewer's edit of the attempt before, not a processor's
 
     def row(self, task_id: str) -> dict[str, Any]:
         return {"task_id": task_id, "attempt": self.attempt, "output": self.output,
                 "started_at": self.started_at, "finished_at": self.finished_at,
-                "error": self.error, "tries": self.tries, "known": int(self.known)}
+                "error": self.error, "tries": self.tries, "known": int(self.known),
+                "edited_by": self.edited_by}
 
     def to_json(self, reviews: list[Review]) -> dict[str, Any]:
+        votes = votes_on(reviews, self.attempt)
         return {"attempt": self.attempt, "output": self.output, "output_known": self.known,
                 "started_at": iso(self.started_at) if self.started_at else None,
                 "finished_at": iso(self.finished_at) if self.finished_at else None,
-                "error": self.error, "tries": self.tries,
-                "reviews": [review.to_json() for review in reviews
-                            if review.attempt == self.attempt]}
+                "error": self.error, "tries": self.tries, "edited_by": self.edited_by,
+                "reviews": [review.to_json() for review in votes],
+                "votes": [vote.vote() for vote in votes], "approvals": approvals(votes)}
 
 
 @dataclass(slots=True)
@@ -149,6 +167,24 @@ class Task:
     @property
     def rejections(self) -> int:
         return sum(1 for review in self.reviews if review.decision == "rejected")
+
+    def attempt_to_run(self) -> int:
+        """The attempt the processor runs next: after the current one was rejected, the
+        one after it; else the current one (the first, or one resumed mid-run). Edits
+        (quorum above 1) add attempts of their own, so rejections alone do not number them."""
+        rejected = any(review.attempt == self.attempt and review.decision == "rejected"
+                       for review in self.reviews)
+        return self.attempt + 1 if rejected else self.attempt
+
+    def votes(self) -> list[Review]:
+        """The votes on the attempt under review."""
+        return votes_on(self.reviews, self.attempt)
+
+    def tally(self) -> dict[str, Any]:
+        """What a message says of the votes on the current attempt (quorum above 1)."""
+        votes = self.votes()
+        return {"votes": [vote.vote() for vote in votes], "approvals": approvals(votes),
+                "quorum": self.quorum}
 
     def row(self) -> dict[str, Any]:
         """The task's columns, as named SQL parameters (an immutable snapshot)."""

@@ -33,7 +33,7 @@ class ProcessNode(AsyncNode):  # type: ignore[misc]
 
     async def prep_async(self, shared: SharedStore) -> Job:
         tracker = shared["tracker"]
-        attempt = tracker.task.rejections + 1
+        attempt = tracker.task.attempt_to_run()
         shared["current_attempt"] = attempt
         self.tries = 0
         await tracker.update(Status.RUNNING, attempt=attempt, processed_output=None,
@@ -86,7 +86,9 @@ class ReviewNode(AsyncNode):  # type: ignore[misc]
             output = shared["processed_output"]
             due = deadlines.deadline(tracker.task)
             payload: dict[str, Any] = {"output_to_review": output,
-                                       "attempt": shared["current_attempt"]}
+                                       "attempt": shared["current_attempt"],
+                                       **(tracker.task.tally() if tracker.task.quorum > 1
+                                          else {})}
             if due is not None:
                 payload["review_deadline"] = iso(due)
             await tracker.update(
@@ -142,7 +144,9 @@ class ResultNode(AsyncNode):  # type: ignore[misc]
     """Finalize an approved output."""
 
     async def post_async(self, shared: SharedStore, prep: Any, _: None) -> None:
-        shared["final_result"] = shared["processed_output"]
+        review = shared["feedback"]
+        edited = review.edited_output if review is not None else None
+        shared["final_result"] = edited if edited is not None else shared["processed_output"]
         await shared["tracker"].update(
             Status.COMPLETED, final_result=shared["final_result"],
             event={"final_result": shared["final_result"], "attempt": shared["current_attempt"]},

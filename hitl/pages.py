@@ -274,7 +274,7 @@ async def decide(task_id: str) -> ResponseReturnValue:
         raise Invalid("Comment: say what the next attempt should change")
     full_id = await task_named(task_id)
     await runner().decide(full_id, form.feedback, form.comment, form.reviewer, form.attempt,
-                          by=who())
+                          by=who(), edited_output=form.edited_output)
     if is_htmx():
         return await render_template("_notice.html", decision=form.feedback,
                                      attempt=form.attempt, task_id=full_id)

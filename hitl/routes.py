@@ -82,7 +82,8 @@ def submit_options(data: SubmitIn) -> dict[str, Any]:
 async def feedback(task_id: str, data: FeedbackIn) -> MessageOut:
     """Approve or reject the output under review (409 unless one is waiting)."""
     await runner().decide(await task_named(task_id), data.feedback, data.comment,
-                          data.reviewer, data.attempt, by=who())
+                          data.reviewer, data.attempt, by=who(),
+                          edited_output=data.edited_output)
     return MessageOut(message=f"Feedback '{data.feedback}' received")
 
 

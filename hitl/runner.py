@@ -176,21 +176,27 @@ class Runner:
 
     async def decide(self, task_id: str, decision: Decision, comment: str = "",
                      reviewer: str = "", attempt: int | None = None, *,
-                     by: Identity) -> Task:
-        """Hand a reviewer's decision to the waiting flow; returns once it is stored.
+                     by: Identity, edited_output: str | None = None) -> Task:
+        """Hand a reviewer's vote to the waiting flow; returns once it is stored.
 
         It is recorded as ``by``'s; ``reviewer`` (free text) names the decider only when
-        no one signs in (``--auth none``).
+        no one signs in (``--auth none``). With quorum 1 the vote is the decision; above,
+        see :meth:`Tracker.vote`. ``edited_output`` approves an edited text instead of the
+        output (the same text unchanged is a plain approval).
         """
+        if edited_output is not None and decision != "approved":
+            raise Invalid("edited_output: only an approval carries an edited text")
         verdict = policy.can_decide(by, await self._visible(task_id, by))
         verdict.require()
         tracker = await self._live(task_id)
         task = tracker.task
         verdict = policy.can_decide(by, task)  # again, live: an escalation changes reviewers
         verdict.require()
+        if edited_output == task.processed_output:
+            edited_output = None
         review = Review(decision, attempt or task.attempt, comment,
-                        **signature(by, reviewer, verdict))
-        stored = tracker.claim_decision(review)  # check and Event.set(), no await between
+                        **signature(by, reviewer, verdict), edited_output=edited_output)
+        stored = tracker.vote(review)  # checks and Event.set(), no await between
         await asyncio.shield(stored)
         return task
 

@@ -137,6 +137,16 @@ class FeedbackIn(BaseModel):
     reviewer: str = Field("", max_length=MAX_NAME, description="with --auth none only: who "
                                                                "decides (signed in: the user)")
     attempt: int | None = Field(None, ge=1, description="the attempt the decision was made on")
+    edited_output: str | None = Field(
+        None, max_length=MAX_TEXT, description="with an approval: the output as edited by "
+                                               "the reviewer, approved in its place")
+
+    @field_validator("edited_output")
+    @classmethod
+    def not_blank(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("must not be empty")
+        return value
 
     @field_validator("reviewer")
     @classmethod

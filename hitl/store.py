@@ -24,7 +24,7 @@ import aiosqlite
 from quart import Quart
 
 from .broker import GLOBAL, HistoryPage
-from .errors import DuplicateKey, Invalid, StartupError, StorageUnavailable
+from .errors import DuplicateKey, Invalid, StartupError, StorageUnavailable, VoteRefused
 from .lifecycle import attach
 from .models import (
     EXCERPT,
@@ -173,6 +173,14 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE tasks ADD COLUMN review_deadline REAL;
     ALTER TABLE tasks ADD COLUMN escalated INTEGER NOT NULL DEFAULT 0;
     """,
+    # Votes: one per reviewer per attempt, whatever process takes it (a quorum counts
+    # distinct people). An approval with an edit keeps the text approved; an attempt made
+    # by a reviewer's edit (quorum above 1) says whose.
+    """
+    ALTER TABLE reviews ADD COLUMN edited_output TEXT;
+    CREATE UNIQUE INDEX reviews_one_vote ON reviews (task_id, attempt, reviewer);
+    ALTER TABLE attempts ADD COLUMN edited_by TEXT;
+    """,
     # The review queue: who holds which task's current attempt, until when (hitl.queue);
     # and the waiting tasks in queue order, so that a claim stops at the first that fits.
     """
@@ -230,11 +238,19 @@ _UPSERT_TASK = """
         reviewers = excluded.reviewers, review_deadline = excluded.review_deadline,
         escalated = excluded.escalated
 """
+# A vote is taken only while its attempt is undecided: no rejection (a veto) on it, and
+# fewer approvals than the task's quorum, counted in the same transaction. (One vote per
+# reviewer: the unique index reviews_one_vote.) So a second process could not over-count.
 _INSERT_REVIEW = """
     INSERT INTO reviews (task_id, attempt, decision, comment, reviewer, created_at,
-                         display_name, auth_method, token_label, admin_override)
-    VALUES (:task_id, :attempt, :decision, :comment, :reviewer, :created_at,
-            :display_name, :auth_method, :token_label, :admin_override)
+                         display_name, auth_method, token_label, admin_override, edited_output)
+    SELECT :task_id, :attempt, :decision, :comment, :reviewer, :created_at,
+           :display_name, :auth_method, :token_label, :admin_override, :edited_output
+     WHERE NOT EXISTS (SELECT 1 FROM reviews WHERE task_id = :task_id AND attempt = :attempt
+                          AND decision = 'rejected')
+       AND (SELECT count(*) FROM reviews WHERE task_id = :task_id AND attempt = :attempt
+               AND decision = 'approved')
+           < (SELECT quorum FROM tasks WHERE task_id = :task_id)
 """
 # A decision ends its reviewer's reservation of the task, in the decision's own commit.
 _END_RESERVATION = """
@@ -252,12 +268,14 @@ _INSERT_KEY = """
     VALUES (:key, :task_id, :request_hash, :created_at)
 """
 _UPSERT_ATTEMPT = """
-    INSERT INTO attempts (task_id, attempt, output, started_at, finished_at, error, tries, known)
-    VALUES (:task_id, :attempt, :output, :started_at, :finished_at, :error, :tries, :known)
+    INSERT INTO attempts (task_id, attempt, output, started_at, finished_at, error, tries, known,
+                          edited_by)
+    VALUES (:task_id, :attempt, :output, :started_at, :finished_at, :error, :tries, :known,
+            :edited_by)
     ON CONFLICT (task_id, attempt) DO UPDATE SET
         output = excluded.output, started_at = excluded.started_at,
         finished_at = excluded.finished_at, error = excluded.error, tries = excluded.tries,
-        known = excluded.known
+        known = excluded.known, edited_by = excluded.edited_by
 """
 # A message, with its task's submitter: a stream filters replayed messages as live ones.
 _MESSAGE_COLUMNS = """messages.gid AS gid, messages.task_id AS task_id, seq,
@@ -280,7 +298,7 @@ _TASK_COLUMNS = f"""task_id, task_input, status, attempt, processed_output, fina
                    error, last_seq, created_at, updated_at, submitted_by, reviewers,
                    allow_self_review, {_OPTION_COLUMNS}"""
 _REVIEW_COLUMNS = """decision, attempt, comment, reviewer, created_at, display_name,
-                     auth_method, token_label, admin_override"""
+                     auth_method, token_label, admin_override, edited_output"""
 # SQL's clock, in seconds since the epoch (as time.time()): unixepoch('subsec') needs 3.42.
 NOW = "((julianday('now') - 2440587.5) * 86400.0)"
 # A waiting task's live reservations (of its current attempt), as a JSON array, oldest
@@ -495,10 +513,13 @@ class Store:
                 for w in batch if w.idempotency is not None]
         async with self._transaction() as conn:
             await conn.executemany(_UPSERT_TASK, tasks)
-            if reviews:
-                await conn.executemany(_INSERT_REVIEW, reviews)
-                await conn.executemany(_END_RESERVATION, [
-                    {"task_id": r["task_id"], "reviewer": r["reviewer"]} for r in reviews])
+            for review in reviews:
+                taken = await conn.execute(_INSERT_REVIEW, review)
+                if taken.rowcount != 1:
+                    raise VoteRefused(f"attempt {review['attempt']} of task {review['task_id']} "
+                                      "is already decided")
+                await conn.execute(_END_RESERVATION, {"task_id": review["task_id"],
+                                                      "reviewer": review["reviewer"]})
             if messages:
                 await conn.executemany(_INSERT_MESSAGE, messages)
             if attempts:
@@ -526,6 +547,8 @@ class Store:
                 await _rollback(conn)
                 if isinstance(exc, sqlite3.IntegrityError) and "idempotency_keys" in str(exc):
                     raise DuplicateKey(str(exc)) from exc
+                if isinstance(exc, sqlite3.IntegrityError) and "reviews.reviewer" in str(exc):
+                    raise VoteRefused("this reviewer has already voted on this attempt") from exc
                 if isinstance(exc, sqlite3.Error | OSError):
                     raise StorageUnavailable(str(exc)) from exc
                 raise
@@ -585,7 +608,7 @@ class Store:
 
     async def attempts(self, task_id: str) -> list[Attempt]:
         rows = await self.reader.execute_fetchall(
-            """SELECT attempt, output, started_at, finished_at, error, tries, known
+            """SELECT attempt, output, started_at, finished_at, error, tries, known, edited_by
                  FROM attempts WHERE task_id = :task_id ORDER BY attempt""",
             {"task_id": task_id},
         )
@@ -913,7 +936,8 @@ def _review_row(review: Review) -> dict[str, Any]:
     return {"attempt": review.attempt, "decision": review.decision, "comment": review.comment,
             "reviewer": review.reviewer, "created_at": review.created_at,
             "display_name": review.display_name, "auth_method": review.auth_method,
-            "token_label": review.token_label, "admin_override": review.admin_override}
+            "token_label": review.token_label, "admin_override": review.admin_override,
+            "edited_output": review.edited_output}
 
 
 def _message_row(event: TaskEvent) -> dict[str, Any]:

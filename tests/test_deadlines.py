@@ -245,3 +245,17 @@ async def test_an_escalation_ends_the_tasks_reservations_in_the_store(tmp_path: 
     db.execute("""UPDATE tasks SET reviewers = '["lead"]' WHERE task_id = 't'""")
     assert db.execute("SELECT count(*) FROM reservations").fetchone() == (0,)
     db.close()
+
+
+async def test_a_timeout_decides_an_attempt_that_has_some_of_its_votes(
+    actions: ReviewActions
+) -> None:
+    task_id = await submit(actions, review_timeout=0.5, on_timeout="approve", quorum=3)
+    watcher = actions.watch(task_id, last_id=0)
+    await watcher.wait_for("waiting_for_review")
+    assert (await actions.approve(task_id, reviewer="ann")).status_code == 200
+    done = await watcher.wait_for("completed")
+    task = await task_of(actions.http, task_id)
+    assert [(r["reviewer"], r["decision"]) for r in task["reviews"]] == [
+        ("ann", "approved"), ("timeout", "approved")]
+    assert done.data["final_result"] == task["processed_output"]

@@ -301,3 +301,20 @@ async def test_a_task_goes_to_as_many_reviewers_as_it_needs_votes(team: Team) ->
     answers = await asyncio.gather(*(team.next(person) for person in REVIEWERS))
     assert [a.status_code for a in answers].count(200) == 3
     assert len(await team.holders(task_id)) == 3
+
+
+async def test_a_vote_ends_its_reservation_and_counts_against_what_is_needed(
+    team: Team
+) -> None:
+    [task_id] = await team.submit(quorum=2)
+    assert await team.next_id("r02") == task_id
+    assert await team.next_id("r03") == task_id
+    assert await team.next_id("r04") is None  # two hold it: both votes it needs
+    voted = await team.http.post(f"/feedback/{task_id}", headers=team.auth("r02"),
+                                 json={"feedback": "approved"})
+    assert voted.status_code == 200, voted.text
+    assert await team.holders(task_id) == ["r03"]
+    assert await team.next_id("r04") is None  # one vote still needed, and r03 holds it
+    assert await team.next_id("r02") is None  # r02 has voted on this attempt
+    await team.http.post(f"/api/tasks/{task_id}/release", headers=team.auth("r03"))
+    assert await team.next_id("r04") == task_id
