@@ -132,7 +132,7 @@ async def wait_for_decision(tracker: Tracker, event: asyncio.Event) -> None:
                 review_deadline=due,
                 event={"output_to_review": task.processed_output, "attempt": task.attempt,
                        "review_deadline": iso(due) if due else None,
-                       "escalated_to": list(task.escalate_to)})
+                       "escalated_to": list(task.escalate_to), "timed_out": True})
             continue
         with contextlib.suppress(Conflict):  # Conflict: a reviewer's claim came first
             tracker.claim_decision(deadlines.timeout_review(task))

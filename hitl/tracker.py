@@ -13,6 +13,7 @@ import logging
 import time
 from typing import Any, TypedDict
 
+from .deadlines import TIMEOUT
 from .errors import Conflict
 from .journal import Journal
 from .models import Attempt, Review, Status, Task, approvals
@@ -207,6 +208,8 @@ class Tracker:
         self.decision_recorded = True
         event = {"feedback_value": review.decision, "comment": review.comment,
                  "reviewer": review.reviewer, "attempt": review.attempt}
+        if review.auth_method == TIMEOUT.method:  # the review timed out: the system decided
+            event["timed_out"] = True
         if review.edited_output is not None:  # quorum 1: the edited text is the result
             event["edited_output"] = review.edited_output
         if self.task.quorum > 1:

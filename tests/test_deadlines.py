@@ -63,7 +63,8 @@ async def test_fail_fails_the_task_and_the_record_says_timeout(actions: ReviewAc
     failed = await watcher.wait_for("failed")
     assert time.time() >= due
     assert (feedback.data["reviewer"], feedback.data["feedback_value"],
-            feedback.data["comment"]) == ("timeout", "rejected", "review timed out")
+            feedback.data["comment"], feedback.data["timed_out"]) == (
+        "timeout", "rejected", "review timed out", True)
     assert failed.data["error"].startswith("review timed out")
     task = await task_of(actions.http, task_id)
     [review] = task["reviews"]
@@ -105,7 +106,8 @@ async def test_escalate_hands_over_once_then_a_second_timeout_fails(
                            escalate_to=["lead", "group:legal"])
     watcher = actions.watch(task_id, last_id=0)
     first = await watcher.wait_for("waiting_for_review")
-    again = await watcher.wait_for("waiting_for_review", escalated_to=["lead", "group:legal"])
+    again = await watcher.wait_for("waiting_for_review", escalated_to=["lead", "group:legal"],
+                                   timed_out=True)
     assert stamp(again.data["review_deadline"]) - stamp(first.data["review_deadline"]) >= 0.35
     task = await task_of(actions.http, task_id)
     assert (task["reviewers"], task["escalated"], task["reviews"]) == (
