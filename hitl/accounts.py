@@ -33,7 +33,10 @@ LINK_MINUTES = 15
 THROTTLE = (5, 60.0)  # failed sign-ins allowed per account and per address, per seconds
 MAX_NAME = 64
 
-Method = Literal["password", "link", "token", "proxy", "none"]
+Method = Literal["password", "link", "token", "proxy", "none", "system"]
+# Names of the service's own identities (a review timing out is decided by ``timeout``):
+# no account, proxy user or typed reviewer name may take one.
+SYSTEM_NAMES = frozenset({"timeout"})
 
 _hasher = PasswordHasher()
 
@@ -112,6 +115,8 @@ def checked_login(name: str) -> str:
     name = checked_name(name)
     if not all(ch.isascii() and (ch.isalnum() or ch in "._-") for ch in name):
         raise Invalid("user name may use ASCII letters, digits, '.', '_' and '-' only")
+    if name.lower() in SYSTEM_NAMES:
+        raise Invalid(f"user name {name.lower()!r} is the service's own")
     return name.lower()
 
 

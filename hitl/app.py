@@ -27,6 +27,7 @@ from .identity import Authenticator, Unauthorized
 from .journal import Journal
 from .pages import error_page, pages, wants_html
 from .processors import Processor
+from .queue import ReviewQueue
 from .routes import api
 from .runner import Runner
 from .sse_asgi import answer_refused
@@ -63,7 +64,8 @@ def create_app(config: Config | None = None, *, processor: Processor | None = No
     broker.loader = store.load_history
     authenticator = Authenticator(config, store)
     for part in (Guard(config, authenticator), store, authenticator, broker, journal, runner,
-                 Dispatcher(config, store, journal), FragmentCache()):
+                 Dispatcher(config, store, journal), FragmentCache(),
+                 ReviewQueue(config, store, broker)):
         part.init_app(app)
 
     app.before_request(answer_refused)  # after the guard's check: see hitl.sse_asgi

@@ -166,6 +166,15 @@ class Broker:
         """Hand one encoded message to the backend; never waits on a subscriber."""
         self.backend.publish(topic, message)
 
+    def signal(self, name: str, message: Message) -> None:
+        """Hand a side-band message (id 0: a hint to read the store again, such as a
+        reservation taken) to this process's current watchers of a topic: never
+        remembered nor replayed, and missed by a watcher too far behind (it reads anew)."""
+        topic = self._topics.get(name)
+        if topic is not None:
+            for sub in topic.subscribers:
+                sub.offer(message)
+
     def _topic(self, name: str) -> Topic:
         topic = self._topics.get(name)
         if topic is None:

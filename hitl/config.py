@@ -67,6 +67,22 @@ def _optional_days(text: str) -> float | None:
     return None if text.strip().lower() in ("", "off", "none", "0") else _number(text)
 
 
+def _optional_seconds(text: str) -> float | None:
+    value = _optional_days(text)
+    return value or None
+
+
+# What a review timeout does by default; "escalate" needs a task's own escalate_to.
+DEFAULT_OUTCOMES = ("fail", "reject", "approve")
+
+
+def _outcome(text: str) -> str:
+    if text not in DEFAULT_OUTCOMES:
+        raise ValueError(f"must be one of {', '.join(DEFAULT_OUTCOMES)} (escalate is given "
+                         "per task, with its escalate_to)")
+    return text
+
+
 AUTH_MODES = ("accounts", "proxy", "none")
 ROLES = ("admin", "reviewer", "submitter", "viewer", "worker")
 
@@ -97,7 +113,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("db", str, "SQLite database file; ':memory:' keeps nothing", "path"),
     Setting("process_delay", _number, "seconds the built-in simulated processor takes", "number"),
     Setting("processor", str, "processor as 'package.module:callable' (sync or async)", "text"),
-    Setting("max_attempts", _positive_int, "attempts before a task fails unapproved", "integer"),
+    Setting("max_attempts", _positive_int, "attempts before a task fails unapproved (a task's "
+            "max_attempts overrides it)", "integer"),
+    Setting("quorum", _positive_int, "distinct approvals an attempt needs, when its task "
+            "gives no quorum", "integer"),
+    Setting("review_timeout", _optional_seconds, "seconds a review may wait, when its task "
+            "gives no review_timeout; off by default", "number"),
+    Setting("on_timeout", _outcome, "what a review timeout does, when its task does not say: "
+            "fail, reject or approve", "outcome"),
     Setting("retries", _positive_int, "tries per attempt when the processor raises", "integer"),
     Setting("retry_wait", _number, "seconds between processor retries", "number"),
     Setting("heartbeat", _number, "seconds between SSE heartbeat comments", "number"),
@@ -126,6 +149,8 @@ SETTINGS: tuple[Setting, ...] = (
             "X-Forwarded-User is believed", "list of CIDRs"),
     Setting("proxy_default_role", _role, "proxy mode: the role of a user first seen",
             "role"),
+    Setting("reservation", _number, "seconds a task handed out by the review queue (next) "
+            "stays reserved for its reviewer", "number"),
     Setting("secret_key", str, "key that signs session cookies; default: one kept in the "
             "database", "text"),
     Setting("public_url", str, "the address people reach hitl at, for links in webhook "
@@ -153,6 +178,9 @@ class Config:
     process_delay: float = 2.0
     processor: str = "hitl.processors:simulate"
     max_attempts: int = 5
+    quorum: int = 1
+    review_timeout: float | None = None
+    on_timeout: str = "fail"
     retries: int = 3
     retry_wait: float = 0.5
     heartbeat: float = 15.0
@@ -169,6 +197,7 @@ class Config:
     auth: str = "accounts"
     trusted_proxies: tuple[str, ...] = ()
     proxy_default_role: str = "reviewer"
+    reservation: float = 600.0
     secret_key: str | None = None
     public_url: str | None = None  # None: http://HOST:PORT
     webhook_timeout: float = 10.0

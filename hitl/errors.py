@@ -71,6 +71,11 @@ class Conflict(HitlError):
     status = 409
 
 
+class VoteRefused(Conflict):
+    """The store refused a vote: its reviewer voted on that attempt already, or the attempt
+    was decided (by a veto, or the quorum reached), perhaps by another process."""
+
+
 class Unavailable(HitlError):
     """The service is shutting down and takes no new work."""
 

@@ -24,7 +24,7 @@ from typing import Any
 from quart import Quart
 
 from .broker import GLOBAL, Broker
-from .errors import DuplicateKey, StorageUnavailable
+from .errors import DuplicateKey, StorageUnavailable, VoteRefused
 from .lifecycle import attach
 from .models import Attempt, Review, Task, TaskEvent
 from .store import IdempotencyKey, Store, Write
@@ -149,7 +149,7 @@ class Journal:
         try:
             await self._store_and_publish(batch)
             return
-        except (StorageUnavailable, DuplicateKey) as exc:
+        except (StorageUnavailable, DuplicateKey, VoteRefused) as exc:
             if len(batch) == 1:
                 self._fail(batch[0], exc)
                 return
@@ -158,7 +158,7 @@ class Journal:
                 continue
             try:
                 await self._store_and_publish([pending])
-            except (StorageUnavailable, DuplicateKey) as exc:
+            except (StorageUnavailable, DuplicateKey, VoteRefused) as exc:
                 self._fail(pending, exc)
 
     async def _store_and_publish(self, batch: list[Pending]) -> None:

@@ -12,9 +12,11 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 Decision = Literal["approved", "rejected"]
+Outcome = Literal["fail", "reject", "approve", "escalate"]  # what a review timeout does
+OUTCOMES: tuple[str, ...] = ("fail", "reject", "approve", "escalate")
 
 
 class Status(StrEnum):
@@ -60,9 +62,41 @@ class Review:
     auth_method: str = "none"  # password, link, token, proxy or none
     token_label: str | None = None
     admin_override: bool = False
+    edited_output: str | None = None  # approved with an edit: the text approved
 
     def to_json(self) -> dict[str, Any]:
         return {**asdict(self), "created_at": iso(self.created_at)}
+
+    def vote(self) -> dict[str, Any]:
+        """The review as one vote among an attempt's (the ``votes`` of messages)."""
+        return {"reviewer": self.reviewer, "decision": self.decision, "comment": self.comment,
+                "at": iso(self.created_at)}
+
+
+def votes_on(reviews: list[Review], attempt: int) -> list[Review]:
+    """The votes cast on one attempt, in order."""
+    return [review for review in reviews if review.attempt == attempt]
+
+
+def approvals(votes: list[Review]) -> int:
+    return sum(1 for vote in votes if vote.decision == "approved")
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """A reviewer holding a task's attempt in the review queue, until ``expires_at``
+    (:mod:`hitl.queue`); the store shows only live ones."""
+
+    reviewer: str
+    display_name: str
+    attempt: int
+    created_at: float
+    expires_at: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"reviewer": self.reviewer, "display_name": self.display_name,
+                "attempt": self.attempt, "since": iso(self.created_at),
+                "until": iso(self.expires_at)}
 
 
 @dataclass(slots=True)
@@ -79,19 +113,22 @@ class Attempt:
     error: str | None = None
     tries: int = 0
     known: bool = True
+    edited_by: str | None = None  # a reviewer's edit of the attempt before, not a processor's
 
     def row(self, task_id: str) -> dict[str, Any]:
         return {"task_id": task_id, "attempt": self.attempt, "output": self.output,
                 "started_at": self.started_at, "finished_at": self.finished_at,
-                "error": self.error, "tries": self.tries, "known": int(self.known)}
+                "error": self.error, "tries": self.tries, "known": int(self.known),
+                "edited_by": self.edited_by}
 
     def to_json(self, reviews: list[Review]) -> dict[str, Any]:
+        votes = votes_on(reviews, self.attempt)
         return {"attempt": self.attempt, "output": self.output, "output_known": self.known,
                 "started_at": iso(self.started_at) if self.started_at else None,
                 "finished_at": iso(self.finished_at) if self.finished_at else None,
-                "error": self.error, "tries": self.tries,
-                "reviews": [review.to_json() for review in reviews
-                            if review.attempt == self.attempt]}
+                "error": self.error, "tries": self.tries, "edited_by": self.edited_by,
+                "reviews": [review.to_json() for review in votes],
+                "votes": [vote.vote() for vote in votes], "approvals": approvals(votes)}
 
 
 @dataclass(slots=True)
@@ -114,10 +151,40 @@ class Task:
     submitted_by: str | None = None  # None: submitted with sign-in off
     reviewers: tuple[str, ...] = ()  # user names and "group:NAME"; none: any reviewer
     allow_self_review: bool = False
+    # Options given at submission (the server's defaults filled in), stored with the task.
+    title: str = ""
+    metadata: dict[str, Any] | None = None  # a JSON object, returned as given
+    quorum: int = 1  # distinct approvals an attempt needs
+    review_timeout: float | None = None  # seconds an attempt may wait for review
+    on_timeout: str = "fail"  # an Outcome
+    escalate_to: tuple[str, ...] = ()  # the reviewers after an escalation
+    max_attempts: int | None = None  # None: the server's --max-attempts (older tasks)
+    review_deadline: float | None = None  # when the current review times out (absolute)
+    escalated: bool = False
+    # Live reservations of its current attempt, as read from the store (never stored here).
+    reservations: list[Reservation] = field(default_factory=list)
 
     @property
     def rejections(self) -> int:
         return sum(1 for review in self.reviews if review.decision == "rejected")
+
+    def attempt_to_run(self) -> int:
+        """The attempt the processor runs next: after the current one was rejected, the
+        one after it; else the current one (the first, or one resumed mid-run). Edits
+        (quorum above 1) add attempts of their own, so rejections alone do not number them."""
+        rejected = any(review.attempt == self.attempt and review.decision == "rejected"
+                       for review in self.reviews)
+        return self.attempt + 1 if rejected else self.attempt
+
+    def votes(self) -> list[Review]:
+        """The votes on the attempt under review."""
+        return votes_on(self.reviews, self.attempt)
+
+    def tally(self) -> dict[str, Any]:
+        """What a message says of the votes on the current attempt (quorum above 1)."""
+        votes = self.votes()
+        return {"votes": [vote.vote() for vote in votes], "approvals": approvals(votes),
+                "quorum": self.quorum}
 
     def row(self) -> dict[str, Any]:
         """The task's columns, as named SQL parameters (an immutable snapshot)."""
@@ -135,15 +202,21 @@ class Task:
             "submitted_by": self.submitted_by,
             "reviewers": json.dumps(self.reviewers) if self.reviewers else "[]",
             "allow_self_review": self.allow_self_review,
+            **options_row(self),
         }
+
+    def attempts_allowed(self, default: int) -> int:
+        """Attempts before the task fails unapproved: its own, else the server's."""
+        return self.max_attempts if self.max_attempts is not None else default
 
     def to_json(self, *, reviews: bool = True) -> dict[str, Any]:
         data = self.row()
         data.update(created_at=iso(self.created_at), updated_at=iso(self.updated_at),
-                    reviewers=list(self.reviewers))
+                    reviewers=list(self.reviewers), **options_json(self))
         if reviews:
             data["reviews"] = [review.to_json() for review in self.reviews]
             data["attempts"] = [attempt.to_json(self.reviews) for attempt in self.attempts]
+            data["reservations"] = [held.to_json() for held in self.reservations]
         return data
 
     def current_attempt(self) -> Attempt:
@@ -151,6 +224,48 @@ class Task:
         if not self.attempts or self.attempts[-1].attempt != self.attempt:
             self.attempts.append(Attempt(self.attempt))
         return self.attempts[-1]
+
+
+class Options(Protocol):
+    """A task's options, as a :class:`Task` and a list's :class:`TaskRow` both hold them."""
+
+    @property
+    def title(self) -> str: ...
+    @property
+    def metadata(self) -> dict[str, Any] | None: ...
+    @property
+    def quorum(self) -> int: ...
+    @property
+    def review_timeout(self) -> float | None: ...
+    @property
+    def on_timeout(self) -> str: ...
+    @property
+    def escalate_to(self) -> tuple[str, ...]: ...
+    @property
+    def max_attempts(self) -> int | None: ...
+    @property
+    def review_deadline(self) -> float | None: ...
+    @property
+    def escalated(self) -> bool: ...
+
+
+def options_row(task: Options) -> dict[str, Any]:
+    """The options' columns, as named SQL parameters."""
+    return {"title": task.title,
+            "metadata": None if task.metadata is None else json.dumps(task.metadata),
+            "quorum": task.quorum, "review_timeout": task.review_timeout,
+            "on_timeout": task.on_timeout, "escalate_to": json.dumps(task.escalate_to),
+            "max_attempts": task.max_attempts, "review_deadline": task.review_deadline,
+            "escalated": int(task.escalated)}
+
+
+def options_json(task: Options) -> dict[str, Any]:
+    """The options as the API shows them (the metadata as given, the deadline in ISO 8601)."""
+    return {"title": task.title, "metadata": task.metadata, "quorum": task.quorum,
+            "review_timeout": task.review_timeout, "on_timeout": task.on_timeout,
+            "escalate_to": list(task.escalate_to), "max_attempts": task.max_attempts,
+            "review_deadline": iso(task.review_deadline) if task.review_deadline else None,
+            "escalated": task.escalated}
 
 
 EXCERPT = 300  # characters of each text a list shows
@@ -189,6 +304,16 @@ class TaskRow:
     submitted_by: str | None = None
     reviewers: tuple[str, ...] = ()
     allow_self_review: bool = False
+    title: str = ""
+    metadata: dict[str, Any] | None = None
+    quorum: int = 1
+    review_timeout: float | None = None
+    on_timeout: str = "fail"
+    escalate_to: tuple[str, ...] = ()
+    max_attempts: int | None = None
+    review_deadline: float | None = None
+    escalated: bool = False
+    reservations: tuple[Reservation, ...] = ()  # live ones (hitl.queue)
 
     @property
     def waiting_since(self) -> float | None:
@@ -202,7 +327,8 @@ class TaskRow:
         data.update(status=self.status.value, created_at=iso(self.created_at),
                     updated_at=iso(self.updated_at),
                     waiting_since=iso(since) if since is not None else None,
-                    reviewers=list(self.reviewers))
+                    reviewers=list(self.reviewers), **options_json(self),
+                    reservations=[held.to_json() for held in self.reservations])
         return data
 
 

@@ -8,16 +8,18 @@ next action.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from dataclasses import dataclass
 from typing import Any, cast
 
 from pocketflow import AsyncNode
 
-from .errors import TaskFailed
-from .models import Decision, Review, Status
+from . import deadlines
+from .errors import Conflict, TaskFailed
+from .models import Decision, Review, Status, iso
 from .processors import Job, ProcessorPool
-from .tracker import SharedStore
+from .tracker import SharedStore, Tracker
 
 
 class ProcessNode(AsyncNode):  # type: ignore[misc]
@@ -31,7 +33,7 @@ class ProcessNode(AsyncNode):  # type: ignore[misc]
 
     async def prep_async(self, shared: SharedStore) -> Job:
         tracker = shared["tracker"]
-        attempt = tracker.task.rejections + 1
+        attempt = tracker.task.attempt_to_run()
         shared["current_attempt"] = attempt
         self.tries = 0
         await tracker.update(Status.RUNNING, attempt=attempt, processed_output=None,
@@ -68,42 +70,83 @@ class ProcessingFailed:
 
 
 class ReviewNode(AsyncNode):  # type: ignore[misc]
-    """Publish the output for review, then wait for the decision ``/feedback`` hands over."""
+    """Publish the output for review, then wait for the decision ``/feedback`` hands over,
+    or, for a task with a review timeout, until its deadline (:mod:`hitl.deadlines`)."""
 
     def __init__(self, *, max_attempts: int) -> None:
         super().__init__()
         self.max_attempts = max_attempts
 
-    async def prep_async(self, shared: SharedStore) -> asyncio.Event:
+    async def prep_async(self, shared: SharedStore) -> tuple[Tracker, asyncio.Event]:
         tracker = shared["tracker"]
         event = shared["review_event"]
         if tracker.task.status is not Status.WAITING_FOR_REVIEW:  # else: resumed, still waiting
             event.clear()
             shared["feedback"] = None
             output = shared["processed_output"]
+            due = deadlines.deadline(tracker.task)
+            payload: dict[str, Any] = {"output_to_review": output,
+                                       "attempt": shared["current_attempt"],
+                                       **(tracker.task.tally() if tracker.task.quorum > 1
+                                          else {})}
+            if due is not None:
+                payload["review_deadline"] = iso(due)
             await tracker.update(
-                Status.WAITING_FOR_REVIEW, processed_output=output,
-                event={"output_to_review": output, "attempt": shared["current_attempt"]},
+                Status.WAITING_FOR_REVIEW, processed_output=output, review_deadline=due,
+                event=payload,
                 attempt_record={"output": output, "finished_at": time.time(),
                                 "tries": shared["tries"]},
             )
-        return event
+        return tracker, event
 
-    async def exec_async(self, review_event: asyncio.Event) -> None:
-        await review_event.wait()
+    async def exec_async(self, prep: tuple[Tracker, asyncio.Event]) -> None:
+        await wait_for_decision(*prep)
 
     async def post_async(self, shared: SharedStore, prep: Any, _: None) -> Decision:
         review = cast(Review, shared["feedback"])
-        shared["tracker"].record_decision(review)
-        check_attempts_left(shared, self.max_attempts)
+        tracker = shared["tracker"]
+        tracker.record_decision(review)
+        if review.auth_method == deadlines.TIMEOUT.method and deadlines.fails(tracker.task):
+            raise TaskFailed(deadlines.failure(tracker.task))
+        check_attempts_left(shared, tracker.task.attempts_allowed(self.max_attempts))
         return review.decision
+
+
+async def wait_for_decision(tracker: Tracker, event: asyncio.Event) -> None:
+    """Until a reviewer's decision is claimed, or the stored deadline passes and the
+    timeout's is (a first timeout that escalates sets a new deadline and waits again)."""
+    while not event.is_set():
+        due = tracker.task.review_deadline
+        if due is None:
+            await event.wait()
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(event.wait(), max(0.0, due - time.time()))
+        if event.is_set():
+            return  # a reviewer's decision came first (no await since the check: it won)
+        task = tracker.task
+        if deadlines.escalates(task) and task.status is Status.WAITING_FOR_REVIEW:
+            due = deadlines.deadline(task)
+            await tracker.update(
+                Status.WAITING_FOR_REVIEW, reviewers=task.escalate_to, escalated=True,
+                review_deadline=due,
+                event={"output_to_review": task.processed_output, "attempt": task.attempt,
+                       "review_deadline": iso(due) if due else None,
+                       "escalated_to": list(task.escalate_to), "timed_out": True})
+            continue
+        with contextlib.suppress(Conflict):  # Conflict: a reviewer's claim came first
+            tracker.claim_decision(deadlines.timeout_review(task))
+        await event.wait()  # set by the claim: the timeout's, or the reviewer's
+        return
 
 
 class ResultNode(AsyncNode):  # type: ignore[misc]
     """Finalize an approved output."""
 
     async def post_async(self, shared: SharedStore, prep: Any, _: None) -> None:
-        shared["final_result"] = shared["processed_output"]
+        review = shared["feedback"]
+        edited = review.edited_output if review is not None else None
+        shared["final_result"] = edited if edited is not None else shared["processed_output"]
         await shared["tracker"].update(
             Status.COMPLETED, final_result=shared["final_result"],
             event={"final_result": shared["final_result"], "attempt": shared["current_attempt"]},

@@ -7,6 +7,7 @@ user input: templates rely on Jinja's autoescaping and never mark it ``|safe``.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import time
 from collections.abc import Mapping
@@ -24,7 +25,7 @@ from werkzeug.http import HTTP_STATUS_CODES
 from .errors import HitlError, Invalid, plain
 from .guard import identity_of
 from .models import Status, iso
-from .routes import api, broker, runner, task_named, who
+from .routes import api, broker, queue, runner, submit_options, task_named, who
 from .schemas import DashboardStreamQuery, FeedbackIn, NextQuery, SubmitIn, TaskQuery
 from .store import View
 from .streams import sse_response
@@ -40,7 +41,11 @@ SHARED_RENDERS = ("pages.task_stream", "pages.dashboard_stream")
 FIELD_LABELS = {"data": "Text", "feedback": "Decision", "comment": "Comment",
                 "reviewer": "Your name", "attempt": "Attempt", "q": "Search",
                 "status": "Status", "after": "Page", "since": "Stream",
-                "reviewers": "Reviewers", "allow_self_review": "Self-review"}
+                "reviewers": "Reviewers", "allow_self_review": "Self-review",
+                "title": "Title", "metadata": "Metadata", "quorum": "Approvals needed",
+                "review_timeout": "Review timeout", "on_timeout": "On timeout",
+                "escalate_to": "Escalate to", "max_attempts": "Max attempts",
+                "edited_output": "Edited output"}
 
 Form = TypeVar("Form", bound=BaseModel)
 
@@ -85,6 +90,32 @@ def describe(error: ErrorDetails) -> str:
     """One form problem, named by the field's label: 'Text: must not be empty'."""
     field = str(error["loc"][0]) if error["loc"] else ""
     return f"{FIELD_LABELS.get(field, 'Form')}: {plain(error)}"
+
+
+LISTS = ("reviewers", "escalate_to")  # form fields of names, separated by commas or spaces
+
+
+async def submit_form() -> SubmitIn:
+    """The submit form, checked by the API's schema: a field left empty is not given, a
+    list of names is written as text, the metadata as JSON."""
+    form = await request.form
+    values: dict[str, object] = {}
+    for key, value in form.items():
+        value = normalise(value)
+        if key == "data" or (value.strip() and key != "csrf_token"):
+            values[key] = value
+    for key in LISTS:
+        if isinstance(values.get(key), str):
+            values[key] = str(values[key]).replace(",", " ").split()
+    if "metadata" in values:
+        try:
+            values["metadata"] = json.loads(str(values["metadata"]))
+        except ValueError:
+            raise Invalid("Metadata: must be a JSON object") from None
+    try:
+        return SubmitIn.model_validate(values)
+    except ValidationError as exc:
+        raise Invalid("; ".join(describe(error) for error in exc.errors())) from None
 
 
 def dashboard_view(query: TaskQuery) -> View:
@@ -149,6 +180,23 @@ def age(timestamp: float) -> str:
     return f"{seconds} s"
 
 
+@pages.app_template_filter("left")
+def left(deadline: float) -> str:
+    """How long until a deadline, as hitl.js counts it down: "in 4 min 05 s", "now"."""
+    return countdown(deadline - time.time())
+
+
+def countdown(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds <= 0:
+        return "now"
+    hours, rest = divmod(seconds, 3600)
+    minutes, seconds = divmod(rest, 60)
+    if hours:
+        return f"in {hours} h {minutes:02d} min"
+    return f"in {minutes} min {seconds:02d} s" if minutes else f"in {seconds} s"
+
+
 @pages.app_template_global("STATUSES")
 def statuses() -> list[Status]:
     return list(Status)
@@ -187,15 +235,15 @@ def csrf_field() -> Markup:
 async def index() -> str:
     """The submit form and the most recent tasks."""
     tasks, total = await runner().list_tasks(None, RECENT, 0, by=who())
-    return await render_template("index.html", tasks=tasks, total=total)
+    return await render_template("index.html", tasks=tasks, total=total,
+                                 defaults=runner().config)
 
 
 @pages.post("/tasks")
 async def submit() -> ResponseReturnValue:
     """Submit from the form, then land on the task's page (303: a reload never resubmits)."""
-    form = await form_data(SubmitIn)
-    task = await runner().submit(form.data, by=who(), reviewers=tuple(form.reviewers),
-                                 allow_self_review=form.allow_self_review)
+    form = await submit_form()
+    task = await runner().submit(form.data, by=who(), **submit_options(form))
     return redirect(url_for("pages.task_page", task_id=task.task_id), 303)
 
 
@@ -226,10 +274,10 @@ async def decide(task_id: str) -> ResponseReturnValue:
         raise Invalid("Comment: say what the next attempt should change")
     full_id = await task_named(task_id)
     await runner().decide(full_id, form.feedback, form.comment, form.reviewer, form.attempt,
-                          by=who())
+                          by=who(), edited_output=form.edited_output)
     if is_htmx():
         return await render_template("_notice.html", decision=form.feedback,
-                                     attempt=form.attempt)
+                                     attempt=form.attempt, task_id=full_id)
     return redirect(url_for("pages.task_page", task_id=full_id), 303)
 
 
@@ -286,10 +334,10 @@ async def dashboard_stream() -> Response:
 @pages.get("/next")
 async def review_next() -> ResponseReturnValue:
     """Open the task that has waited longest for review among those the reader may decide
-    (with ``?after=<id>``, the one after that task in the queue); the empty queue when none
-    waits."""
+    and has not voted on (with ``?after=<id>``, the one after that task in the queue),
+    reserved for them as ``POST /api/queue/next`` does; the empty queue when none waits."""
     query = checked(NextQuery, request.args)
-    task_id = await runner().oldest_waiting(query.after, by=who())
-    if task_id is None:
+    task = await queue().next(query.after, by=who())
+    if task is None:
         return redirect(url_for("pages.dashboard", status=Status.WAITING_FOR_REVIEW.value), 303)
-    return redirect(url_for("pages.task_page", task_id=task_id), 303)
+    return redirect(url_for("pages.task_page", task_id=task.task_id), 303)

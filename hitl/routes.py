@@ -9,17 +9,19 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, cast
 
-from quart import Blueprint, current_app, request
+from quart import Blueprint, Response, current_app, request
 from quart_schema import validate_querystring, validate_request, validate_response
 
 from .accounts import Identity
 from .broker import Broker
 from .guard import identity_of
 from .identity import Unauthorized
+from .queue import ReviewQueue
 from .runner import Runner
 from .schemas import (
     FeedbackIn,
     MessageOut,
+    NextQuery,
     SubmitIn,
     SubmitOut,
     TaskQuery,
@@ -32,6 +34,10 @@ api = Blueprint("api", __name__)
 
 def runner() -> Runner:
     return cast(Runner, current_app.extensions["runner"])
+
+
+def queue() -> ReviewQueue:
+    return cast(ReviewQueue, current_app.extensions["queue"])
 
 
 def broker() -> Broker:
@@ -58,9 +64,16 @@ async def task_named(task_id: str) -> str:
 async def submit(data: SubmitIn) -> tuple[SubmitOut, int]:
     """Submit a task; it is processed, then waits for a human review."""
     task = await runner().submit(data.data, idempotency_key(request.headers), by=who(),
-                                 reviewers=tuple(data.reviewers),
-                                 allow_self_review=data.allow_self_review)
+                                 **submit_options(data))
     return SubmitOut(message="Task submitted", task_id=task.task_id), 202
+
+
+def submit_options(data: SubmitIn) -> dict[str, Any]:
+    """The runner's keyword arguments for a submit's options (the API's and the form's)."""
+    return {"reviewers": tuple(data.reviewers), "allow_self_review": data.allow_self_review,
+            "title": data.title, "metadata": data.metadata, "quorum": data.quorum,
+            "review_timeout": data.review_timeout, "on_timeout": data.on_timeout,
+            "escalate_to": tuple(data.escalate_to), "max_attempts": data.max_attempts}
 
 
 @api.post("/feedback/<task_id>")
@@ -69,7 +82,8 @@ async def submit(data: SubmitIn) -> tuple[SubmitOut, int]:
 async def feedback(task_id: str, data: FeedbackIn) -> MessageOut:
     """Approve or reject the output under review (409 unless one is waiting)."""
     await runner().decide(await task_named(task_id), data.feedback, data.comment,
-                          data.reviewer, data.attempt, by=who())
+                          data.reviewer, data.attempt, by=who(),
+                          edited_output=data.edited_output)
     return MessageOut(message=f"Feedback '{data.feedback}' received")
 
 
@@ -94,6 +108,25 @@ async def get_task(task_id: str) -> dict[str, object]:
 async def cancel_task(task_id: str) -> dict[str, object]:
     """Cancel an unfinished task (409 if it has already finished)."""
     return (await runner().cancel(await task_named(task_id), by=who())).to_json()
+
+
+@api.post("/api/queue/next")
+@validate_querystring(NextQuery)
+async def queue_next(query_args: NextQuery) -> Response | dict[str, object]:
+    """The oldest waiting task the caller may review and has not voted on, reserved for
+    them (``--reservation`` seconds); 204 when none waits for them. ``after``: skip past
+    that task in the queue."""
+    task = await queue().next(query_args.after, by=who())
+    if task is None:
+        return Response(status=204)
+    return task.to_json()
+
+
+@api.post("/api/tasks/<task_id>/release")
+async def release_task(task_id: str) -> dict[str, object]:
+    """End the caller's reservation of the task (``released``: whether they held one)."""
+    full_id = await task_named(task_id)
+    return {"task_id": full_id, "released": await queue().release(full_id, by=who())}
 
 
 @api.get("/healthz")

@@ -18,13 +18,14 @@ from typing import Any
 from pocketflow import AsyncFlow
 from quart import Quart
 
-from . import policy
-from .accounts import Identity
+from . import deadlines, policy
+from .accounts import SYSTEM_NAMES, Identity
 from .broker import Broker
 from .config import Config
 from .errors import (
     Conflict,
     DuplicateKey,
+    Invalid,
     NotFound,
     StorageUnavailable,
     TaskFailed,
@@ -33,7 +34,7 @@ from .errors import (
 from .flow import Step, build_flow
 from .journal import Journal
 from .lifecycle import attach
-from .models import Decision, Review, Status, Task, TaskRow, new_task_id
+from .models import Decision, Review, Status, Task, TaskRow, new_task_id, options_row
 from .nodes import check_attempts_left
 from .processors import Processor, ProcessorPool, load_processor
 from .store import IdempotencyKey, Store, TaskPage, TaskState, View
@@ -104,20 +105,31 @@ class Runner:
 
     async def submit(self, task_input: str, idempotency_key: str | None = None, *,
                      by: Identity, reviewers: tuple[str, ...] = (),
-                     allow_self_review: bool = False) -> Task:
+                     allow_self_review: bool = False, title: str = "",
+                     metadata: dict[str, Any] | None = None, quorum: int | None = None,
+                     review_timeout: float | None = None, on_timeout: str | None = None,
+                     escalate_to: tuple[str, ...] = (),
+                     max_attempts: int | None = None) -> Task:
         """Store a new task (pending), then start its flow; with an ``idempotency_key``
         already used for the same request within its window, the task it created.
 
         ``reviewers`` and ``allow_self_review`` say who may decide it (:mod:`hitl.policy`);
-        it is recorded as submitted by ``by``. Runs to the end even if the client leaves:
-        a submit creates a running task or none.
+        it is recorded as submitted by ``by``. The other options (validated by
+        :class:`~hitl.schemas.SubmitIn`) are stored with it, each None being the server's
+        default of then. Runs to the end even if the client leaves: a submit creates a
+        running task or none.
         """
         policy.can_submit(by).require()
         if not self.accepting:
             raise Unavailable("the service is shutting down; submit again shortly")
+        config = self.config
         task = Task(new_task_id(), task_input,
                     submitted_by=None if policy.signed_out(by) else by.name,
-                    reviewers=reviewers, allow_self_review=allow_self_review)
+                    reviewers=reviewers, allow_self_review=allow_self_review, title=title,
+                    metadata=metadata, quorum=quorum or config.quorum,
+                    review_timeout=review_timeout or config.review_timeout,
+                    on_timeout=on_timeout or config.on_timeout, escalate_to=escalate_to,
+                    max_attempts=max_attempts)  # None: the server's, as before
         if idempotency_key is None:
             return await asyncio.shield(self._create(task, None))
         key = IdempotencyKey(idempotency_key, request_hash(task))
@@ -164,19 +176,27 @@ class Runner:
 
     async def decide(self, task_id: str, decision: Decision, comment: str = "",
                      reviewer: str = "", attempt: int | None = None, *,
-                     by: Identity) -> Task:
-        """Hand a reviewer's decision to the waiting flow; returns once it is stored.
+                     by: Identity, edited_output: str | None = None) -> Task:
+        """Hand a reviewer's vote to the waiting flow; returns once it is stored.
 
         It is recorded as ``by``'s; ``reviewer`` (free text) names the decider only when
-        no one signs in (``--auth none``).
+        no one signs in (``--auth none``). With quorum 1 the vote is the decision; above,
+        see :meth:`Tracker.vote`. ``edited_output`` approves an edited text instead of the
+        output (the same text unchanged is a plain approval).
         """
+        if edited_output is not None and decision != "approved":
+            raise Invalid("edited_output: only an approval carries an edited text")
         verdict = policy.can_decide(by, await self._visible(task_id, by))
         verdict.require()
         tracker = await self._live(task_id)
         task = tracker.task
+        verdict = policy.can_decide(by, task)  # again, live: an escalation changes reviewers
+        verdict.require()
+        if edited_output == task.processed_output:
+            edited_output = None
         review = Review(decision, attempt or task.attempt, comment,
-                        **signature(by, reviewer, verdict))
-        stored = tracker.claim_decision(review)  # check and Event.set(), no await between
+                        **signature(by, reviewer, verdict), edited_output=edited_output)
+        stored = tracker.vote(review)  # checks and Event.set(), no await between
         await asyncio.shield(stored)
         return task
 
@@ -335,7 +355,10 @@ class Runner:
         task = tracker.task
         try:
             if task.status is Status.PROCESSING_FEEDBACK and task.reviews:
-                check_attempts_left(tracker.shared, self.config.max_attempts)
+                last = task.reviews[-1]  # resumed after a timeout that fails the task
+                if last.auth_method == deadlines.TIMEOUT.method and deadlines.fails(task):
+                    raise TaskFailed(deadlines.failure(task))
+                check_attempts_left(tracker.shared, task.attempts_allowed(self.config.max_attempts))
             await flow.run_async(tracker.shared)
             tracker.ended = True
         except asyncio.CancelledError:
@@ -435,6 +458,10 @@ class Runner:
                 return
 
 
+BARE_OPTIONS = {key: value for key, value in options_row(Task("", "")).items()
+                if key not in ("review_deadline", "escalated")}
+
+
 def task_state(task: Task) -> TaskState:
     return TaskState(task.status, task.last_seq, task.submitted_by)
 
@@ -445,6 +472,10 @@ def request_hash(task: Task) -> str:
     text = task.task_input
     if task.submitted_by is not None or task.reviewers or task.allow_self_review:
         text += "\0" + json.dumps([task.submitted_by, task.reviewers, task.allow_self_review])
+    options = options_row(task)
+    del options["review_deadline"], options["escalated"]  # not the request's
+    if options != BARE_OPTIONS:  # as before options existed: the hash is unchanged
+        text += "\1" + json.dumps(options, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -452,6 +483,8 @@ def signature(by: Identity, reviewer: str, verdict: policy.Decision) -> dict[str
     """Who made a decision, as the review records it: the signed-in user, however the
     request names its reviewer; with sign-in off, the name they typed."""
     if policy.signed_out(by):
+        if reviewer.strip().lower() in SYSTEM_NAMES:
+            raise Invalid(f"reviewer: {reviewer.strip()!r} is the service's own name")
         return {"reviewer": reviewer, "display_name": reviewer, "auth_method": "none"}
     return {"reviewer": by.name, "display_name": by.user.display_name,
             "auth_method": by.method, "token_label": by.token_label,

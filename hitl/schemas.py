@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import json
+import unicodedata
+from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 from werkzeug.datastructures import Headers
 
@@ -21,6 +23,11 @@ MAX_INTEGER = 2**63 - 1  # SQLite's largest: beyond it a query cannot even be as
 MAX_SEARCH = 200  # characters of a search
 MAX_REVIEWERS = 50  # entries a task's reviewers list may have
 GROUP = "group:"
+MAX_TITLE = 200  # characters of a task's title
+MAX_METADATA = 16 * 1024  # bytes of a task's metadata, as compact JSON
+MAX_QUORUM = MAX_REVIEWERS
+MAX_TIMEOUT = 366 * 86400  # seconds: a review may wait a year at most
+MAX_ATTEMPTS = 100
 
 
 def checked_id(task_id: str) -> str:
@@ -57,6 +64,23 @@ class SubmitIn(BaseModel):
         description="who may decide it: user names and group:NAME entries (none: any "
                     "reviewer)")
     allow_self_review: bool = Field(False, description="may its submitter decide it too")
+    # The options: each None takes the server's default (a setting of the same name).
+    title: str = Field("", max_length=MAX_TITLE, description="a short title, plain text")
+    metadata: dict[str, Any] | None = Field(
+        None, description=f"any JSON object (at most {MAX_METADATA} bytes), returned as given")
+    quorum: int | None = Field(None, ge=1, le=MAX_QUORUM,
+                               description="distinct approvals an attempt needs")
+    review_timeout: float | None = Field(
+        None, gt=0, le=MAX_TIMEOUT, allow_inf_nan=False,
+        description="seconds each attempt may wait for review, then on_timeout")
+    on_timeout: Literal["fail", "reject", "approve", "escalate"] | None = Field(
+        None, description="what a review timeout does")
+    escalate_to: list[str] = Field(
+        default_factory=list, max_length=MAX_REVIEWERS,
+        validate_default=True,
+        description="with on_timeout escalate: the users and group:NAME who review next")
+    max_attempts: int | None = Field(None, ge=1, le=MAX_ATTEMPTS,
+                                     description="attempts before the task fails unapproved")
 
     @field_validator("data")
     @classmethod
@@ -65,10 +89,39 @@ class SubmitIn(BaseModel):
             raise ValueError("must not be empty")
         return value
 
-    @field_validator("reviewers")
+    @field_validator("reviewers", "escalate_to")
     @classmethod
     def plain_names(cls, value: list[str]) -> list[str]:
         return list(dict.fromkeys(reviewer_entry(entry) for entry in value))
+
+    @field_validator("title")
+    @classmethod
+    def plain_title(cls, value: str) -> str:
+        """Shown to people: one line, no control or formatting characters."""
+        value = unicodedata.normalize("NFC", value.strip())
+        if any(unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp") for ch in value):
+            raise ValueError("must be one line, without control or formatting characters")
+        return value
+
+    @field_validator("metadata")
+    @classmethod
+    def small(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None:
+            size = len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode())
+            if size > MAX_METADATA:
+                raise ValueError(f"must be at most {MAX_METADATA} bytes as JSON ({size})")
+        return value
+
+    @field_validator("escalate_to")
+    @classmethod
+    def escalation(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        """Named iff the timeout escalates (checked after on_timeout, declared before)."""
+        escalates = info.data.get("on_timeout") == "escalate"
+        if escalates and not value:
+            raise ValueError("is required with on_timeout escalate (who reviews next)")
+        if value and not escalates:
+            raise ValueError("is only for on_timeout escalate")
+        return value
 
 
 class SubmitOut(BaseModel):
@@ -84,6 +137,16 @@ class FeedbackIn(BaseModel):
     reviewer: str = Field("", max_length=MAX_NAME, description="with --auth none only: who "
                                                                "decides (signed in: the user)")
     attempt: int | None = Field(None, ge=1, description="the attempt the decision was made on")
+    edited_output: str | None = Field(
+        None, max_length=MAX_TEXT, description="with an approval: the output as edited by "
+                                               "the reviewer, approved in its place")
+
+    @field_validator("edited_output")
+    @classmethod
+    def not_blank(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("must not be empty")
+        return value
 
     @field_validator("reviewer")
     @classmethod

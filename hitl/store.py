@@ -12,6 +12,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -23,13 +24,14 @@ import aiosqlite
 from quart import Quart
 
 from .broker import GLOBAL, HistoryPage
-from .errors import DuplicateKey, Invalid, StartupError, StorageUnavailable
+from .errors import DuplicateKey, Invalid, StartupError, StorageUnavailable, VoteRefused
 from .lifecycle import attach
 from .models import (
     EXCERPT,
     TERMINAL,
     Attempt,
     Message,
+    Reservation,
     Review,
     Status,
     Task,
@@ -158,6 +160,64 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE reviews ADD COLUMN token_label TEXT;
     ALTER TABLE reviews ADD COLUMN admin_override INTEGER NOT NULL DEFAULT 0;
     """,
+    # The options given at submission; the deadline of the review under way. Earlier tasks
+    # had the defaults of then: quorum 1, no timeout, the server's --max-attempts (NULL).
+    """
+    ALTER TABLE tasks ADD COLUMN title TEXT NOT NULL DEFAULT '';
+    ALTER TABLE tasks ADD COLUMN metadata TEXT;
+    ALTER TABLE tasks ADD COLUMN quorum INTEGER NOT NULL DEFAULT 1;
+    ALTER TABLE tasks ADD COLUMN review_timeout REAL;
+    ALTER TABLE tasks ADD COLUMN on_timeout TEXT NOT NULL DEFAULT 'fail';
+    ALTER TABLE tasks ADD COLUMN escalate_to TEXT NOT NULL DEFAULT '[]';
+    ALTER TABLE tasks ADD COLUMN max_attempts INTEGER;
+    ALTER TABLE tasks ADD COLUMN review_deadline REAL;
+    ALTER TABLE tasks ADD COLUMN escalated INTEGER NOT NULL DEFAULT 0;
+    """,
+    # Votes: one per reviewer per attempt, whatever process takes it (a quorum counts
+    # distinct people). An approval with an edit keeps the text approved; an attempt made
+    # by a reviewer's edit (quorum above 1) says whose.
+    """
+    ALTER TABLE reviews ADD COLUMN edited_output TEXT;
+    CREATE UNIQUE INDEX reviews_one_vote ON reviews (task_id, attempt, reviewer);
+    ALTER TABLE attempts ADD COLUMN edited_by TEXT;
+    """,
+    # The review queue: who holds which task's current attempt, until when (hitl.queue);
+    # and the waiting tasks in queue order, so that a claim stops at the first that fits.
+    """
+    CREATE TABLE reservations (
+        task_id      TEXT NOT NULL REFERENCES tasks (task_id) ON DELETE CASCADE,
+        attempt      INTEGER NOT NULL,
+        reviewer     TEXT NOT NULL,
+        display_name TEXT NOT NULL DEFAULT '',
+        created_at   REAL NOT NULL,
+        expires_at   REAL NOT NULL,
+        PRIMARY KEY (task_id, attempt, reviewer)
+    );
+    CREATE INDEX reservations_by_reviewer ON reservations (reviewer, expires_at);
+    CREATE INDEX tasks_by_waiting ON tasks (status, updated_at, task_id);
+    """,
+    # Deadlines (hitl.deadlines), kept by the store too, for a second process: a review
+    # timeout decides only an undecided attempt, and nothing decides a timed-out one; an
+    # escalation (new reviewers) ends the task's reservations. (A trigger's body is one
+    # line: statements split at a semicolon that ends a line.)
+    """
+    CREATE TRIGGER reviews_one_decision_per_timeout BEFORE INSERT ON reviews
+      WHEN EXISTS (SELECT 1 FROM reviews AS earlier
+                    WHERE earlier.task_id = NEW.task_id AND earlier.attempt = NEW.attempt
+                      AND earlier.reviewer = 'timeout' AND earlier.auth_method = 'system')
+        OR (NEW.reviewer = 'timeout' AND NEW.auth_method = 'system' AND (
+            EXISTS (SELECT 1 FROM reviews AS earlier
+                     WHERE earlier.task_id = NEW.task_id AND earlier.attempt = NEW.attempt
+                       AND earlier.decision = 'rejected')
+            OR (SELECT count(*) FROM reviews AS vote
+                 WHERE vote.task_id = NEW.task_id AND vote.attempt = NEW.attempt
+                   AND vote.decision = 'approved')
+               >= (SELECT quorum FROM tasks WHERE tasks.task_id = NEW.task_id)))
+    BEGIN SELECT RAISE(ABORT, 'this attempt is already decided'); END;
+    CREATE TRIGGER reservations_end_on_escalation AFTER UPDATE OF reviewers ON tasks
+      WHEN NEW.reviewers IS NOT OLD.reviewers
+    BEGIN DELETE FROM reservations WHERE task_id = NEW.task_id; END;
+    """,
     # Webhook endpoints (hitl.webhooks): each with its cursor in the message log (the
     # outbox: the last message handled) and the state of the one event it is retrying;
     # and a short log of each endpoint's recent delivery attempts.
@@ -196,20 +256,36 @@ IDEMPOTENCY_WINDOW = 24 * 3600  # seconds an Idempotency-Key stands for its task
 _UPSERT_TASK = """
     INSERT INTO tasks (task_id, task_input, status, attempt, processed_output, final_result,
                        error, last_seq, created_at, updated_at, submitted_by, reviewers,
-                       allow_self_review)
+                       allow_self_review, title, metadata, quorum, review_timeout, on_timeout,
+                       escalate_to, max_attempts, review_deadline, escalated)
     VALUES (:task_id, :task_input, :status, :attempt, :processed_output, :final_result,
             :error, :last_seq, :created_at, :updated_at, :submitted_by, :reviewers,
-            :allow_self_review)
+            :allow_self_review, :title, :metadata, :quorum, :review_timeout, :on_timeout,
+            :escalate_to, :max_attempts, :review_deadline, :escalated)
     ON CONFLICT (task_id) DO UPDATE SET
         status = excluded.status, attempt = excluded.attempt,
         processed_output = excluded.processed_output, final_result = excluded.final_result,
-        error = excluded.error, last_seq = excluded.last_seq, updated_at = excluded.updated_at
+        error = excluded.error, last_seq = excluded.last_seq, updated_at = excluded.updated_at,
+        reviewers = excluded.reviewers, review_deadline = excluded.review_deadline,
+        escalated = excluded.escalated
 """
+# A vote is taken only while its attempt is undecided: no rejection (a veto) on it, and
+# fewer approvals than the task's quorum, counted in the same transaction. (One vote per
+# reviewer: the unique index reviews_one_vote.) So a second process could not over-count.
 _INSERT_REVIEW = """
     INSERT INTO reviews (task_id, attempt, decision, comment, reviewer, created_at,
-                         display_name, auth_method, token_label, admin_override)
-    VALUES (:task_id, :attempt, :decision, :comment, :reviewer, :created_at,
-            :display_name, :auth_method, :token_label, :admin_override)
+                         display_name, auth_method, token_label, admin_override, edited_output)
+    SELECT :task_id, :attempt, :decision, :comment, :reviewer, :created_at,
+           :display_name, :auth_method, :token_label, :admin_override, :edited_output
+     WHERE NOT EXISTS (SELECT 1 FROM reviews WHERE task_id = :task_id AND attempt = :attempt
+                          AND decision = 'rejected')
+       AND (SELECT count(*) FROM reviews WHERE task_id = :task_id AND attempt = :attempt
+               AND decision = 'approved')
+           < (SELECT quorum FROM tasks WHERE task_id = :task_id)
+"""
+# A decision ends its reviewer's reservation of the task, in the decision's own commit.
+_END_RESERVATION = """
+    DELETE FROM reservations WHERE task_id = :task_id AND reviewer = :reviewer
 """
 _INSERT_MESSAGE = """
     INSERT INTO messages (gid, task_id, seq, status, data)
@@ -223,12 +299,14 @@ _INSERT_KEY = """
     VALUES (:key, :task_id, :request_hash, :created_at)
 """
 _UPSERT_ATTEMPT = """
-    INSERT INTO attempts (task_id, attempt, output, started_at, finished_at, error, tries, known)
-    VALUES (:task_id, :attempt, :output, :started_at, :finished_at, :error, :tries, :known)
+    INSERT INTO attempts (task_id, attempt, output, started_at, finished_at, error, tries, known,
+                          edited_by)
+    VALUES (:task_id, :attempt, :output, :started_at, :finished_at, :error, :tries, :known,
+            :edited_by)
     ON CONFLICT (task_id, attempt) DO UPDATE SET
         output = excluded.output, started_at = excluded.started_at,
         finished_at = excluded.finished_at, error = excluded.error, tries = excluded.tries,
-        known = excluded.known
+        known = excluded.known, edited_by = excluded.edited_by
 """
 # A message, with its task's submitter: a stream filters replayed messages as live ones.
 _MESSAGE_COLUMNS = """messages.gid AS gid, messages.task_id AS task_id, seq,
@@ -245,18 +323,33 @@ _LATEST_GID = """
     SELECT max(coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'messages'), 0),
                coalesce((SELECT max(gid) FROM messages), 0))
 """
-_TASK_COLUMNS = """task_id, task_input, status, attempt, processed_output, final_result,
+_OPTION_COLUMNS = """title, metadata, quorum, review_timeout, on_timeout, escalate_to,
+                     max_attempts, review_deadline, escalated"""
+_TASK_COLUMNS = f"""task_id, task_input, status, attempt, processed_output, final_result,
                    error, last_seq, created_at, updated_at, submitted_by, reviewers,
-                   allow_self_review"""
+                   allow_self_review, {_OPTION_COLUMNS}"""
 _REVIEW_COLUMNS = """decision, attempt, comment, reviewer, created_at, display_name,
-                     auth_method, token_label, admin_override"""
+                     auth_method, token_label, admin_override, edited_output"""
+# SQL's clock, in seconds since the epoch (as time.time()): unixepoch('subsec') needs 3.42.
+NOW = "((julianday('now') - 2440587.5) * 86400.0)"
+# A waiting task's live reservations (of its current attempt), as a JSON array, oldest
+# first: once it is decided, nobody holds it.
+LIVE_RESERVATIONS = f"""
+    SELECT json_group_array(json_object('reviewer', reviewer, 'display_name', display_name,
+                                        'attempt', attempt, 'created_at', created_at,
+                                        'expires_at', expires_at))
+      FROM (SELECT * FROM reservations AS held
+             WHERE held.task_id = tasks.task_id AND held.attempt = tasks.attempt
+               AND tasks.status = 'waiting_for_review' AND held.expires_at > {NOW}
+             ORDER BY created_at)
+"""
 # A list's columns: each text cut in SQL, so a list never reads a whole text. (SQLite's
 # text functions stop at a NUL character: such a text is cut and measured up to it.)
 _TEXTS = ("task_input", "processed_output", "final_result", "error")
 _ROW_COLUMNS = ("task_id, status, attempt, last_seq, created_at, updated_at, submitted_by, "
-                "reviewers, allow_self_review, ") + ", ".join(
+                f"reviewers, allow_self_review, {_OPTION_COLUMNS}, ") + ", ".join(
     f"substr({text}, 1, {EXCERPT}) AS {text}, length({text}) AS {text}_length" for text in _TEXTS
-)
+) + f", ({LIVE_RESERVATIONS}) AS reserved"
 # A list's orders: each its sort key and direction, and how the rows after a cursor
 # compare. "waiting" is the oldest change first: for tasks waiting for review, the longest
 # waiting (a waiting task changes no more until it is decided).
@@ -406,7 +499,7 @@ class Store:
                     f"hitl knows ({len(MIGRATIONS)}): upgrade hitl"
                 )
             for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
-                for statement in filter(str.strip, script.split(";")):
+                for statement in filter(str.strip, re.split(r";[ \t]*$", script, flags=re.M)):
                     await conn.execute(statement)
                 await conn.execute("INSERT INTO schema_version VALUES (?)", (number,))
             await conn.execute(f"PRAGMA user_version = {len(MIGRATIONS)}")  # a real write
@@ -451,8 +544,13 @@ class Store:
                 for w in batch if w.idempotency is not None]
         async with self._transaction() as conn:
             await conn.executemany(_UPSERT_TASK, tasks)
-            if reviews:
-                await conn.executemany(_INSERT_REVIEW, reviews)
+            for review in reviews:
+                taken = await conn.execute(_INSERT_REVIEW, review)
+                if taken.rowcount != 1:
+                    raise VoteRefused(f"attempt {review['attempt']} of task {review['task_id']} "
+                                      "is already decided")
+                await conn.execute(_END_RESERVATION, {"task_id": review["task_id"],
+                                                      "reviewer": review["reviewer"]})
             if messages:
                 await conn.executemany(_INSERT_MESSAGE, messages)
             if attempts:
@@ -480,6 +578,8 @@ class Store:
                 await _rollback(conn)
                 if isinstance(exc, sqlite3.IntegrityError) and "idempotency_keys" in str(exc):
                     raise DuplicateKey(str(exc)) from exc
+                if isinstance(exc, sqlite3.IntegrityError) and "reviews.reviewer" in str(exc):
+                    raise VoteRefused("this reviewer has already voted on this attempt") from exc
                 if isinstance(exc, sqlite3.Error | OSError):
                     raise StorageUnavailable(str(exc)) from exc
                 raise
@@ -519,7 +619,15 @@ class Store:
         task = _task(next(iter(rows)))
         task.reviews = await self.reviews(task_id)
         task.attempts = await self.attempts(task_id)
+        task.reservations = await self.reservations(task_id)
         return task
+
+    async def reservations(self, task_id: str) -> list[Reservation]:
+        """Who holds the task's current attempt in the review queue now (hitl.queue)."""
+        rows = await self.reader.execute_fetchall(
+            f"SELECT ({LIVE_RESERVATIONS}) FROM tasks WHERE task_id = :task_id",
+            {"task_id": task_id})
+        return list(next((reservations(row[0]) for row in rows), ()))
 
     async def task_state(self, task_id: str) -> TaskState | None:
         """A task's status, last message number and submitter, without loading the rest."""
@@ -531,7 +639,7 @@ class Store:
 
     async def attempts(self, task_id: str) -> list[Attempt]:
         rows = await self.reader.execute_fetchall(
-            """SELECT attempt, output, started_at, finished_at, error, tries, known
+            """SELECT attempt, output, started_at, finished_at, error, tries, known, edited_by
                  FROM attempts WHERE task_id = :task_id ORDER BY attempt""",
             {"task_id": task_id},
         )
@@ -788,6 +896,9 @@ def _assignment(data: dict[str, Any]) -> dict[str, Any]:
     data["status"] = Status(data["status"])
     data["reviewers"] = tuple(json.loads(data["reviewers"]))
     data["allow_self_review"] = bool(data["allow_self_review"])
+    data["metadata"] = json.loads(data["metadata"]) if data["metadata"] is not None else None
+    data["escalate_to"] = tuple(json.loads(data["escalate_to"]))
+    data["escalated"] = bool(data["escalated"])
     return data
 
 
@@ -834,8 +945,14 @@ def parse_cursor(after: str) -> tuple[float, str]:
         raise Invalid(f"after: not a cursor: {after[:80]!r}") from None
 
 
+def reservations(text: str | None) -> tuple[Reservation, ...]:
+    """The reservations of :data:`LIVE_RESERVATIONS`' JSON."""
+    return tuple(Reservation(**item) for item in json.loads(text or "[]"))
+
+
 def _task_row(row: sqlite3.Row, skip: tuple[str, ...] = ()) -> TaskRow:
     data = _assignment({name: row[name] for name in row.keys() if name not in skip})
+    data["reservations"] = reservations(data.pop("reserved"))
     for text in _TEXTS:
         data[text] = excerpt(data[text], data[f"{text}_length"])
     return TaskRow(**data)
@@ -850,7 +967,8 @@ def _review_row(review: Review) -> dict[str, Any]:
     return {"attempt": review.attempt, "decision": review.decision, "comment": review.comment,
             "reviewer": review.reviewer, "created_at": review.created_at,
             "display_name": review.display_name, "auth_method": review.auth_method,
-            "token_label": review.token_label, "admin_override": review.admin_override}
+            "token_label": review.token_label, "admin_override": review.admin_override,
+            "edited_output": review.edited_output}
 
 
 def _message_row(event: TaskEvent) -> dict[str, Any]:

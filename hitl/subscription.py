@@ -170,7 +170,9 @@ class Subscription:
         queue = self._queue
         while queue and not self._fetch:
             message = queue[0]
-            if message is not HEARTBEAT and self.last_id is not None:
+            if message.id == 0:  # a heartbeat or a signal: never numbered, never replayed
+                return self._pop()
+            if self.last_id is not None:
                 if message.id > self.last_id + 1:  # published while its replay was read
                     self._fetch = _GAP
                     return None
@@ -178,7 +180,7 @@ class Subscription:
                     self._pop()
                     continue
                 self.last_id = message.id
-            elif message is not HEARTBEAT:
+            else:
                 self.last_id = message.id
             return self._pop()
         return None

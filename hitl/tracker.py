@@ -8,12 +8,15 @@ published), so a flow node says *what* happened and the tracker makes it durable
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import time
 from typing import Any, TypedDict
 
+from .deadlines import TIMEOUT
 from .errors import Conflict
 from .journal import Journal
-from .models import Attempt, Review, Status, Task
+from .models import Attempt, Review, Status, Task, approvals
 from .processors import Progress
 from .store import IdempotencyKey
 
@@ -113,12 +116,59 @@ class Tracker:
                    "partial_output": str(partial_output)}
         self.journal.record(self.task, payload).add_done_callback(_log_failure)
 
-    def claim_decision(self, review: Review) -> asyncio.Future[None]:
-        """Take a reviewer's decision, or raise Conflict. Synchronous: no await, no race.
+    def vote(self, review: Review) -> asyncio.Future[None]:
+        """Take a reviewer's vote, or raise Conflict. Synchronous: no await, no race.
 
-        Of many concurrent decisions the first flips the status and wins; the rest see
-        a task no longer waiting for review.
+        With quorum 1 a vote is the decision (:meth:`claim_decision`, as ever). Above it,
+        a rejection vetoes at once and the approval that makes the quorum decides; any
+        other vote is stored and announced (``waiting_for_review`` with the tally), and an
+        approval with an edit puts the edited text up for review as the next attempt.
+        The store checks the same rules again as it takes each vote.
         """
+        task = self.task
+        if task.quorum <= 1:
+            return self.claim_decision(review)
+        self._check_open(review)
+        votes = task.votes()
+        earlier = next((vote for vote in votes if vote.reviewer == review.reviewer), None)
+        if earlier is not None:
+            who = f"{review.reviewer} has" if review.reviewer else "you have"
+            raise Conflict(f"{who} already {earlier.decision} attempt {task.attempt} of task "
+                           f"{task.task_id}; each reviewer votes once per attempt")
+        if review.edited_output is not None:
+            return self._put_up_edit(review)
+        if review.decision == "rejected" or approvals(votes) + 1 >= task.quorum:
+            return self.claim_decision(review)
+        task.reviews.append(review)
+        return self.journal.record(task, self._waiting(), review)
+
+    def _waiting(self, **extra: Any) -> dict[str, Any]:
+        task = self.task
+        return {"status": Status.WAITING_FOR_REVIEW.value, "output_to_review":
+                task.processed_output, "attempt": task.attempt, **extra, **task.tally()}
+
+    def _put_up_edit(self, review: Review) -> asyncio.Future[None]:
+        """An approval of an edited text (quorum above 1): the text becomes the next attempt,
+        made by this reviewer and approved by them; the others vote on what they see."""
+        task = self.task
+        edited_from = task.attempt
+        task.attempt += 1
+        review = dataclasses.replace(review, attempt=task.attempt)
+        task.processed_output = review.edited_output
+        self.shared["current_attempt"] = task.attempt
+        self.shared["processed_output"] = review.edited_output
+        self.shared["tries"] = 0
+        now = time.time()
+        record = self._attempt({"output": review.edited_output, "started_at": now,
+                                "finished_at": now, "tries": 0, "error": None,
+                                "edited_by": review.reviewer})
+        task.reviews.append(review)
+        return self.journal.record(task, self._waiting(edited_by=review.reviewer,
+                                                       edited_from=edited_from),
+                                   review, attempt=record)
+
+    def _check_open(self, review: Review) -> None:
+        """Raise Conflict unless ``review``'s attempt is the one waiting for review."""
         task = self.task
         if task.status is not Status.WAITING_FOR_REVIEW:
             taken = self.shared["feedback"]
@@ -131,6 +181,15 @@ class Tracker:
             raise Conflict(
                 f"attempt {review.attempt} is no longer under review (attempt {task.attempt} is)"
             )
+
+    def claim_decision(self, review: Review) -> asyncio.Future[None]:
+        """Take a reviewer's decision, or raise Conflict. Synchronous: no await, no race.
+
+        Of many concurrent decisions the first flips the status and wins; the rest see
+        a task no longer waiting for review.
+        """
+        task = self.task
+        self._check_open(review)
         task.status = Status.PROCESSING_FEEDBACK
         self.shared["feedback"] = review
         self.decision_stored = self.loop.create_future()
@@ -145,9 +204,16 @@ class Tracker:
         watcher gets both in one write.
         """
         self.task.reviews.append(review)
+        self.task.review_deadline = None  # decided: no deadline until the next review
         self.decision_recorded = True
         event = {"feedback_value": review.decision, "comment": review.comment,
                  "reviewer": review.reviewer, "attempt": review.attempt}
+        if review.auth_method == TIMEOUT.method:  # the review timed out: the system decided
+            event["timed_out"] = True
+        if review.edited_output is not None:  # quorum 1: the edited text is the result
+            event["edited_output"] = review.edited_output
+        if self.task.quorum > 1:
+            event |= self.task.tally()
         stored = self.journal.record(
             self.task, {"status": Status.PROCESSING_FEEDBACK.value, **event}, review
         )

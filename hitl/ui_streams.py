@@ -27,8 +27,9 @@ from quart import Quart, render_template
 from . import policy
 from .accounts import Identity
 from .broker import GLOBAL, HEARTBEAT, RESET, Broker
-from .diffs import attempt_views
-from .models import Message, Status, Task, sse_frame
+from .diffs import WordDiff, attempt_views, word_diff
+from .models import Message, Review, Status, Task, sse_frame
+from .queue import SIGNAL
 from .runner import Runner
 from .store import View
 from .streams import RETRY_MS
@@ -103,11 +104,14 @@ class Standing:
     verdict: policy.Decision
     cancel: policy.Decision
     ask_name: bool
+    voter: str | None = None  # with quorum above 1: who watches, to show them their vote
 
     @classmethod
     def of(cls, identity: Identity, task: Task) -> Standing:
+        signed_out = policy.signed_out(identity)
+        voter = identity.name if task.quorum > 1 and not signed_out else None
         return cls(policy.can_decide(identity, task), policy.can_cancel(identity, task),
-                   policy.signed_out(identity))
+                   signed_out, voter)
 
 
 async def task_view(runner: Runner, task: Task, standing: Standing) -> dict[str, Any]:
@@ -117,8 +121,27 @@ async def task_view(runner: Runner, task: Task, standing: Standing) -> dict[str,
     The word diffs of long outputs take a while, so they are made in a worker thread.
     """
     task = snapshot(task)
-    return {"task": task, "attempts": await asyncio.to_thread(attempt_views, task),
-            "max_attempts": runner.config.max_attempts, "standing": standing}
+    attempts, edit = await asyncio.to_thread(lambda: (attempt_views(task), edit_view(task)))
+    return {"task": task, "attempts": attempts, "edit": edit,
+            "max_attempts": task.attempts_allowed(runner.config.max_attempts),
+            "standing": standing}
+
+
+@dataclass(frozen=True, slots=True)
+class EditView:
+    """The edit a reviewer approved in place of the processor's output (quorum 1)."""
+
+    review: Review
+    diff: WordDiff
+
+
+def edit_view(task: Task) -> EditView | None:
+    """A completed task's final result when it was an edit, compared with the output."""
+    last = task.reviews[-1] if task.reviews else None
+    if (task.status is not Status.COMPLETED or last is None or last.edited_output is None
+            or last.decision != "approved" or task.processed_output is None):
+        return None
+    return EditView(last, word_diff(task.processed_output, last.edited_output))
 
 
 async def render_task_message(runner: Runner, message: Message, full: bool,
@@ -137,6 +160,14 @@ async def render_task_message(runner: Runner, message: Message, full: bool,
     return b"".join(parts)
 
 
+async def render_review(runner: Runner, message: Message, standing: Standing,
+                        by: Identity) -> bytes:
+    """The task page's review region as stored now (its reservations changed)."""
+    task = await runner.get_task(message.task_id, by=by)
+    view = await task_view(runner, task, standing)
+    return frame("review", await render_template("_task_review.html", **view))
+
+
 async def task_events(runner: Runner, broker: Broker, cache: FragmentCache,
                       task: Task, by: Identity) -> AsyncIterator[bytes]:
     """A task page's stream (``task`` is one ``by`` may see): its current state, then each
@@ -152,6 +183,10 @@ async def task_events(runner: Runner, broker: Broker, cache: FragmentCache,
         async for message in subscription:
             if message is HEARTBEAT:
                 yield message.frame
+                continue
+            if message.status == SIGNAL:  # a reservation changed: the review region anew
+                yield await cache.get(("review", message.data, standing),
+                                      partial(render_review, runner, message, standing, by))
                 continue
             full = first or not is_progress_tick(message)
             key = ("task", task.task_id, message.id, full, standing)
@@ -236,6 +271,11 @@ async def dashboard_events(runner: Runner, broker: Broker, cache: FragmentCache,
             if message.status == RESET:  # messages were missed: the page must read anew
                 yield frame("stale", await render_template("_stale.html"))
                 counts_stale = True
+            elif message.status == SIGNAL:  # a reservation changed: the row anew
+                row = await cache.get(("row", message.data),
+                                      partial(render_row, runner, message.task_id))
+                if row is not None:
+                    yield row
             elif not is_progress_tick(message):  # progress shows on the task page only
                 row = await cache.get(("row", message.id),
                                       partial(render_row, runner, message.task_id))

@@ -214,6 +214,18 @@ async def do_dashboard(world: World, person: str | None) -> str:
                                 if response.status_code == 200 else "")
 
 
+async def do_queue_next(world: World, person: str | None) -> str:
+    """A fresh task for group:legal and one for anyone: every reviewer has one to take."""
+    await world.sams_task()
+    await world.submit("sue")
+    return outcome(await world.http.post("/api/queue/next", headers=world.auth(person)))
+
+
+async def do_release(world: World, person: str | None) -> str:
+    return outcome(await world.http.post(f"/api/tasks/{world.task}/release",
+                                         headers=world.auth(person)))
+
+
 ENDPOINTS: dict[str, Callable[[World, str | None], Awaitable[str]]] = {
     "`POST /submit`": do_submit,
     "`POST /feedback/<id>`": do_feedback,
@@ -225,6 +237,8 @@ ENDPOINTS: dict[str, Callable[[World, str | None], Awaitable[str]]] = {
     "`GET /stream`": do_global_stream,
     "`GET /tasks/<id>` (the task page)": do_task_page,
     "`GET /dashboard`": do_dashboard,
+    "`POST /api/queue/next`": do_queue_next,
+    "`POST /api/tasks/<id>/release`": do_release,
 }
 
 

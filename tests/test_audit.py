@@ -163,7 +163,7 @@ async def test_the_migration_keeps_earlier_tasks_and_reviews(tmp_path: Path) -> 
     db = tmp_path / "old.db"
     with sqlite3.connect(db) as conn:  # a database from before identities were recorded
         conn.execute("CREATE TABLE schema_version (version INTEGER)")
-        for version, script in enumerate(MIGRATIONS[:4], start=1):
+        for version, script in enumerate(MIGRATIONS[:4], start=1):  # up to the accounts
             conn.executescript(script)
             conn.execute("INSERT INTO schema_version VALUES (?)", (version,))
         conn.execute("""INSERT INTO tasks VALUES ('old', 'input', 'completed', 1,

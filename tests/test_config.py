@@ -29,6 +29,7 @@ SAMPLES: dict[str, tuple[tuple[str, Any], tuple[str, Any]]] = {
     "list of CIDRs": (("10.0.0.0/8", ("10.0.0.0/8",)),
                       ("127.0.0.1, 192.168.1.7/24", ("127.0.0.1/32", "192.168.1.0/24"))),
     "role": (("viewer", "viewer"), ("reviewer", "reviewer")),
+    "outcome": (("reject", "reject"), ("approve", "approve")),
 }
 BAD: dict[str, list[str]] = {
     "text": [], "path": [],
@@ -39,6 +40,7 @@ BAD: dict[str, list[str]] = {
     "mode": ["x", "Accounts", "password"],
     "list of CIDRs": ["x", "10.0.0.0/33", "10.0.0.1, y"],
     "role": ["x", "Admin", "root"],
+    "outcome": ["x", "Fail", "escalate"],
 }
 
 

@@ -22,7 +22,7 @@ async def test_every_form_and_the_page_head_carry_the_sessions_token(
     token = await csrf_token(client)
     task_id = await submit_form(client)
     await waiting(app, task_id)
-    for path, forms in (("/", 1), (f"/tasks/{task_id}", 2)):  # the decision, and Cancel
+    for path, forms in (("/", 1), (f"/tasks/{task_id}", 3)):  # the decision, Edit, Cancel
         page = await text(await client.get(path))
         assert page.count("<form") == forms + page.count('action="/logout"'), path
         assert FIELD.findall(page) == [token] * page.count("<form"), path

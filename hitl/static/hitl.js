@@ -228,11 +228,42 @@
     return Math.max(0, Math.floor(seconds)) + " s";
   }
 
+  // A reservation shows until it runs out ("Ann is reviewing"): past then, it is hidden
+  // (the store no longer counts it; the next render leaves it out).
+  function expire() {
+    document.querySelectorAll(".reserved[data-until]").forEach(function (held) {
+      var until = Date.parse(held.dataset.until);
+      if (!isNaN(until) && until <= Date.now()) held.hidden = true;
+    });
+  }
+  // A review's deadline counts down each second ("in 4 min 05 s"), as the server
+  // renders it (pages.countdown); at zero, "now": the timeout's decision follows live.
+  function countdown(seconds) {
+    seconds = Math.floor(seconds);
+    if (seconds <= 0) return "now";
+    var h = Math.floor(seconds / 3600), m = Math.floor((seconds % 3600) / 60), s = seconds % 60;
+    function two(n) { return (n < 10 ? "0" : "") + n; }
+    if (h) return "in " + h + " h " + two(m) + " min";
+    return m ? "in " + m + " min " + two(s) + " s" : "in " + s + " s";
+  }
+  function tick() {
+    document.querySelectorAll("time[data-deadline]").forEach(function (time) {
+      var due = Date.parse(time.dateTime);
+      if (!isNaN(due)) time.textContent = countdown((due - Date.now()) / 1000);
+    });
+  }
+  window.setInterval(tick, 1000);
+  document.addEventListener("htmx:afterSwap", tick);
+
+  document.addEventListener("DOMContentLoaded", expire);
+  document.addEventListener("htmx:afterSwap", expire);
+
   window.setInterval(function () {
     document.querySelectorAll("time[data-age]").forEach(function (time) {
       var then = Date.parse(time.dateTime);
       if (!isNaN(then)) time.textContent = age((Date.now() - then) / 1000);
     });
+    expire();
   }, 5000);
 })();
 
