@@ -192,6 +192,15 @@ async def test_the_task_page_shows_the_tally_and_a_voter_their_vote(team: Team) 
     assert "Approve edited" in theirs
 
 
+async def test_review_next_skips_a_task_the_reader_has_voted_on(team: Team) -> None:
+    task_id = await team.submit(quorum=2)
+    assert (await team.vote("ann", task_id)).status_code == 200
+    for person, lands in (("ann", "/dashboard?status=waiting_for_review"),
+                          ("bob", f"/tasks/{task_id}")):
+        response = await team.http.get("/next", headers=team.auth(person))
+        assert response.status_code == 303 and response.headers["Location"] == lands, person
+
+
 async def test_edit_with_quorum_1_is_the_result_and_the_attempt_keeps_the_output(
         team: Team) -> None:
     task_id = await team.submit()
