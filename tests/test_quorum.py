@@ -207,7 +207,8 @@ async def test_edit_with_quorum_1_is_the_result_and_the_attempt_keeps_the_output
     output = (await team.task(task_id))["processed_output"]
     edited = output + " Kind regards, Ann."
     watcher = team.watch(task_id)
-    await watcher.wait_for("waiting_for_review", attempt=1)
+    waiting = await watcher.wait_for("waiting_for_review", attempt=1)
+    assert set(waiting.data) == {"task_id", "status", "output_to_review", "attempt"}  # as ever
     response = await team.vote("ann", task_id, edited_output=edited, comment="signed it")
     assert response.status_code == 200, response.text
     done = await team.wait(task_id, "completed")
@@ -284,6 +285,34 @@ async def test_votes_survive_a_restart(tmp_path: Path, config: Config) -> None:
             assert tally(done) == [("ann", "approved"), ("bob", "approved")]
     finally:
         await stop_server(server)
+
+
+async def test_a_vote_another_process_took_is_refused_by_the_store(team: Team) -> None:
+    """A second hitl on the same database took ann's vote: this one's memory does not know
+    it, the store does. Her vote here is 409, the task is reloaded with her vote, and
+    bob's completes the quorum."""
+    task_id = await team.submit(quorum=2)
+    config = team.server.app.extensions["runner"].config
+    other = Store(config.db)
+    await other.open()
+    try:
+        stored = await other.get_task(task_id)
+        assert stored is not None
+        await other.write([Write(stored.row(), review=Review("approved", 1,
+                                                             reviewer="ann"))])
+    finally:
+        await other.close()
+    response = await team.vote("ann", task_id)
+    assert response.status_code == 409, response.text
+
+    async def bob_votes() -> httpx.Response:
+        while (answer := await team.vote("bob", task_id)).status_code == 503:
+            await asyncio.sleep(0.05)  # being reloaded from the store
+        return answer
+
+    assert (await asyncio.wait_for(bob_votes(), 10)).status_code == 200
+    done = await team.wait(task_id, "completed")
+    assert tally(done) == [("ann", "approved"), ("bob", "approved")]
 
 
 def vote_write(task: Task, reviewer: str, decision: str = "approved") -> Write:

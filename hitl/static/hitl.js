@@ -376,7 +376,8 @@
     var text = carried.text, attempt = carried.attempt;
     carried = null;
     var decided = event.target.querySelector(".decided");
-    if (decided && Object.prototype.hasOwnProperty.call(mine, decided.dataset.attempt)) {
+    var voted = decided || event.target.querySelector(".my-vote"); // a quorum's own vote
+    if (voted && Object.prototype.hasOwnProperty.call(mine, voted.dataset.attempt)) {
       return; // this page's own decision, or a lost race its answer will tell
     }
     var field = commentIn(event.target);

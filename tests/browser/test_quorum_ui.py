@@ -67,8 +67,12 @@ async def test_two_reviewers_vote_on_a_quorum_2_task(session: Session, other: Se
         await expect(page.locator(".tally")).to_have_text("0 of 2 approvals")
     await bob.locator("summary", has_text="Edit").click()  # bob starts an edit ...
     await bob.get_by_label("Edited output").fill("Bob's half-done edit")
+    await ann.locator("#comment").fill("fine by me")
     await ann.get_by_role("button", name="Approve", exact=True).click()
     await expect(ann.locator(".my-vote")).to_contain_text("You approved attempt 1")
+    await expect(ann.locator("#task-review blockquote.comment")).to_have_text("fine by me")
+    await expect(ann.locator("#flash")).to_contain_text("was recorded")
+    await expect(ann.locator("#comment-kept")).to_be_empty()  # sent, so not "kept"
     await expect(ann.get_by_role("button", name="Approve", exact=True)).to_have_count(0)
     await expect(ann.locator(".tally")).to_have_text("1 of 2 approvals: ann")
     await expect(bob.locator(".tally")).to_have_text("1 of 2 approvals: ann")  # live
