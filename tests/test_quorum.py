@@ -194,7 +194,10 @@ async def test_the_task_page_shows_the_tally_and_a_voter_their_vote(team: Team) 
 
 async def test_review_next_skips_a_task_the_reader_has_voted_on(team: Team) -> None:
     task_id = await team.submit(quorum=2)
+    since = (await team.task(task_id))["updated_at"]
     assert (await team.vote("ann", task_id)).status_code == 200
+    [row] = (await team.http.get("/api/tasks", headers=team.auth("bob"))).json()["tasks"]
+    assert row["waiting_since"] == since  # a vote keeps its place in the queue
     for person, lands in (("ann", "/dashboard?status=waiting_for_review"),
                           ("bob", f"/tasks/{task_id}")):
         response = await team.http.get("/next", headers=team.auth(person))
