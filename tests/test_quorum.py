@@ -257,6 +257,30 @@ async def test_edit_with_quorum_2_is_the_next_attempt_for_the_others(team: Team)
     assert "Edited by <bdi>ann</bdi>" in page
 
 
+async def test_only_eligible_reviewers_count(team: Team) -> None:
+    task_id = await team.submit(quorum=2, reviewers=["ann", "bob"])
+    refused = await team.vote("cat", task_id)
+    assert refused.status_code == 403 and "only ann or bob" in refused.json()["error"]
+    assert (await team.vote("ann", task_id)).status_code == 200
+    assert (await team.vote("cat", task_id)).status_code == 403
+    assert tally(await team.task(task_id)) == [("ann", "approved")]
+    assert (await team.vote("bob", task_id)).status_code == 200
+    await team.wait(task_id, "completed")
+
+
+async def test_an_edit_of_an_edit_is_voted_on_anew(team: Team) -> None:
+    task_id = await team.submit(quorum=2)
+    assert (await team.vote("ann", task_id, edited_output="Ann's text.")).status_code == 200
+    await team.wait(task_id, "waiting_for_review", attempt=2)
+    assert (await team.vote("bob", task_id, edited_output="Bob's text.")).status_code == 200
+    task = await team.wait(task_id, "waiting_for_review", attempt=3)
+    assert [a["edited_by"] for a in task["attempts"]] == [None, "ann", "bob"]
+    assert tally(task, 3) == [("bob", "approved")]
+    assert (await team.vote("ann", task_id)).status_code == 200  # ann approves bob's text
+    done = await team.wait(task_id, "completed", attempt=3)
+    assert done["final_result"] == "Bob's text."
+
+
 async def test_bad_edits_are_400(team: Team) -> None:
     task_id = await team.submit()
     blank = await team.vote("ann", task_id, edited_output="  ")
