@@ -77,18 +77,20 @@ class Journal:
 
     def record(self, task: Task, payload: dict[str, Any] | None = None,
                review: Review | None = None, idempotency: IdempotencyKey | None = None,
-               attempt: Attempt | None = None) -> asyncio.Future[None]:
+               attempt: Attempt | None = None, *, touch: bool = True) -> asyncio.Future[None]:
         """Queue the task's current row (and an event, a review, an attempt's record);
         done once committed.
 
         The task's message number is given here, synchronously, so a task's messages
-        follow the order of the calls.
+        follow the order of the calls. ``touch`` False keeps ``updated_at`` (a quorum's
+        vote: the task still waits since its attempt came up for review).
         """
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         if task.task_id in self.refused:
             done.set_exception(self._refusal())
             return done
-        task.updated_at = time.time()
+        if touch:
+            task.updated_at = time.time()
         event = None
         if payload is not None:
             task.last_seq += 1

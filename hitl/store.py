@@ -379,12 +379,15 @@ class ReviewScope(NamedTuple):
     names: tuple[str, ...] | None
 
 
-# The tasks a ReviewScope may decide: not their own (unless allowed), and naming them or no one.
+# The tasks a ReviewScope may decide: not their own (unless allowed), naming them or no one,
+# and whose attempt under review they have not voted on yet (quorum above 1).
 _DECIDABLE = """
     AND (submitted_by IS NOT :me OR allow_self_review)
     AND (:any_named OR reviewers = '[]'
          OR EXISTS (SELECT 1 FROM json_each(tasks.reviewers)
                      WHERE value IN (SELECT value FROM json_each(:names))))
+    AND NOT EXISTS (SELECT 1 FROM reviews WHERE reviews.task_id = tasks.task_id
+                       AND reviews.attempt = tasks.attempt AND reviews.reviewer = :me)
 """
 
 

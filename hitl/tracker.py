@@ -140,7 +140,8 @@ class Tracker:
         if review.decision == "rejected" or approvals(votes) + 1 >= task.quorum:
             return self.claim_decision(review)
         task.reviews.append(review)
-        return self.journal.record(task, self._waiting(), review)
+        # Still waiting since the attempt came up: the review queue keeps its place.
+        return self.journal.record(task, self._waiting(), review, touch=False)
 
     def _waiting(self, **extra: Any) -> dict[str, Any]:
         task = self.task

@@ -192,13 +192,26 @@ async def test_the_task_page_shows_the_tally_and_a_voter_their_vote(team: Team) 
     assert "Approve edited" in theirs
 
 
+async def test_review_next_skips_a_task_the_reader_has_voted_on(team: Team) -> None:
+    task_id = await team.submit(quorum=2)
+    since = (await team.task(task_id))["updated_at"]
+    assert (await team.vote("ann", task_id)).status_code == 200
+    [row] = (await team.http.get("/api/tasks", headers=team.auth("bob"))).json()["tasks"]
+    assert row["waiting_since"] == since  # a vote keeps its place in the queue
+    for person, lands in (("ann", "/dashboard?status=waiting_for_review"),
+                          ("bob", f"/tasks/{task_id}")):
+        response = await team.http.get("/next", headers=team.auth(person))
+        assert response.status_code == 303 and response.headers["Location"] == lands, person
+
+
 async def test_edit_with_quorum_1_is_the_result_and_the_attempt_keeps_the_output(
         team: Team) -> None:
     task_id = await team.submit()
     output = (await team.task(task_id))["processed_output"]
     edited = output + " Kind regards, Ann."
     watcher = team.watch(task_id)
-    await watcher.wait_for("waiting_for_review", attempt=1)
+    waiting = await watcher.wait_for("waiting_for_review", attempt=1)
+    assert set(waiting.data) == {"task_id", "status", "output_to_review", "attempt"}  # as ever
     response = await team.vote("ann", task_id, edited_output=edited, comment="signed it")
     assert response.status_code == 200, response.text
     done = await team.wait(task_id, "completed")
@@ -244,6 +257,30 @@ async def test_edit_with_quorum_2_is_the_next_attempt_for_the_others(team: Team)
     assert "Edited by <bdi>ann</bdi>" in page
 
 
+async def test_only_eligible_reviewers_count(team: Team) -> None:
+    task_id = await team.submit(quorum=2, reviewers=["ann", "bob"])
+    refused = await team.vote("cat", task_id)
+    assert refused.status_code == 403 and "only ann or bob" in refused.json()["error"]
+    assert (await team.vote("ann", task_id)).status_code == 200
+    assert (await team.vote("cat", task_id)).status_code == 403
+    assert tally(await team.task(task_id)) == [("ann", "approved")]
+    assert (await team.vote("bob", task_id)).status_code == 200
+    await team.wait(task_id, "completed")
+
+
+async def test_an_edit_of_an_edit_is_voted_on_anew(team: Team) -> None:
+    task_id = await team.submit(quorum=2)
+    assert (await team.vote("ann", task_id, edited_output="Ann's text.")).status_code == 200
+    await team.wait(task_id, "waiting_for_review", attempt=2)
+    assert (await team.vote("bob", task_id, edited_output="Bob's text.")).status_code == 200
+    task = await team.wait(task_id, "waiting_for_review", attempt=3)
+    assert [a["edited_by"] for a in task["attempts"]] == [None, "ann", "bob"]
+    assert tally(task, 3) == [("bob", "approved")]
+    assert (await team.vote("ann", task_id)).status_code == 200  # ann approves bob's text
+    done = await team.wait(task_id, "completed", attempt=3)
+    assert done["final_result"] == "Bob's text."
+
+
 async def test_bad_edits_are_400(team: Team) -> None:
     task_id = await team.submit()
     blank = await team.vote("ann", task_id, edited_output="  ")
@@ -275,6 +312,34 @@ async def test_votes_survive_a_restart(tmp_path: Path, config: Config) -> None:
             assert tally(done) == [("ann", "approved"), ("bob", "approved")]
     finally:
         await stop_server(server)
+
+
+async def test_a_vote_another_process_took_is_refused_by_the_store(team: Team) -> None:
+    """A second hitl on the same database took ann's vote: this one's memory does not know
+    it, the store does. Her vote here is 409, the task is reloaded with her vote, and
+    bob's completes the quorum."""
+    task_id = await team.submit(quorum=2)
+    config = team.server.app.extensions["runner"].config
+    other = Store(config.db)
+    await other.open()
+    try:
+        stored = await other.get_task(task_id)
+        assert stored is not None
+        await other.write([Write(stored.row(), review=Review("approved", 1,
+                                                             reviewer="ann"))])
+    finally:
+        await other.close()
+    response = await team.vote("ann", task_id)
+    assert response.status_code == 409, response.text
+
+    async def bob_votes() -> httpx.Response:
+        while (answer := await team.vote("bob", task_id)).status_code == 503:
+            await asyncio.sleep(0.05)  # being reloaded from the store
+        return answer
+
+    assert (await asyncio.wait_for(bob_votes(), 10)).status_code == 200
+    done = await team.wait(task_id, "completed")
+    assert tally(done) == [("ann", "approved"), ("bob", "approved")]
 
 
 def vote_write(task: Task, reviewer: str, decision: str = "approved") -> Write:

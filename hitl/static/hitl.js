@@ -407,7 +407,8 @@
     var text = carried.text, attempt = carried.attempt;
     carried = null;
     var decided = event.target.querySelector(".decided");
-    if (decided && Object.prototype.hasOwnProperty.call(mine, decided.dataset.attempt)) {
+    var voted = decided || event.target.querySelector(".my-vote"); // a quorum's own vote
+    if (voted && Object.prototype.hasOwnProperty.call(mine, voted.dataset.attempt)) {
       return; // this page's own decision, or a lost race its answer will tell
     }
     var field = commentIn(event.target);
@@ -416,5 +417,48 @@
     } else {
       keep(text, attempt); // decided by someone else, or the form is gone: say so
     }
+  });
+  // A half-done edit survives a live update of the review card too (another reviewer's
+  // vote re-renders it): on the same attempt it moves into the new Edit form, opened;
+  // once the attempt changed, it is kept in a box of its own, never sent unseen.
+  var editing = null; // {attempt, text}: an edit the update replaces, changed from the output
+  var editOpen = null; // the attempt whose Edit box the reader opened
+  function editIn(root) {
+    return root ? root.querySelector(".edit-form textarea[name=edited_output]") : null;
+  }
+  document.addEventListener("htmx:sseBeforeMessage", function (event) {
+    if (event.detail.type !== "review") return;
+    var field = editIn(event.target);
+    editOpen = field && field.closest("details").open ? attemptOf(field.form) : null;
+    editing = field && field.value !== field.defaultValue
+      ? { attempt: attemptOf(field.form), text: field.value } : null;
+  });
+  document.addEventListener("htmx:sseMessage", function (event) {
+    if (event.detail.type !== "review") return;
+    var field = editIn(event.target);
+    var same = field && attemptOf(field.form);
+    if (field && editOpen !== null && same === editOpen) field.closest("details").open = true;
+    editOpen = null;
+    if (!editing) return;
+    var kept = editing;
+    editing = null;
+    if (field && same === kept.attempt) {
+      field.value = kept.text;
+      return;
+    }
+    var box = document.getElementById("comment-kept");
+    if (!box) return;
+    var message = document.createElement("p");
+    message.className = "notice notice-warn";
+    message.textContent = "Attempt " + kept.attempt + " is no longer under review; "
+      + "your edit was not sent. Here it is:";
+    var label = document.createElement("label");
+    label.htmlFor = "kept-edit";
+    label.textContent = "Your unsent edit";
+    var copy = document.createElement("textarea");
+    copy.id = "kept-edit";
+    copy.rows = 6;
+    copy.value = kept.text;
+    box.replaceChildren(message, label, copy);
   });
 })();

@@ -296,7 +296,7 @@ async def test_htmx_sends_the_pages_token_and_fills_swapped_in_forms(
 
         await eventually(redrawn)
         fields = await page.locator('#task-review input[name="csrf_token"]').all()
-        assert len(fields) == 2  # the decision's and Cancel's
+        assert len(fields) == 3  # the decision's, Edit's and Cancel's
         for field in fields:
             await expect(field).to_have_value(token)
         async with page.expect_request(lambda r: r.method == "POST") as posted:
