@@ -111,12 +111,12 @@ class ReviewQueue:
         for no one.
         """
         policy.can_read(by).require()
+        if not policy.decides_any(by):  # a viewer's or a submitter's queue is empty
+            return None
         scope = policy.review_scope(by)
         if scope is None:
             task_id = await self.store.oldest_waiting(after)
             return await self.store.get_task(task_id) if task_id is not None else None
-        if scope.names == ():  # decides nothing: an empty queue
-            return None
         now = time.time()
         params: dict[str, Any] = {
             "me": by.name, "display_name": by.user.display_name, "now": now,

@@ -166,7 +166,6 @@ class Webhooks:
 
     def __init__(self, store: Store) -> None:
         self.store = store
-        self._task_columns: tuple[bool, bool] | None = None  # has title, has metadata
 
     async def add(self, url: str, events: list[str] | tuple[str, ...] = (),
                   secret: str | None = None, *, by: Identity | None = None) -> Endpoint:
@@ -235,14 +234,12 @@ class Webhooks:
 
     async def pending(self, after: int, upto: int, limit: int) -> list[Pending]:
         """The messages after ``after`` up to ``upto`` that may be events, oldest first."""
-        title, metadata = await self._columns()
         rows = await self.store.reader.execute_fetchall(
             f"""SELECT messages.gid, messages.task_id, messages.status,
                        {_EVENT_TYPE} AS type,
                        coalesce(json_extract(messages.data, '$.attempt'), tasks.attempt)
                            AS attempt,
-                       {"tasks.title" if title else "NULL"} AS title,
-                       {"tasks.metadata" if metadata else "NULL"} AS metadata
+                       tasks.title AS title, tasks.metadata AS metadata
                   FROM messages JOIN tasks USING (task_id)
                  WHERE messages.gid > :after AND messages.gid <= :upto
                    AND messages.status IN {_EVENT_STATUSES}
@@ -251,14 +248,6 @@ class Webhooks:
         return [Pending(row["gid"], row["task_id"], row["status"], row["type"],
                         int(row["attempt"]), row["title"], _json(row["metadata"]))
                 for row in rows]
-
-    async def _columns(self) -> tuple[bool, bool]:
-        """Whether tasks have a title and metadata (kept by newer schemas)."""
-        if self._task_columns is None:
-            rows = await self.store.reader.execute_fetchall("PRAGMA table_info(tasks)")
-            names = {row["name"] for row in rows}
-            self._task_columns = ("title" in names, "metadata" in names)
-        return self._task_columns
 
     async def advance(self, endpoint: Endpoint, to: int,
                       attempts: Sequence[AttemptRecord] = ()) -> bool:

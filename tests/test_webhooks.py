@@ -54,7 +54,9 @@ async def test_events_are_signed_and_carry_the_task(live_server: LiveServer,
                                                     actions: ReviewActions) -> None:
     async with Receiver() as receiver:
         endpoint = await register(live_server, receiver.url)
-        task_id = await actions.submit()
+        async with live_server.http() as http:
+            task_id = (await http.post("/submit", json={
+                "data": "x", "title": "Reply to Ann", "metadata": {"ticket": 7}})).json()["task_id"]
         runner = live_server.app.extensions["runner"]
         await reach(runner, task_id, Status.WAITING_FOR_REVIEW)
         assert (await actions.reject(task_id, "shorter", attempt=1)).status_code == 200
@@ -66,7 +68,7 @@ async def test_events_are_signed_and_carry_the_task(live_server: LiveServer,
                              ("task.waiting_for_review", task_id), ("task.completed", task_id)]
     assert [body["data"]["attempt"] for body in bodies] == [1, 2, 2]
     assert bodies[2]["data"] == {"task_id": task_id, "status": "completed", "attempt": 2,
-                                 "title": None, "metadata": None,
+                                 "title": "Reply to Ann", "metadata": {"ticket": 7},
                                  "url": f"{PUBLIC}/tasks/{task_id}"}
     assert all(body["timestamp"].endswith("+00:00") for body in bodies)
     ids = [request.id for request in receiver.taken]
@@ -263,3 +265,24 @@ async def test_a_bad_secret_url_or_event_is_refused(store: Store, secret: str,
     with pytest.raises(Invalid, match="task.nope"):
         await hooks.add("http://127.0.0.1/hook", ["task.nope"])
     assert len(secret_key((await hooks.add("http://127.0.0.1/hook")).secret)) == 32
+
+
+async def test_votes_and_timeouts_become_their_events(live_server: LiveServer,
+                                                      actions: ReviewActions) -> None:
+    """Real votes (quorum 2) and a real review timeout, not hand-made messages."""
+    runner = live_server.app.extensions["runner"]
+    async with Receiver() as receiver, live_server.http() as http:
+        endpoint = await register(live_server, receiver.url)
+        voted = (await http.post("/submit", json={"data": "x", "quorum": 2})).json()["task_id"]
+        await reach(runner, voted, Status.WAITING_FOR_REVIEW)
+        assert (await actions.approve(voted, reviewer="ann")).status_code == 200
+        assert (await actions.approve(voted, reviewer="bob")).status_code == 200
+        await reach(runner, voted, Status.COMPLETED)
+        timed = (await http.post("/submit", json={"data": "y", "review_timeout": 0.2,
+                                                  "on_timeout": "approve"})).json()["task_id"]
+        await reach(runner, timed, Status.COMPLETED)
+        await taken(receiver, 6)
+        bodies = receiver.verified(endpoint.secret)
+    assert kinds(bodies) == [("task.waiting_for_review", voted), ("task.vote", voted),
+                             ("task.completed", voted), ("task.waiting_for_review", timed),
+                             ("task.timed_out", timed), ("task.completed", timed)]
