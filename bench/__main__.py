@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import scenarios, webhooks
+from . import quorum, scenarios, webhooks
 from .client import raise_nofile
 from .scenarios import METRICS, Metrics
 from .servers import REPO, SPECS, Server, ServerSpec, hitl_available
@@ -72,6 +72,12 @@ def webhooks_job(tasks: int, endpoints: int) -> Job:
     return Job(name, lambda s: webhooks.webhooks(s, tasks, endpoints), show, hitl_only=True)
 
 
+def quorum_job(tasks: int, reviewers: int) -> Job:
+    show = ("tasks_per_s", "votes_per_s", "p50_ms", "p99_ms", "complete", "errors")
+    name = f"quorum {reviewers} T={tasks}: {reviewers} votes at once -> completed"
+    return Job(name, lambda s: quorum.quorum(s, tasks, reviewers), show, hitl_only=True)
+
+
 def compare_jobs(quick: bool) -> list[Job]:
     """The scenarios of ``compare``, sized so that 3 rounds of 3 servers take about 10 minutes.
 
@@ -86,6 +92,8 @@ def compare_jobs(quick: bool) -> list[Job]:
             storm_job(1_000, False),
             storm_job(1_000, True),
             webhooks_job(50, 2),
+            quorum_job(50, 1),
+            quorum_job(50, 3),
         ]
     return [
         *(fanout_job(n) for n in (100, 1_000, 5_000, 10_000)),
@@ -94,6 +102,8 @@ def compare_jobs(quick: bool) -> list[Job]:
         storm_job(2_000, False),
         storm_job(2_000, True),
         webhooks_job(200, 2),
+        quorum_job(200, 1),
+        quorum_job(200, 3),
     ]
 
 
@@ -252,6 +262,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                        help="T tasks, their events to E local webhook receivers (hitl only)")
     p.add_argument("-t", "--tasks", type=int, default=200)
     p.add_argument("-e", "--endpoints", type=int, default=2)
+    p = sub.add_parser("quorum", parents=[common],
+                       help="T tasks, R reviewers voting on each at once, beside quorum 1 "
+                            "(hitl only)")
+    p.add_argument("-t", "--tasks", type=int, default=200)
+    p.add_argument("-r", "--reviewers", type=int, default=3)
     args = parser.parse_args(argv)
 
     if args.command == "compare":
@@ -264,6 +279,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         jobs = [dashboard_job(args.watchers, args.tasks)]
     elif args.command == "webhooks":
         jobs = [webhooks_job(args.tasks, args.endpoints)]
+    elif args.command == "quorum":
+        jobs = [quorum_job(args.tasks, 1), quorum_job(args.tasks, args.reviewers)]
     else:
         jobs = [storm_job(args.n, False), storm_job(args.n, True)]
 

@@ -43,6 +43,7 @@ METRICS: dict[str, Metric] = {
     "reconnects": Metric("client reconnects", "lower"),
     "errors": Metric("failed requests/streams", "lower"),
     "events_per_s": Metric("webhook events delivered/s", "higher"),
+    "votes_per_s": Metric("votes taken/s", "higher"),
 }
 
 
