@@ -112,6 +112,18 @@ class SubmitIn(BaseModel):
                 raise ValueError(f"must be at most {MAX_METADATA} bytes as JSON ({size})")
         return value
 
+    @field_validator("quorum")
+    @classmethod
+    def reachable(cls, value: int | None, info: ValidationInfo) -> int | None:
+        """A quorum the named reviewers can reach: with users alone (no group, whose size
+        may change), at most as many as they are."""
+        named = info.data.get("reviewers") or []
+        if value and named and not any(name.startswith(GROUP) for name in named) \
+                and value > len(named):
+            raise ValueError(f"must be at most {len(named)}, the users named in reviewers "
+                             "(a quorum they could never reach)")
+        return value
+
     @field_validator("escalate_to")
     @classmethod
     def escalation(cls, value: list[str], info: ValidationInfo) -> list[str]:

@@ -62,6 +62,7 @@ async def test_left_out_options_are_the_servers_defaults(tmp_path: Path) -> None
     ({"quorum": 0}, "quorum: must be at least 1"),
     ({"quorum": "two"}, "quorum: must be a whole number"),
     ({"quorum": 51}, "quorum: must be at most 50"),
+    ({"quorum": 3, "reviewers": ["ann", "bob"]}, "quorum: must be at most 2, the users named"),
     ({"max_attempts": 0}, "max_attempts: must be at least 1"),
     ({"review_timeout": 0}, "review_timeout"),
     ({"review_timeout": -5}, "review_timeout"),
