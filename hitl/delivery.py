@@ -201,7 +201,7 @@ class Dispatcher:
                             break
         except TimeoutError:
             return None, f"no answer within {timeout:g} s"
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:
             return None, f"{type(exc).__name__}: {exc}"[:300] if str(exc) else type(exc).__name__
         if 200 <= status < 300:
             return status, None

@@ -157,6 +157,15 @@ class Guard:
 FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
 
 
+def acts_for_the_user(scope: Mapping[str, Any]) -> bool:
+    """Whether a browser's GET was the user's own doing, so that it may change something
+    small for them (``GET /next`` reserves the task it opens): not a link followed from
+    another site, nor a prefetch. Browsers say so in Fetch Metadata (``Sec-Fetch-Site``,
+    ``Sec-Purpose``); a program sends neither and acts for itself."""
+    site = header(scope, b"sec-fetch-site")
+    return site in (None, "same-origin", "none") and header(scope, b"sec-purpose") is None
+
+
 def identity_of(scope: Mapping[str, Any]) -> Identity | None:
     """Who is asking, as the guard found (None on public paths for visitors)."""
     return cast(Identity | None, scope.get(IDENTITY))

@@ -23,7 +23,7 @@ from quart.typing import ResponseReturnValue
 from werkzeug.http import HTTP_STATUS_CODES
 
 from .errors import HitlError, Invalid, plain
-from .guard import identity_of
+from .guard import acts_for_the_user, identity_of
 from .models import Status, iso
 from .routes import api, broker, queue, runner, submit_options, task_named, who
 from .schemas import DashboardStreamQuery, FeedbackIn, NextQuery, SubmitIn, TaskQuery
@@ -110,7 +110,7 @@ async def submit_form() -> SubmitIn:
     if "metadata" in values:
         try:
             values["metadata"] = json.loads(str(values["metadata"]))
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested too deeply
             raise Invalid("Metadata: must be a JSON object") from None
     try:
         return SubmitIn.model_validate(values)
@@ -335,9 +335,17 @@ async def dashboard_stream() -> Response:
 async def review_next() -> ResponseReturnValue:
     """Open the task that has waited longest for review among those the reader may decide
     and has not voted on (with ``?after=<id>``, the one after that task in the queue),
-    reserved for them as ``POST /api/queue/next`` does; the empty queue when none waits."""
+    reserved for them as ``POST /api/queue/next`` does; the empty queue when none waits.
+
+    A link followed from another site, or a prefetch, only shows the way: it reserves
+    nothing (a GET another site can make must not act in the user's name).
+    """
     query = checked(NextQuery, request.args)
-    task = await queue().next(query.after, by=who())
-    if task is None:
+    if acts_for_the_user(request.scope):
+        task = await queue().next(query.after, by=who())
+        task_id = task.task_id if task is not None else None
+    else:
+        task_id = await runner().oldest_waiting(query.after, by=who())
+    if task_id is None:
         return redirect(url_for("pages.dashboard", status=Status.WAITING_FOR_REVIEW.value), 303)
-    return redirect(url_for("pages.task_page", task_id=task.task_id), 303)
+    return redirect(url_for("pages.task_page", task_id=task_id), 303)

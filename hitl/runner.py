@@ -194,6 +194,12 @@ class Runner:
         verdict.require()
         if edited_output == task.processed_output:
             edited_output = None
+        if (edited_output is not None and task.quorum > 1
+                and task.attempt >= task.attempts_allowed(self.config.max_attempts)):
+            # an edit above quorum 1 is an attempt of its own: it counts toward the limit
+            raise Conflict(f"task {task_id} has no attempt left for an edit (at most "
+                           f"{task.attempts_allowed(self.config.max_attempts)}): approve "
+                           f"or reject attempt {task.attempt}")
         review = Review(decision, attempt or task.attempt, comment,
                         **signature(by, reviewer, verdict), edited_output=edited_output)
         stored = tracker.vote(review)  # checks and Event.set(), no await between

@@ -107,7 +107,12 @@ class SubmitIn(BaseModel):
     @classmethod
     def small(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
         if value is not None:
-            size = len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode())
+            try:  # NaN and Infinity would make the API's and the webhooks' JSON invalid
+                text = json.dumps(value, separators=(",", ":"), ensure_ascii=False,
+                                  allow_nan=False)
+            except ValueError:
+                raise ValueError("must hold only finite numbers (no NaN or Infinity)") from None
+            size = len(text.encode())
             if size > MAX_METADATA:
                 raise ValueError(f"must be at most {MAX_METADATA} bytes as JSON ({size})")
         return value

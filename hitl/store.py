@@ -583,6 +583,8 @@ class Store:
                     raise DuplicateKey(str(exc)) from exc
                 if isinstance(exc, sqlite3.IntegrityError) and "reviews.reviewer" in str(exc):
                     raise VoteRefused("this reviewer has already voted on this attempt") from exc
+                if isinstance(exc, sqlite3.IntegrityError) and "already decided" in str(exc):
+                    raise VoteRefused("this attempt is already decided") from exc  # the trigger
                 if isinstance(exc, sqlite3.Error | OSError):
                     raise StorageUnavailable(str(exc)) from exc
                 raise

@@ -99,6 +99,18 @@ async def test_the_form_takes_the_options(client: Client) -> None:
     assert "Approvals needed: must be at least 1" in await bad.get_data(as_text=True)
     bad = await post_form(client, "/tasks", {"data": "x", "metadata": "{not json"})
     assert bad.status_code == 400
+    deep = await post_form(client, "/tasks", {"data": "x", "metadata": "[" * 5000 + "]" * 5000})
+    assert deep.status_code == 400
+
+
+@pytest.mark.parametrize("number", ["NaN", "Infinity", "-Infinity"])
+async def test_metadata_refuses_what_json_cannot_carry(client: Client, number: str) -> None:
+    """Python's parser takes NaN; stored, it would make the task's JSON (and its webhook
+    bodies) invalid for every strict reader."""
+    response = await client.post("/submit", data=f'{{"data": "x", "metadata": {{"a": {number}}}}}',
+                                 headers={"Content-Type": "application/json"})
+    assert response.status_code == 400
+    assert "metadata: must hold only finite numbers" in (await response.get_json())["error"]
 
 
 async def test_max_attempts_of_the_task_overrides_the_server(client: Client) -> None:

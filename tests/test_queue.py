@@ -318,3 +318,20 @@ async def test_a_vote_ends_its_reservation_and_counts_against_what_is_needed(
     assert await team.next_id("r02") is None  # r02 has voted on this attempt
     await team.http.post(f"/api/tasks/{task_id}/release", headers=team.auth("r03"))
     assert await team.next_id("r04") == task_id
+
+
+@pytest.mark.parametrize("headers", [{"Sec-Fetch-Site": "cross-site"},
+                                     {"Sec-Fetch-Site": "same-site"},
+                                     {"Sec-Fetch-Site": "same-origin", "Sec-Purpose": "prefetch"}])
+async def test_review_next_followed_from_another_site_reserves_nothing(
+    team: Team, headers: dict[str, str]
+) -> None:
+    """A link on another site (or a prefetch) shows the way, but acts for no one."""
+    [task_id] = await team.submit()
+    shown = await team.http.get("/next", headers={**team.auth("r02"), **headers})
+    assert shown.status_code == 303 and shown.headers["location"] == f"/tasks/{task_id}"
+    assert await team.holders(task_id) == []
+    own = await team.http.get("/next", headers={**team.auth("r02"),
+                                                "Sec-Fetch-Site": "same-origin"})
+    assert own.headers["location"] == f"/tasks/{task_id}"
+    assert await team.holders(task_id) == ["r02"]

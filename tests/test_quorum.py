@@ -393,3 +393,30 @@ async def test_the_vote_migration_keeps_earlier_reviews(tmp_path: Path) -> None:
                                                                reviewer="ann"))])
     finally:
         await store.close()
+
+
+async def test_edits_count_toward_max_attempts(team: Team) -> None:
+    """Above quorum 1 an edit is an attempt of its own: two reviewers taking turns at
+    editing cannot grow a task past its max_attempts."""
+    task_id = await team.submit(quorum=2, max_attempts=2)
+    assert (await team.vote("ann", task_id, edited_output="Ann's text.")).status_code == 200
+    await team.wait(task_id, "waiting_for_review", attempt=2)
+    refused = await team.vote("bob", task_id, edited_output="Bob's text.")
+    assert refused.status_code == 409 and "no attempt left for an edit" in refused.json()["error"]
+    assert (await team.vote("bob", task_id)).status_code == 200  # a plain approval still counts
+    done = await team.wait(task_id, "completed", attempt=2)
+    assert done["final_result"] == "Ann's text." and len(done["attempts"]) == 2
+
+
+async def test_the_store_refuses_a_vote_after_a_timeout_as_a_vote_not_a_fault(
+    store: Store
+) -> None:
+    """The deadline's trigger (a second process's timeout) is a refused vote, 409, not a
+    storage failure that would strand the task."""
+    task = Task("t1", "input", quorum=3)
+    await store.write([Write(task.row())])
+    timed_out = Review("approved", 1, "review timed out", reviewer="timeout",
+                       auth_method="system")
+    await store.write([Write(task.row(), review=timed_out)])
+    with pytest.raises(VoteRefused, match="already decided"):
+        await store.write([vote_write(task, "ann")])

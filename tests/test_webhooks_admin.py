@@ -93,6 +93,8 @@ async def test_an_admin_adds_lists_and_removes_an_endpoint(
     ({"url": "ftp://x"}, "url"), ({}, "url"), ({"url": "http://h/x", "events": ["task.x"]},
                                                "events"),
     ({"url": "http://h/x", "secret": "s3cret"}, "secret"), ({"url": 5}, "url"),
+    ({"url": "http://127.0.0.1:abc/"}, "url"), ({"url": "http://[::1"}, "url"),
+    ({"url": "http://127.0.0.1:99999/"}, "url"),
 ])
 async def test_a_bad_endpoint_is_a_400_naming_what(http: httpx.AsyncClient,
                                                     people: dict[str, str],
