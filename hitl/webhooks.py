@@ -47,13 +47,12 @@ RECENT_ATTEMPTS = 50  # attempts kept per endpoint, for `hitl webhooks list` and
 _EVENT_STATUSES = "('waiting_for_review', 'completed', 'failed', 'cancelled', " \
                   "'processing_feedback')"
 _EVENT_TYPE = """
-    CASE WHEN messages.status = 'waiting_for_review' THEN
+    CASE WHEN json_extract(messages.data, '$.timed_out') THEN 'task.timed_out'
+         WHEN messages.status = 'waiting_for_review' THEN
               CASE WHEN coalesce(json_array_length(messages.data, '$.votes'), 0) > 0
                    THEN 'task.vote' ELSE 'task.waiting_for_review' END
          WHEN messages.status IN ('completed', 'failed', 'cancelled')
               THEN 'task.' || messages.status
-         WHEN messages.status = 'processing_feedback'
-              AND json_extract(messages.data, '$.reviewer') = 'timeout' THEN 'task.timed_out'
     END
 """
 

@@ -223,20 +223,25 @@ async def test_each_stored_message_maps_to_its_event(store: Store) -> None:
         ("waiting_for_review", {"attempt": 1, "votes": []}),
         ("waiting_for_review", {"attempt": 1, "votes": [{"reviewer": "ann"}]}),
         ("processing_feedback", {"attempt": 1, "reviewer": "ann"}),
-        ("processing_feedback", {"attempt": 1, "reviewer": "timeout"}),
+        ("processing_feedback", {"attempt": 1, "reviewer": "timeout", "timed_out": True}),
         ("completed", {"attempt": 2}), ("failed", {}), ("cancelled", {}),
+        # an escalation (the deadline passed: others review now), and a decision by a user
+        # who happens to be called "timeout" (made before that name was kept for the system)
+        ("waiting_for_review", {"attempt": 1, "escalated_to": ["lead"], "timed_out": True}),
+        ("processing_feedback", {"attempt": 1, "reviewer": "timeout"}),
     ]
     for seq, (status, data) in enumerate(messages, start=1):
         await store.writer.execute(
             "INSERT INTO messages (gid, task_id, seq, status, data) VALUES (?, 't', ?, ?, ?)",
             (seq, seq, status, json.dumps({"status": status, **data})))
     hooks = Webhooks(store)
-    assert await hooks.horizon() == 10
-    pending = await hooks.pending(0, 10, 100)
+    assert await hooks.horizon() == 12
+    pending = await hooks.pending(0, 12, 100)
     assert [(p.gid, p.type, p.attempt) for p in pending] == [
         (3, "task.waiting_for_review", 1), (4, "task.waiting_for_review", 1),
         (5, "task.vote", 1), (6, None, 1), (7, "task.timed_out", 1), (8, "task.completed", 2),
-        (9, "task.failed", 2), (10, "task.cancelled", 2)]
+        (9, "task.failed", 2), (10, "task.cancelled", 2), (11, "task.timed_out", 1),
+        (12, None, 1)]
     assert {p.type for p in pending} - {None} == set(EVENTS)
     assert [p.gid for p in await hooks.pending(5, 8, 100)] == [6, 7, 8]
 
