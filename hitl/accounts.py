@@ -255,7 +255,7 @@ class Accounts:
     async def by_token(self, secret: str) -> Identity | None:
         """The identity a bearer token gives: None if unknown, revoked, expired or its
         user is disabled."""
-        rows = await self.store.reader.execute_fetchall(
+        rows = await self.store.identity_reader.execute_fetchall(
             f"""SELECT {_USER_COLUMNS}, tokens.label AS token_label
                   FROM tokens JOIN users ON users.name = tokens.user_name
                  WHERE token_hash = :hash AND revoked_at IS NULL AND disabled_at IS NULL
@@ -283,7 +283,7 @@ class Accounts:
         return session_id
 
     async def by_session(self, session_id: str) -> Identity | None:
-        rows = await self.store.reader.execute_fetchall(
+        rows = await self.store.identity_reader.execute_fetchall(
             f"""SELECT {_USER_COLUMNS}, sessions.method AS method, sessions.csrf AS csrf
                   FROM sessions JOIN users ON users.name = sessions.user_name
                  WHERE id_hash = :hash AND ended_at IS NULL AND expires_at > :now

@@ -449,6 +449,7 @@ class Store:
         self.path = path
         self._writer: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
+        self._who: aiosqlite.Connection | None = None
         self._write_lock = asyncio.Lock()  # one transaction at a time on the writer
 
     def init_app(self, app: Quart) -> None:
@@ -461,6 +462,7 @@ class Store:
             self._writer = await self._connect()
             await self._migrate(self._writer)  # StartupError if the schema is too new
             self._reader = self._writer if in_memory else await self._connect()
+            self._who = self._reader if in_memory else await self._connect()
         except StartupError:
             await self.close()
             raise
@@ -513,15 +515,24 @@ class Store:
 
     async def close(self) -> None:
         """Close both connections; safe to call twice."""
-        for conn in {id(c): c for c in (self._reader, self._writer) if c is not None}.values():
+        for conn in {id(c): c for c in (self._who, self._reader, self._writer)
+                     if c is not None}.values():
             await conn.close()
-        self._writer = self._reader = None
+        self._writer = self._reader = self._who = None
 
     @property
     def writer(self) -> aiosqlite.Connection:
         if self._writer is None:
             raise RuntimeError("store is not open")
         return self._writer
+
+    @property
+    def identity_reader(self) -> aiosqlite.Connection:
+        """A reader of its own for who is asking, looked up on every request: it waits
+        behind no list or page read."""
+        if self._who is None:
+            raise RuntimeError("store is not open")
+        return self._who
 
     @property
     def reader(self) -> aiosqlite.Connection:
