@@ -8,7 +8,7 @@ import json
 import re
 import socket
 import sqlite3
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -19,7 +19,7 @@ from quart import Quart, Response
 from quart.typing import TestClientProtocol as Client
 
 from hitl import Config, create_app
-from hitl.accounts import Identity
+from hitl.accounts import Accounts, Identity, Role
 from hitl.identity import ANONYMOUS
 from hitl.models import Status
 from hitl.processors import Processor
@@ -310,3 +310,52 @@ async def reach(runner: Runner, task_id: str, status: Status, attempt: int = 1,
         task = await runner.get_task(task_id, by=OPERATOR)
         raise AssertionError(f"{task_id} never reached {status}/{attempt} in {timeout} s: "
                              f"it is {task.status}/{task.attempt}") from None
+
+
+@dataclass
+class People:
+    """A live server with an API token per person, for tests of who may do what over real
+    HTTP; ``reader`` reads tasks back (someone who sees them all)."""
+
+    server: LiveServer
+    http: httpx.AsyncClient
+    tokens: dict[str, str] = field(default_factory=dict)
+    reader: str = "ada"
+
+    def auth(self, person: str | None) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.tokens[person]}"} if person else {}
+
+    async def post_task(self, person: str, **options: Any) -> str:
+        """Submit as ``person`` (the API's 202), and the new task's id."""
+        response = await self.http.post("/submit", headers=self.auth(person),
+                                        json={"data": "draft a reply", **options})
+        assert response.status_code == 202, response.text
+        return str(response.json()["task_id"])
+
+    async def read_task(self, task_id: str) -> dict[str, Any]:
+        response = await self.http.get(f"/api/tasks/{task_id}", headers=self.auth(self.reader))
+        assert response.status_code == 200, response.text
+        task: dict[str, Any] = response.json()
+        return task
+
+    async def wait(self, task_id: str, status: str, attempt: int | None = None
+                   ) -> dict[str, Any]:
+        """The task once it is in ``status`` (on ``attempt``, if given)."""
+        async def reached() -> dict[str, Any]:
+            while True:
+                task = await self.read_task(task_id)
+                if task["status"] == status and attempt in (None, task["attempt"]):
+                    return task
+                await asyncio.sleep(0.01)
+
+        return await within(reached(), 10, f"task {task_id} to be {status}")
+
+
+async def add_people(accounts: Accounts, people: Mapping[str, tuple[Role, tuple[str, ...]]],
+                     display: Callable[[str], str] = str.title) -> dict[str, str]:
+    """Each person as a user (role, groups) with a token: name -> token."""
+    tokens = {}
+    for name, (role, groups) in people.items():
+        await accounts.add_user(name, role, groups=groups, display_name=display(name))
+        tokens[name] = (await accounts.create_token(name, "tests"))[1]
+    return tokens

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ from hitl import Config
 from hitl.accounts import Accounts, Role
 from hitl.store import Store
 
-from .conftest import LiveServer
+from .conftest import LiveServer, People, add_people
 from .serverproc import ServerProcess, run_cli
 from .test_docs import README
 
@@ -65,54 +65,27 @@ def config(config: Config) -> Config:
 
 
 @dataclass
-class World:
+class World(People):
     """A live server with one token per person, sam's task for group:legal, and sue's."""
 
-    server: LiveServer
-    http: httpx.AsyncClient
-    tokens: dict[str, str] = field(default_factory=dict)
     task: str = ""  # sam's, reviewers ["group:legal"], waiting for review
     theirs: str = ""  # sue's, waiting for review
 
-    def auth(self, person: str | None) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.tokens[person]}"} if person else {}
-
     async def submit(self, person: str, **options: Any) -> str:
-        response = await self.http.post("/submit", headers=self.auth(person),
-                                        json={"data": "draft a reply", **options})
-        assert response.status_code == 202, response.text
-        task_id = str(response.json()["task_id"])
+        task_id = await self.post_task(person, **options)
         await self.wait(task_id, "waiting_for_review")
         return task_id
 
-    async def wait(self, task_id: str, status: str) -> dict[str, Any]:
-        async def reached() -> dict[str, Any]:
-            while True:
-                task: dict[str, Any] = (await self.http.get(
-                    f"/api/tasks/{task_id}", headers=self.auth("ada"))).json()
-                if task["status"] == status:
-                    return task
-                await asyncio.sleep(0.01)
-
-        return await asyncio.wait_for(reached(), 10)
-
     async def sams_task(self) -> str:
         return await self.submit("sam", reviewers=["group:legal"])
-
-
-async def add_people(accounts: Accounts) -> dict[str, str]:
-    tokens = {}
-    for name, (role, groups) in PEOPLE.items():
-        await accounts.add_user(name, role, groups=groups, display_name=name.title())
-        tokens[name] = (await accounts.create_token(name, "tests"))[1]
-    return tokens
 
 
 @pytest.fixture
 async def world(live_server: LiveServer) -> AsyncIterator[World]:
     async with live_server.http() as http:
         world = World(live_server, http,
-                      await add_people(live_server.app.extensions["identity"].accounts))
+                      await add_people(live_server.app.extensions["identity"].accounts,
+                                       PEOPLE))
         world.task = await world.sams_task()
         world.theirs = await world.submit("sue")
         yield world

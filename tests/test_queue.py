@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from hitl.broker import Broker
 from hitl.queue import ReviewQueue
 from hitl.store import Store
 
-from .conftest import LiveServer, within
+from .conftest import LiveServer, People, add_people, within
 
 REVIEWERS = [f"r{number:02d}" for number in range(20)]
 
@@ -34,41 +34,15 @@ def config(config: Config) -> Config:
 
 
 @dataclass
-class Team:
+class Team(People):
     """A live server, a submitter (sam), an admin (ada), a viewer (vic), a worker (wes),
     twenty reviewers r00..r19 (r00 and r01 in group legal), each with an API token."""
 
-    server: LiveServer
-    http: httpx.AsyncClient
-    tokens: dict[str, str] = field(default_factory=dict)
-
-    def auth(self, person: str) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.tokens[person]}"}
-
     async def submit(self, count: int = 1, **options: Any) -> list[str]:
-        ids = []
-        for _ in range(count):
-            response = await self.http.post("/submit", headers=self.auth("sam"),
-                                            json={"data": "draft a reply", **options})
-            assert response.status_code == 202, response.text
-            ids.append(str(response.json()["task_id"]))
+        ids = [await self.post_task("sam", **options) for _ in range(count)]
         for task_id in ids:
             await self.wait(task_id, "waiting_for_review")
         return ids
-
-    async def task(self, task_id: str) -> dict[str, Any]:
-        response = await self.http.get(f"/api/tasks/{task_id}", headers=self.auth("ada"))
-        assert response.status_code == 200, response.text
-        task: dict[str, Any] = response.json()
-        return task
-
-    async def wait(self, task_id: str, status: str) -> dict[str, Any]:
-        async def reached() -> dict[str, Any]:
-            while (task := await self.task(task_id))["status"] != status:
-                await asyncio.sleep(0.01)
-            return task
-
-        return await within(reached(), 10, f"task {task_id} to be {status}")
 
     async def next(self, person: str, after: str | None = None) -> httpx.Response:
         params = {"after": after} if after else None
@@ -80,26 +54,21 @@ class Team:
         return str(response.json()["task_id"]) if response.status_code == 200 else None
 
     async def holders(self, task_id: str) -> list[str]:
-        return [held["reviewer"] for held in (await self.task(task_id))["reservations"]]
+        return [held["reviewer"] for held in (await self.read_task(task_id))["reservations"]]
 
 
-async def add_team(accounts: Accounts) -> dict[str, str]:
-    people = {"sam": (Role.SUBMITTER, ()), "ada": (Role.ADMIN, ()), "vic": (Role.VIEWER, ()),
-              "wes": (Role.WORKER, ()),
-              **{name: (Role.REVIEWER, ("legal",) if name in ("r00", "r01") else ())
-                 for name in REVIEWERS}}
-    tokens = {}
-    for name, (role, groups) in people.items():
-        await accounts.add_user(name, role, groups=groups, display_name=name.upper())
-        tokens[name] = (await accounts.create_token(name, "tests"))[1]
-    return tokens
+TEAM = {"sam": (Role.SUBMITTER, ()), "ada": (Role.ADMIN, ()), "vic": (Role.VIEWER, ()),
+        "wes": (Role.WORKER, ()),
+        **{name: (Role.REVIEWER, ("legal",) if name in ("r00", "r01") else ())
+           for name in REVIEWERS}}
 
 
 @pytest.fixture
 async def team(live_server: LiveServer) -> AsyncIterator[Team]:
     async with live_server.http() as http:
         yield Team(live_server, http,
-                   await add_team(live_server.app.extensions["identity"].accounts))
+                   await add_people(live_server.app.extensions["identity"].accounts, TEAM,
+                                    display=str.upper))
 
 
 async def test_twenty_concurrent_nexts_hand_no_task_to_two_reviewers(team: Team) -> None:
@@ -127,7 +96,7 @@ async def test_next_is_the_oldest_and_others_skip_a_reserved_task(team: Team) ->
     assert await team.next_id("r03") == second  # first is r02's
     assert await team.next_id("r04") is None
     assert await team.holders(first) == ["r02"]
-    [held] = (await team.task(first))["reservations"]
+    [held] = (await team.read_task(first))["reservations"]
     assert held["display_name"] == "R02" and held["until"] > held["since"]
     assert await team.next_id("r02") == first  # asked again: the one held, held longer
 

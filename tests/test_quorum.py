@@ -19,12 +19,12 @@ import httpx
 import pytest
 
 from hitl import Config
-from hitl.accounts import Accounts, Role
+from hitl.accounts import Role
 from hitl.errors import VoteRefused
 from hitl.models import Review, Task
 from hitl.store import MIGRATIONS, Store, Write
 
-from .conftest import LiveServer, Watcher, read_sse, start_server, stop_server
+from .conftest import LiveServer, People, Watcher, add_people, read_sse, start_server, stop_server
 
 REVIEWERS = ("ann", "bob", "cat", "dan")
 CROWD = tuple(f"r{n:02d}" for n in range(20))
@@ -36,40 +36,20 @@ def config(config: Config) -> Config:
 
 
 @dataclass
-class Team:
+class Team(People):
     """A live server, a token per person: sam submits, the others review."""
 
-    server: LiveServer
-    http: httpx.AsyncClient
-    tokens: dict[str, str] = field(default_factory=dict)
+    reader: str = "ann"
     watchers: list[Watcher] = field(default_factory=list)
 
-    def auth(self, person: str) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.tokens[person]}"}
-
     async def submit(self, **options: Any) -> str:
-        response = await self.http.post("/submit", headers=self.auth("sam"),
-                                        json={"data": "draft a reply", **options})
-        assert response.status_code == 202, response.text
-        task_id = str(response.json()["task_id"])
+        task_id = await self.post_task("sam", **options)
         await self.wait(task_id, "waiting_for_review")
         return task_id
 
-    async def task(self, task_id: str) -> dict[str, Any]:
-        response = await self.http.get(f"/api/tasks/{task_id}", headers=self.auth("ann"))
-        assert response.status_code == 200, response.text
-        data: dict[str, Any] = response.json()
-        return data
-
-    async def wait(self, task_id: str, status: str, attempt: int = 1) -> dict[str, Any]:
-        async def reached() -> dict[str, Any]:
-            while True:
-                task = await self.task(task_id)
-                if task["status"] == status and task["attempt"] == attempt:
-                    return task
-                await asyncio.sleep(0.01)
-
-        return await asyncio.wait_for(reached(), 10)
+    async def wait(self, task_id: str, status: str, attempt: int | None = 1
+                   ) -> dict[str, Any]:
+        return await super().wait(task_id, status, attempt)
 
     async def vote(self, person: str, task_id: str, feedback: str = "approved",
                    **extra: Any) -> httpx.Response:
@@ -84,19 +64,15 @@ class Team:
         return watcher
 
 
-async def add_team(accounts: Accounts, reviewers: tuple[str, ...]) -> dict[str, str]:
-    tokens = {}
-    for name, role in [("sam", Role.SUBMITTER), *((r, Role.REVIEWER) for r in reviewers)]:
-        await accounts.add_user(name, role, display_name=name.title())
-        tokens[name] = (await accounts.create_token(name, "tests"))[1]
-    return tokens
+def team_of(reviewers: tuple[str, ...]) -> dict[str, tuple[Role, tuple[str, ...]]]:
+    return {"sam": (Role.SUBMITTER, ()), **{name: (Role.REVIEWER, ()) for name in reviewers}}
 
 
 @pytest.fixture
 async def team(live_server: LiveServer) -> AsyncIterator[Team]:
     async with live_server.http() as http:
-        team = Team(live_server, http, await add_team(
-            live_server.app.extensions["identity"].accounts, REVIEWERS + CROWD))
+        team = Team(live_server, http, await add_people(
+            live_server.app.extensions["identity"].accounts, team_of(REVIEWERS + CROWD)))
         yield team
         for watcher in team.watchers:
             if watcher.task is not None:
@@ -114,7 +90,7 @@ async def test_quorum_2_needs_two_distinct_reviewers(team: Team) -> None:
     await watcher.wait_for("waiting_for_review", attempt=1)
     response = await team.vote("ann", task_id, comment="fine by me")
     assert response.status_code == 200, response.text
-    task = await team.task(task_id)
+    task = await team.read_task(task_id)
     assert task["status"] == "waiting_for_review" and task["final_result"] is None
     assert tally(task) == [("ann", "approved")] and task["attempts"][0]["approvals"] == 1
     vote = await watcher.wait_for("waiting_for_review", approvals=1)
@@ -194,7 +170,7 @@ async def test_the_task_page_shows_the_tally_and_a_voter_their_vote(team: Team) 
 
 async def test_review_next_skips_a_task_the_reader_has_voted_on(team: Team) -> None:
     task_id = await team.submit(quorum=2)
-    since = (await team.task(task_id))["updated_at"]
+    since = (await team.read_task(task_id))["updated_at"]
     assert (await team.vote("ann", task_id)).status_code == 200
     [row] = (await team.http.get("/api/tasks", headers=team.auth("bob"))).json()["tasks"]
     assert row["waiting_since"] == since  # a vote keeps its place in the queue
@@ -207,7 +183,7 @@ async def test_review_next_skips_a_task_the_reader_has_voted_on(team: Team) -> N
 async def test_edit_with_quorum_1_is_the_result_and_the_attempt_keeps_the_output(
         team: Team) -> None:
     task_id = await team.submit()
-    output = (await team.task(task_id))["processed_output"]
+    output = (await team.read_task(task_id))["processed_output"]
     edited = output + " Kind regards, Ann."
     watcher = team.watch(task_id)
     waiting = await watcher.wait_for("waiting_for_review", attempt=1)
@@ -230,7 +206,7 @@ async def test_edit_with_quorum_1_is_the_result_and_the_attempt_keeps_the_output
 
 async def test_edit_with_quorum_2_is_the_next_attempt_for_the_others(team: Team) -> None:
     task_id = await team.submit(quorum=2)
-    first = await team.task(task_id)
+    first = await team.read_task(task_id)
     output = first["processed_output"]
     edited = "A shorter reply."
     watcher = team.watch(task_id)
@@ -263,7 +239,7 @@ async def test_only_eligible_reviewers_count(team: Team) -> None:
     assert refused.status_code == 403 and "only ann or bob" in refused.json()["error"]
     assert (await team.vote("ann", task_id)).status_code == 200
     assert (await team.vote("cat", task_id)).status_code == 403
-    assert tally(await team.task(task_id)) == [("ann", "approved")]
+    assert tally(await team.read_task(task_id)) == [("ann", "approved")]
     assert (await team.vote("bob", task_id)).status_code == 200
     await team.wait(task_id, "completed")
 
@@ -287,7 +263,7 @@ async def test_bad_edits_are_400(team: Team) -> None:
     assert blank.status_code == 400 and "edited_output" in blank.json()["error"]
     rejected = await team.vote("ann", task_id, "rejected", edited_output="x")
     assert rejected.status_code == 400 and "edited_output" in rejected.json()["error"]
-    assert (await team.task(task_id))["status"] == "waiting_for_review"
+    assert (await team.read_task(task_id))["status"] == "waiting_for_review"
 
 
 async def test_votes_survive_a_restart(tmp_path: Path, config: Config) -> None:
@@ -295,8 +271,8 @@ async def test_votes_survive_a_restart(tmp_path: Path, config: Config) -> None:
     server = await start_server(config)
     try:
         async with server.http() as http:
-            team = Team(server, http, await add_team(
-                server.app.extensions["identity"].accounts, REVIEWERS))
+            team = Team(server, http, await add_people(
+                server.app.extensions["identity"].accounts, team_of(REVIEWERS)))
             task_id = await team.submit(quorum=2)
             assert (await team.vote("ann", task_id)).status_code == 200
     finally:
