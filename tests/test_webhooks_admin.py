@@ -12,10 +12,10 @@ import pytest
 
 from hitl import Config
 
-from .conftest import LiveServer, until
+from .conftest import LiveServer, add_people, until
 from .receiver import Receiver
 from .serverproc import run_cli
-from .test_access import add_people
+from .test_access import PEOPLE
 
 
 @pytest.fixture
@@ -25,7 +25,7 @@ def config(config: Config) -> Config:
 
 @pytest.fixture
 async def people(live_server: LiveServer) -> dict[str, str]:
-    return await add_people(live_server.app.extensions["identity"].accounts)
+    return await add_people(live_server.app.extensions["identity"].accounts, PEOPLE)
 
 
 @pytest.fixture
