@@ -96,6 +96,11 @@ async def test_the_api_list_carries_excerpts_and_the_task_its_whole_text(
     ("offset=9223372036854775808", "offset: must be at most 9223372036854775807"),
     ("limit=" + "9" * 5000, "limit:"),
     ("limit=ten", "limit:"),
+    ("order=oldest", "order:"),
+    ("after=yesterday", "after:"),
+    ("after=1.5_" + "a" * 65, "after:"),
+    ("after=1e400_abc", "after:"),
+    ("q=" + "x" * 201, "q: "),
 ])
 async def test_page_queries_out_of_range_are_a_400_saying_why(
     client: Client, query: str, message: str

@@ -345,6 +345,18 @@
       + " now; your comment was not sent.";
   }
 
+  // A read-only place for text the page could not send, so it is never lost silently.
+  function unsent(id, label, rows, text) {
+    var title = document.createElement("label");
+    title.htmlFor = id;
+    title.textContent = label;
+    var copy = document.createElement("textarea");
+    copy.id = id;
+    copy.rows = rows;
+    copy.value = text;
+    return [title, copy];
+  }
+
   function put(field, text) {
     field.value = text;
     field.dispatchEvent(new Event("input", { bubbles: true })); // saved as its draft too
@@ -364,14 +376,7 @@
       put(field, text);
       return;
     }
-    var label = document.createElement("label");
-    label.htmlFor = "kept-text";
-    label.textContent = "Your unsent text";
-    var copy = document.createElement("textarea");
-    copy.id = "kept-text";
-    copy.rows = 3;
-    copy.value = text;
-    box.append(label, copy);
+    box.append.apply(box, unsent("kept-text", "Your unsent text", 3, text));
   }
 
   function attemptOf(form) {
@@ -452,13 +457,7 @@
     message.className = "notice notice-warn";
     message.textContent = "Attempt " + kept.attempt + " is no longer under review; "
       + "your edit was not sent. Here it is:";
-    var label = document.createElement("label");
-    label.htmlFor = "kept-edit";
-    label.textContent = "Your unsent edit";
-    var copy = document.createElement("textarea");
-    copy.id = "kept-edit";
-    copy.rows = 6;
-    copy.value = kept.text;
-    box.replaceChildren(message, label, copy);
+    box.replaceChildren.apply(box, [message].concat(unsent("kept-edit", "Your unsent edit", 6,
+                                                           kept.text)));
   });
 })();
