@@ -571,3 +571,17 @@ async def test_the_openapi_document_names_the_work_endpoints(http: httpx.AsyncCl
     assert {"/api/work/claim", "/api/work/{task_id}/heartbeat", "/api/work/{task_id}/progress",
             "/api/work/{task_id}/complete", "/api/work/{task_id}/fail",
             "/api/work/{task_id}/release"} <= set(paths)
+
+
+async def test_a_rejected_review_only_task_s_next_attempt_is_a_job_with_the_comment(
+        worker: Worker, http: httpx.AsyncClient, actions: ReviewActions) -> None:
+    response = await http.post("/submit", json={"data": "reply", "output": "my draft"})
+    task_id = response.json()["task_id"]
+    assert (await worker.claim()).status_code == 204  # attempt 1 needs no worker
+    assert (await actions.reject(task_id, "warmer, please", attempt=1)).status_code == 200
+    job = await worker.job()
+    assert (job["task_id"], job["attempt"]) == (task_id, 2)
+    assert [review["comment"] for review in job["reviews"]] == ["warmer, please"]
+    assert (await worker.report("complete", job, output="a warmer draft")).status_code == 200
+    body = await reach(http, task_id, "waiting_for_review", attempt=2)
+    assert [attempt["output"] for attempt in body["attempts"]] == ["my draft", "a warmer draft"]
