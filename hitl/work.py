@@ -38,7 +38,7 @@ from quart import Quart
 from . import policy
 from .accounts import Identity
 from .config import Config
-from .errors import Conflict, NotFound
+from .errors import Conflict, HitlError, NotFound
 from .lifecycle import attach
 from .models import TERMINAL, Status, iso
 from .processors import Job, Progress
@@ -294,14 +294,30 @@ class WorkQueue:
                 soonest = next(iter(await conn.execute_fetchall(_SOONEST_EXPIRY)))[0]
                 return None, soonest
         row = rows[0]
+        try:
+            return await self._claimed(row["task_id"], row["attempt"], lease_id,
+                                       row["lease_expires"]), None
+        except asyncio.CancelledError:  # its client left before the answer: give it back
+            await asyncio.shield(self._give_back_unanswered(row["task_id"], row["attempt"],
+                                                            lease_id, by))
+            raise
+
+    async def _claimed(self, task_id: str, attempt: int, lease_id: str,
+                       lease_expires: float) -> ClaimedJob:
+        """The claimed job as its worker gets it: the task's input and every review."""
         task = next(iter(await self.store.reader.execute_fetchall(
-            _JOB_TASK, {"task_id": row["task_id"]})))
-        reviews = await self.store.reviews(row["task_id"])
+            _JOB_TASK, {"task_id": task_id})))
+        reviews = await self.store.reviews(task_id)
         metadata = task["metadata"]
-        return ClaimedJob(row["task_id"], row["attempt"], lease_id,
-                          row["lease_expires"], task["task_input"], task["title"],
-                          None if metadata is None else json.loads(metadata),
-                          [review.to_json() for review in reviews]), None
+        return ClaimedJob(task_id, attempt, lease_id, lease_expires, task["task_input"],
+                          task["title"], None if metadata is None else json.loads(metadata),
+                          [review.to_json() for review in reviews])
+
+    async def _give_back_unanswered(self, task_id: str, attempt: int, lease_id: str,
+                                    by: Identity) -> None:
+        with contextlib.suppress(HitlError):  # expired or taken meanwhile: nothing to undo
+            await self._report(_GIVE_BACK, task_id, attempt, lease_id, by)
+            self._wake()
 
     async def heartbeat(self, task_id: str, attempt: int, lease_id: str,
                         lease: float | None = None, *, by: Identity) -> float:

@@ -589,3 +589,55 @@ async def test_a_rejected_review_only_task_s_next_attempt_is_a_job_with_the_comm
     assert (await worker.report("complete", job, output="a warmer draft")).status_code == 200
     body = await reach(http, task_id, "waiting_for_review", attempt=2)
     assert [attempt["output"] for attempt in body["attempts"]] == ["my draft", "a warmer draft"]
+
+
+async def test_a_claim_whose_client_leaves_before_its_answer_gives_the_job_back(
+        live_server: LiveServer, actions: ReviewActions, worker: Worker,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Claimed, then cancelled (its client gone) while the job is read for the answer:
+    the job is queued again at once, not held until its lease expires."""
+    queue = work(live_server)
+    task_id = await actions.submit()
+    await reach(actions.http, task_id, "running")
+    reading = asyncio.Event()
+    original = queue._claimed
+
+    async def stalled(*args: Any) -> Any:
+        reading.set()
+        await asyncio.sleep(30)
+        return await original(*args)
+
+    monkeypatch.setattr(queue, "_claimed", stalled)
+    from .conftest import OPERATOR
+
+    claim = asyncio.create_task(queue.claim("gone", lease=600, by=OPERATOR))
+    await within(reading.wait(), 5, "the claim to be taken")
+    claim.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await claim
+    monkeypatch.undo()
+    job = await within(worker.job(wait=0), 5, "the job given back")
+    assert job["task_id"] == task_id
+
+
+async def test_progress_is_passed_on_at_once_then_the_latest_per_growing_interval() -> None:
+    from hitl.work import Coalescer
+
+    sent: list[tuple[float, str]] = []
+    coalescer = Coalescer(lambda fraction, partial="": sent.append((fraction, partial)))
+    coalescer(0.1, "a")  # the first: at once
+    coalescer(0.2, "b")
+    coalescer(0.3, "c")  # within the interval: held, the latest wins
+    assert sent == [(0.1, "a")]
+    await until(lambda: len(sent) == 2, "the held report", 2)
+    assert sent[1] == (0.3, "c")
+    assert coalescer.first is not None
+    start = coalescer.first
+    assert [coalescer.interval(start + age) for age in (0, 5, 100, 10_000)] == [
+        0.25, 0.25, 2.5, 10.0]
+    coalescer.last = time.monotonic()  # one was just passed on: the next is held
+    coalescer(0.4, "d")
+    assert coalescer.timer is not None
+    coalescer.close()  # completed: what is held is dropped, nothing fires later
+    await asyncio.sleep(0.3)
+    assert sent == [(0.1, "a"), (0.3, "c")]
