@@ -455,7 +455,11 @@ def jobs(db: Path) -> list[tuple[str, int, str]]:
             "SELECT task_id, attempt, state FROM jobs ORDER BY queued_at")]
 
 
-async def test_a_claimed_job_stays_its_worker_s_across_a_restart(tmp_path: Path) -> None:
+async def test_across_a_restart_claimed_jobs_stay_claimed_done_ones_give_their_output(
+        tmp_path: Path) -> None:
+    """A real process stopped (SIGTERM) and started again on its database: a claimed job is
+    still its worker's (heartbeat, complete), one completed just before the stop is put up
+    for review without running again, and a queued one is still queued."""
     server = ServerProcess(tmp_path / "hitl.db", extra=["--processor", "external",
                                                         "--lease", "60"])
     try:
@@ -465,46 +469,30 @@ async def test_a_claimed_job_stays_its_worker_s_across_a_restart(tmp_path: Path)
             claimed_id = (await http.post("/submit", json={"data": "first"})).json()["task_id"]
             job = await worker.job()
             assert job["task_id"] == claimed_id
-            queued_id = (await http.post("/submit", json={"data": "second"})).json()["task_id"]
+            done_id = (await http.post("/submit", json={"data": "second"})).json()["task_id"]
+            assert (await worker.job())["task_id"] == done_id
+            queued_id = (await http.post("/submit", json={"data": "third"})).json()["task_id"]
             await reach(http, queued_id, "running")
         server.signal()
         assert server.wait(10) == 0
-        assert jobs(server.db) == [(claimed_id, 1, "claimed"), (queued_id, 1, "queued")]
+        assert jobs(server.db) == [(claimed_id, 1, "claimed"), (done_id, 1, "claimed"),
+                                   (queued_id, 1, "queued")]
+        with sqlite3.connect(server.db) as conn:  # its completion stored at the last moment
+            conn.execute("UPDATE jobs SET state = 'done', output = 'stored output' "
+                         "WHERE task_id = ?", (done_id,))
         server.start()
         async with httpx.AsyncClient(base_url=server.url, timeout=10) as http:
             worker = Worker(http)
+            body = await reach(http, done_id, "waiting_for_review")
+            assert body["processed_output"] == "stored output"
             beat = await worker.report("heartbeat", job)
             assert beat.status_code == 200, beat.text
             done = await worker.report("complete", job, output="finished after the restart")
             assert done.status_code == 200, done.text
             body = await reach(http, claimed_id, "waiting_for_review")
             assert body["processed_output"] == "finished after the restart"
-            queued = await worker.job()
-            assert queued["task_id"] == queued_id
+            assert (await worker.job())["task_id"] == queued_id
             assert (await worker.claim()).status_code == 204
-    finally:
-        server.stop()
-
-
-async def test_a_job_done_before_a_restart_is_not_run_again(tmp_path: Path) -> None:
-    """A completion stored just before the service stopped (its flow had no time to put it
-    up for review) is put up for review at the next start, with no worker."""
-    db = tmp_path / "hitl.db"
-    server = ServerProcess(db, extra=["--processor", "external"])
-    try:
-        server.start()
-        async with httpx.AsyncClient(base_url=server.url, timeout=10) as http:
-            task_id = (await http.post("/submit", json={"data": "x"})).json()["task_id"]
-            await Worker(http).job()
-        server.signal()
-        assert server.wait(10) == 0
-        with sqlite3.connect(db) as conn:  # as if its completion was stored at the last moment
-            conn.execute("UPDATE jobs SET state = 'done', output = 'stored output'")
-        server.start()
-        async with httpx.AsyncClient(base_url=server.url, timeout=10) as http:
-            body = await reach(http, task_id, "waiting_for_review")
-            assert body["processed_output"] == "stored output"
-            assert (await Worker(http).claim()).status_code == 204
     finally:
         server.stop()
 
