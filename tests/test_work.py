@@ -629,3 +629,12 @@ async def test_progress_is_passed_on_at_once_then_the_latest_per_growing_interva
     coalescer.close()  # completed: what is held is dropped, nothing fires later
     await asyncio.sleep(0.3)
     assert sent == [(0.1, "a"), (0.3, "c")]
+
+
+def test_external_is_a_processor_setting_not_a_module_to_import() -> None:
+    from hitl import create_app
+    from hitl.work import ExternalPool
+
+    config = Config.load({}, {"HITL_PROCESSOR": "external", "HITL_AUTH": "none"})
+    assert isinstance(create_app(config).extensions["runner"].pool, ExternalPool)
+    assert create_app(Config(auth="none")).extensions["runner"].pool.is_async  # simulate
