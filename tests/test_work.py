@@ -19,7 +19,8 @@ import pytest
 
 from hitl import Config
 from hitl.accounts import Role
-from hitl.work import PROGRESS_INTERVAL, WorkQueue
+from hitl.progress import PROGRESS_INTERVAL
+from hitl.work import WorkQueue
 
 from .conftest import LiveServer, ReviewActions, add_people, until, within
 from .serverproc import ServerProcess
@@ -609,7 +610,7 @@ async def test_a_claim_whose_client_leaves_before_its_answer_gives_the_job_back(
 
 
 async def test_progress_is_passed_on_at_once_then_the_latest_per_growing_interval() -> None:
-    from hitl.work import Coalescer
+    from hitl.progress import Coalescer
 
     sent: list[tuple[float, str]] = []
     coalescer = Coalescer(lambda fraction, partial="": sent.append((fraction, partial)))
