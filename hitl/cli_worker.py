@@ -60,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--log-level {args.log_level!r} is not a logging level")
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request
     if not 1 <= len(args.name) <= 100:
         raise ConfigError(f"--name must be 1 to 100 characters, not {len(args.name)}")
     if args.lease is not None and not 1 <= args.lease <= 3600:

@@ -114,8 +114,10 @@ class Reachability:
             self.away_since = time.monotonic()
             log.warning("hitl at %s is away (%s): retrying with backoff", self.url, reason)
 
-    def back(self) -> None:
-        if self.away_since is not None:
+    def back(self, sent: float) -> None:
+        """An answer came to a request sent at ``sent``: one sent before the service went
+        away (a long poll answered as it shut down) does not say it is back."""
+        if self.away_since is not None and sent >= self.away_since:
             away = time.monotonic() - self.away_since
             log.info("hitl at %s is back after %.1f s", self.url, away)
             self.away_since = None
@@ -154,6 +156,7 @@ class WorkClient:
 
     async def _post(self, path: str, body: dict[str, Any],
                     timeout: float = REQUEST_TIMEOUT) -> httpx.Response:
+        sent = time.monotonic()
         try:
             response = await self.http.post(path, json=body, timeout=httpx.Timeout(
                 timeout, connect=CONNECT_TIMEOUT))
@@ -163,7 +166,7 @@ class WorkClient:
         if response.status_code >= 500:
             self.reach.away(f"{response.status_code} {error_of(response)}")
             raise Away(error_of(response))
-        self.reach.back()
+        self.reach.back(sent)
         if response.status_code in (404, 409):
             raise Lost(error_of(response))
         if response.status_code >= 400:

@@ -12,9 +12,10 @@ the job: an async processor is cancelled; a thread cannot be stopped, so its res
 ignored.
 
 On SIGTERM or SIGINT the worker stops claiming and gives its jobs ``grace`` seconds to
-finish. A job still running then is given back: one heartbeat shortens its lease to a
-second, so the service hands it to another worker at once, and it costs no try (a
-``/fail`` would). A second signal gives back at once.
+finish. A job still running then is given back (``/release``): queued again at once for
+another worker, and it costs no try (a ``/fail`` would). A second signal gives back at
+once. A claim cut short by the signal may have been granted as it was cut: that job
+waits out its lease, then goes to another worker.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import math
 import signal
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,7 +37,6 @@ from .work_client import Away, Backoff, Claimed, Lost, Refused, WorkClient
 log = logging.getLogger("hitl.worker")
 
 PROGRESS_EVERY = 0.25  # seconds between one job's progress requests: at most 4 a second
-GIVE_BACK_LEASE = 1.0  # the shortest lease the service takes
 MIN_RENEW = 0.2  # never renew more often than this, however short the lease
 
 
@@ -110,6 +111,7 @@ class Worker:
         self.fatal: str | None = None
         self.claims: set[asyncio.Task[Claimed | None]] = set()
         self.jobs: set[Held] = set()
+        self.sent: Counter[str] = Counter()  # requests about jobs, by action
 
     async def run(self) -> int:
         """Work until stopped (0) or refused by the service (2)."""
@@ -251,6 +253,7 @@ class Worker:
 
     async def renew(self, held: Held, action: str, body: dict[str, Any]) -> None:
         """One heartbeat or progress; while the service is away, try again soon."""
+        self.sent[action] += 1
         try:
             held.renewed(await self.client.extend(held.claimed, action, body))
         except Away:
@@ -264,6 +267,7 @@ class Worker:
         """``complete`` or ``fail``, retried while the service is away; None when lost."""
         backoff = Backoff()
         while True:
+            self.sent[action] += 1
             try:
                 answer = await self.client.finish(held.claimed, action, body)
                 held.done = True
@@ -280,10 +284,11 @@ class Worker:
                 action, body = "fail", {"error": f"the output was refused: {exc}"}
 
     async def give_back(self, held: Held) -> None:
-        """Shorten the lease of an unfinished job to a second: another worker takes it."""
+        """Release an unfinished job: queued again at once for another worker, as the same
+        try (``/release``); if even that fails, its lease lapses."""
         try:
             async with asyncio.timeout(5):
-                await self.client.extend(held.claimed, "heartbeat", {"lease": GIVE_BACK_LEASE})
+                await self.client.finish(held.claimed, "release", {})
             log.info("%s: given back", held.claimed.label)
         except (Away, Lost, Refused, TimeoutError) as exc:
             log.info("%s: left to its lease (%s)", held.claimed.label, exc or "timed out")

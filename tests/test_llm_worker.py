@@ -59,7 +59,7 @@ class ChatHandler(BaseHTTPRequestHandler):
                          "delta": {"content": word if at == 0 else " " + word}}]}
             self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
             self.wfile.flush()
-            threading.Event().wait(self.TOKEN_GAP)
+            threading.Event().wait(self.server.TOKEN_GAP)
         self.wfile.write(b"data: [DONE]\n\n")
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - quiet
