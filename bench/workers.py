@@ -5,16 +5,18 @@ run in-process by ``hitl serve`` itself: the baseline.
 The processor, :func:`stamp`, does nothing but return the wall-clock time it started, so
 the figures are the cost of the work API, not of work. Measured per burst: jobs per second
 (the first submit to the last ``waiting_for_review``), and per job the time from its submit
-to its claim (the attempt's ``started_at``, which the service sets when a worker claims the
-job, or in-process when the runner starts the attempt) and from its claim to the processor
-starting in the worker. The machine's one clock serves every process.
+to its claim (the job's ``claimed_at`` in the service's database; in-process, the
+attempt's ``started_at``, when the runner takes it up) and from the claim to the processor
+starting (in the worker, or in the service's thread). One clock serves every process.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
+import sqlite3
 import statistics
 import subprocess
 import time
@@ -126,6 +128,7 @@ async def burst(server: Server, tasks: int) -> Metrics:
         for w in watchers:
             w.close()
     took = max(reviewed.values()) - t0
+    claims = claimed_at(server)
     waits, starts, errors = [], [], 0
     for task_id, at in submitted.items():
         status, task = await request_json(port, "GET", f"/api/tasks/{task_id}")
@@ -133,7 +136,7 @@ async def burst(server: Server, tasks: int) -> Metrics:
         if not attempt.get("started_at") or not attempt.get("output"):
             errors += 1
             continue
-        claimed = datetime.fromisoformat(attempt["started_at"]).timestamp()
+        claimed = claims.get(task_id) or datetime.fromisoformat(attempt["started_at"]).timestamp()
         waits.append(claimed - at)
         starts.append(float(attempt["output"]) - claimed)
     return {
@@ -144,3 +147,15 @@ async def burst(server: Server, tasks: int) -> Metrics:
         "claim_start_p99_ms": percentile(starts, 99) * 1e3,
         "errors": float(errors),
     }
+
+
+def claimed_at(server: Server) -> dict[str, float]:
+    """When each first attempt's job was claimed, read from the service's own database
+    (``jobs.claimed_at``, a float): the task's JSON does not say. In-process: none."""
+    with contextlib.closing(sqlite3.connect(f"file:{server.db}?mode=ro", uri=True)) as db:
+        try:
+            rows = db.execute("SELECT task_id, claimed_at FROM jobs WHERE attempt = 1 "
+                              "AND claimed_at IS NOT NULL").fetchall()
+        except sqlite3.OperationalError:  # no jobs table
+            return {}
+    return {str(task_id): float(at) for task_id, at in rows}

@@ -169,10 +169,13 @@ async def test_stop_lets_running_jobs_finish_within_the_grace(
     worker = Worker(processor, Settings(url=live_server.url, token=None, name="w1", grace=10))
     running = asyncio.create_task(worker.run())
     task_id = await actions.submit()
+    watcher = actions.watch(task_id, last_id=0)
     await within(asyncio.to_thread(started.wait, 10), 11, "the processor to start")
     worker.stop()
     assert await within(running, 15, "the worker to stop") == 0
-    assert (await read(actions, task_id))["status"] == "waiting_for_review"
+    assert worker.sent["complete"] == 1
+    done = await watcher.wait_for("waiting_for_review")
+    assert done.data["output_to_review"] == "finished after the signal"
 
 
 async def test_stop_gives_an_unfinished_job_back_to_another_worker(
