@@ -24,6 +24,7 @@ from .accounts import SYSTEM_NAMES, Identity
 from .broker import Broker
 from .config import Config
 from .errors import (
+    ConfigError,
     Conflict,
     DuplicateKey,
     Invalid,
@@ -59,7 +60,10 @@ class Runner:
         self.broker = broker
         self.pool: Pool
         if processor is None and config.processor == EXTERNAL:
-            self.pool = (work or WorkQueue(config, store)).pool()
+            if work is None:
+                raise ConfigError("--processor external needs the work queue of the app "
+                                  "(hitl.app.create_app passes it)")
+            self.pool = work.pool()
         else:
             self.pool = ProcessorPool(processor or load_processor(config.processor))
         self.trackers: dict[str, Tracker] = {}

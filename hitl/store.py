@@ -270,7 +270,7 @@ MIGRATIONS: tuple[str, ...] = (
         error         TEXT,
         PRIMARY KEY (task_id, attempt)
     );
-    CREATE INDEX jobs_to_claim ON jobs (state, queued_at);
+    CREATE INDEX jobs_open ON jobs (queued_at) WHERE state IN ('queued', 'claimed');
     """,
 )
 

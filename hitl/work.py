@@ -64,7 +64,10 @@ _JOB_STATE = "SELECT state, tries, output, error FROM jobs WHERE task_id = :task
              "AND attempt = :attempt"
 # A job a worker may take: queued, or claimed under an expired lease; of a task still
 # running that attempt (a cancelled or finished task's job is never handed out).
-_TAKEABLE = """(jobs.state = 'queued' OR (jobs.state = 'claimed' AND jobs.lease_expires < :now))
+_OPEN = "jobs.state IN ('queued', 'claimed')"  # as the partial index jobs_open: a claim
+# reads the open jobs alone, however many done ones the table keeps
+_TAKEABLE = f"""{_OPEN}
+               AND (jobs.state = 'queued' OR jobs.lease_expires < :now)
                AND EXISTS (SELECT 1 FROM tasks WHERE tasks.task_id = jobs.task_id
                               AND tasks.attempt = jobs.attempt AND tasks.status = 'running')"""
 _CLAIM = f"""
@@ -77,9 +80,9 @@ _CLAIM = f"""
     RETURNING task_id, attempt, lease_expires
 """
 # When the next lease that could be taken over expires (a waiting claim wakes then).
-_SOONEST_EXPIRY = """
+_SOONEST_EXPIRY = f"""
     SELECT min(lease_expires) FROM jobs
-     WHERE state = 'claimed' AND EXISTS (
+     WHERE {_OPEN} AND state = 'claimed' AND EXISTS (
            SELECT 1 FROM tasks WHERE tasks.task_id = jobs.task_id
               AND tasks.attempt = jobs.attempt AND tasks.status = 'running')
 """

@@ -523,3 +523,65 @@ def test_the_job_table_keeps_its_rules(tmp_path: Path) -> None:
         with pytest.raises(sqlite3.IntegrityError):
             conn.execute("UPDATE jobs SET state = 'lost'")
     assert json.dumps(jobs(db)) == json.dumps([["t", 1, "queued"]])
+
+
+async def test_two_processes_sharing_the_database_never_hand_out_a_job_twice(
+        tmp_path: Path) -> None:
+    """The claim is the store's rule: two stores on one file (as two hitl processes would
+    be), twenty claims at once over five jobs: each job to exactly one."""
+    from hitl.store import Store
+
+    from .conftest import OPERATOR
+
+    db = tmp_path / "shared.db"
+    stores = [Store(str(db)), Store(str(db))]
+    for store in stores:
+        await store.open()
+    try:
+        with sqlite3.connect(db) as conn:
+            for number in range(5):
+                conn.execute("INSERT INTO tasks (task_id, task_input, status, attempt, "
+                             "last_seq, created_at, updated_at) VALUES (?, 'x', 'running', 1, "
+                             "0, 0, 0)", (f"t{number}",))
+                conn.execute("INSERT INTO jobs (task_id, attempt, state, queued_at) "
+                             "VALUES (?, 1, 'queued', ?)", (f"t{number}", number))
+        queues = [WorkQueue(Config(), store) for store in stores]
+        claims = await within(asyncio.gather(*(
+            queues[number % 2].claim(f"w{number}", by=OPERATOR) for number in range(20))),
+            20, "twenty claims")
+        taken = [job for job in claims if job is not None]
+        assert sorted(job.task_id for job in taken) == [f"t{number}" for number in range(5)]
+        assert jobs(db) == [(f"t{number}", 1, "claimed") for number in range(5)]
+    finally:
+        for store in stores:
+            await store.close()
+
+
+async def test_jobs_are_claimed_oldest_first(worker: Worker, http: httpx.AsyncClient,
+                                             actions: ReviewActions) -> None:
+    ids = []
+    for number in range(3):
+        ids.append(await actions.submit(f"job {number}"))
+        await reach(http, ids[-1], "running")
+    assert [(await worker.job())["task_id"] for _ in ids] == ids
+
+
+async def test_the_openapi_document_names_the_work_endpoints(http: httpx.AsyncClient) -> None:
+    paths = (await http.get("/openapi.json")).json()["paths"]
+    assert {"/api/work/claim", "/api/work/{task_id}/heartbeat", "/api/work/{task_id}/progress",
+            "/api/work/{task_id}/complete", "/api/work/{task_id}/fail",
+            "/api/work/{task_id}/release"} <= set(paths)
+
+
+async def test_a_rejected_review_only_task_s_next_attempt_is_a_job_with_the_comment(
+        worker: Worker, http: httpx.AsyncClient, actions: ReviewActions) -> None:
+    response = await http.post("/submit", json={"data": "reply", "output": "my draft"})
+    task_id = response.json()["task_id"]
+    assert (await worker.claim()).status_code == 204  # attempt 1 needs no worker
+    assert (await actions.reject(task_id, "warmer, please", attempt=1)).status_code == 200
+    job = await worker.job()
+    assert (job["task_id"], job["attempt"]) == (task_id, 2)
+    assert [review["comment"] for review in job["reviews"]] == ["warmer, please"]
+    assert (await worker.report("complete", job, output="a warmer draft")).status_code == 200
+    body = await reach(http, task_id, "waiting_for_review", attempt=2)
+    assert [attempt["output"] for attempt in body["attempts"]] == ["my draft", "a warmer draft"]
