@@ -26,6 +26,7 @@ from tests.conftest import (
     until,
     within,
 )
+from tests.serverproc import run_cli
 
 
 @pytest.fixture
@@ -243,3 +244,15 @@ async def test_a_token_the_service_refuses_stops_the_worker_with_status_2(
         assert worker.fatal and "401" in worker.fatal
     finally:
         await stop_server(server)
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["--processor", "no.such.module:fn"], "cannot load processor 'no.such.module:fn'"),
+    (["--processor", "tests.procs:echo", "--lease", "0.5"], "--lease must be between 1 and"),
+    (["--processor", "tests.procs:echo", "--url", "127.0.0.1:8000"], "must start with http"),
+    (["--processor", "tests.procs:echo", "--concurrency", "0"], "must be a positive number"),
+])
+def test_a_bad_setting_stops_the_worker_with_one_line(args: list[str], says: str) -> None:
+    done = run_cli("worker", *args)
+    assert done.returncode == 2, done
+    assert says in done.stderr and "Traceback" not in done.stderr, done.stderr
