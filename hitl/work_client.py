@@ -141,7 +141,13 @@ class WorkClient:
         if lease is not None:
             body["lease"] = lease
         response = await self._post("/api/work/claim", body, REQUEST_TIMEOUT + wait)
-        return None if response.status_code == 204 else Claimed.from_response(response)
+        if response.status_code == 204:
+            return None
+        try:
+            return Claimed.from_response(response)
+        except (KeyError, TypeError, ValueError) as exc:  # not the work API this speaks
+            raise Refused(response.status_code, f"a job this worker cannot read: {exc!r}") \
+                from None
 
     async def extend(self, job: Claimed, action: str, body: dict[str, Any]) -> float:
         """A ``heartbeat`` or ``progress``; returns the seconds of lease now left."""

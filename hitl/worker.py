@@ -104,7 +104,7 @@ class Worker:
 
     def __init__(self, processor: Processor, settings: Settings) -> None:
         self.settings = settings
-        self.pool = ProcessorPool(processor)
+        self.pool = ProcessorPool(processor, threads=settings.concurrency)  # one per slot
         self.client = WorkClient(settings.url, settings.token, settings.concurrency)
         self.stopping = asyncio.Event()
         self.now = asyncio.Event()  # a second signal: give back without waiting
@@ -117,7 +117,7 @@ class Worker:
         """Work until stopped (0) or refused by the service (2)."""
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, self.stop)
+            loop.add_signal_handler(signum, self.stop, signal.Signals(signum).name)
         log.info("worker %s: claiming from %s, %d at a time", self.settings.name,
                  self.settings.url, self.settings.concurrency)
         slots = [asyncio.create_task(self.slot()) for _ in range(self.settings.concurrency)]
@@ -185,6 +185,8 @@ class Worker:
                 self.jobs.add(held)
                 try:
                     await self.work(held)
+                except Exception:  # a bug here must not cost the worker a slot
+                    log.exception("%s: the worker failed on it", claimed.label)
                 finally:
                     self.jobs.discard(held)
 
@@ -197,7 +199,8 @@ class Worker:
         """Run one job to its end: complete, fail, or dropped when lost."""
         claimed, started = held.claimed, time.monotonic()
         report = LatestReport(asyncio.get_running_loop())
-        job = Job(claimed.task_input, claimed.attempt, claimed.reviews, report)
+        job = Job(claimed.task_input, claimed.attempt, claimed.reviews, report,
+                  task_id=claimed.task_id)
         running = asyncio.ensure_future(self.pool.run(job))
         keeper = asyncio.create_task(self.keep(held, report))
         try:

@@ -73,7 +73,8 @@ async def test_the_processor_gets_the_reviews_as_review_objects(
                                      reviewer="ann")).status_code == 200
         second = await watcher.wait_for("waiting_for_review", attempt=2)
         assert second.data["output_to_review"] == "draft #2"
-    assert [(job.task_input, job.attempt) for job in seen] == [("draft", 1), ("draft", 2)]
+    assert [(job.task_id, job.task_input, job.attempt) for job in seen] == [
+        (task_id, "draft", 1), (task_id, "draft", 2)]
     assert seen[0].reviews == ()
     (review,) = seen[1].reviews
     assert isinstance(review, Review)
