@@ -162,6 +162,7 @@ class Worker:
             claim = asyncio.create_task(self.client.claim(
                 self.settings.name, self.settings.wait, self.settings.lease))
             self.claims.add(claim)
+            asked = time.monotonic()
             try:
                 claimed = await claim
             except asyncio.CancelledError:
@@ -172,13 +173,17 @@ class Worker:
                 await self.pause(backoff.next())
                 continue
             except (Refused, Lost) as exc:
-                self.fatal = f"the service refuses claims ({exc}): is it run with " \
-                             "--processor external, and is the token a worker's?"
-                log.error("worker %s: %s", self.settings.name, self.fatal)
+                if self.fatal is None:  # every slot hears it: one line
+                    self.fatal = f"the service refuses claims ({exc}): is it run with " \
+                                 "--processor external, and is the token a worker's?"
+                    log.error("worker %s: %s", self.settings.name, self.fatal)
                 self.stopping.set()
                 return
             finally:
                 self.claims.discard(claim)
+            if claimed is None and time.monotonic() - asked < self.settings.wait / 2:
+                await self.pause(backoff.next())  # an early 204 (the service stopping):
+                continue  # never a loop of claims
             backoff.reset()
             if claimed is not None:
                 held = Held(claimed, self.settings.lease)
