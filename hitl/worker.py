@@ -294,6 +294,7 @@ class Worker:
     async def give_back(self, held: Held) -> None:
         """Release an unfinished job: queued again at once for another worker, as the same
         try (``/release``); if even that fails, its lease lapses."""
+        self.sent["release"] += 1
         try:
             async with asyncio.timeout(5):
                 await self.client.finish(held.claimed, "release", {})

@@ -257,3 +257,26 @@ def test_a_bad_setting_stops_the_worker_with_one_line(args: list[str], says: str
     done = run_cli("worker", *args)
     assert done.returncode == 2, done
     assert says in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+async def test_a_second_stop_gives_back_without_waiting_out_the_grace(
+        live_server: LiveServer, actions: ReviewActions) -> None:
+    release = threading.Event()
+
+    def stuck(job: Job) -> str:
+        release.wait(30)
+        return "too late"
+
+    worker = Worker(stuck, Settings(url=live_server.url, token=None, name="w1", grace=60))
+    running = asyncio.create_task(worker.run())
+    try:
+        await actions.submit()
+        await until(lambda: bool(worker.jobs), "the worker to hold the job")
+        worker.stop()
+        await asyncio.sleep(0.3)
+        assert not running.done(), "it did not wait for its job"
+        worker.stop()
+        assert await within(running, 5, "the worker to give back and stop") == 0
+        assert worker.sent["release"] == 1 and worker.sent["complete"] == 0
+    finally:
+        release.set()
