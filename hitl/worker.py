@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .processors import Job, Processor, ProcessorPool
+from .schemas import MAX_ERROR, MAX_TEXT
 from .work_client import Away, Backoff, Claimed, Lost, Refused, WorkClient
 
 log = logging.getLogger("hitl.worker")
@@ -92,6 +93,7 @@ class Held:
         self.renew_at = 0.0
         self.report_after = 0.0  # no progress is sent before this (monotonic) time
         self.done = False  # the service has taken its complete or fail
+        self.refused: set[str] = set()  # actions refused (logged once)
         self.renewed(claimed.lease_left)
 
     def renewed(self, left: float) -> None:
@@ -220,7 +222,8 @@ class Worker:
             except Exception as exc:  # the processor's error: the service retries or fails
                 log.warning("%s: processor raised %s: %s", claimed.label,
                             type(exc).__name__, exc)
-                answer = await self.finish(held, "fail", {"error": f"{type(exc).__name__}: {exc}"})
+                error = f"{type(exc).__name__}: {exc}"[:MAX_ERROR]  # a longer one is a 400
+                answer = await self.finish(held, "fail", {"error": error})
                 if answer is not None:
                     log.info("%s: failed; %s", claimed.label,
                              "the service retries it" if answer.get("retrying") else "task failed")
@@ -252,7 +255,7 @@ class Worker:
                     fraction, text = report.take() or (0.0, "")
                     held.report_after = now + PROGRESS_EVERY
                     await self.renew(held, "progress", {"progress": fraction,
-                                                        "partial_output": text})
+                                                        "partial_output": text[:MAX_TEXT]})
                 elif now >= held.renew_at:
                     await self.renew(held, "heartbeat", self.lease_body())
 
@@ -267,7 +270,9 @@ class Worker:
         except Away:
             held.renew_at = time.monotonic() + 1.0
         except Refused as exc:  # e.g. a partial output too large: the job goes on
-            log.warning("%s: %s refused: %s", held.claimed.label, action, exc)
+            if action not in held.refused:  # one line per job, not one a second
+                held.refused.add(action)
+                log.warning("%s: %s refused: %s", held.claimed.label, action, exc)
             held.renew_at = time.monotonic() + 1.0
 
     async def finish(self, held: Held, action: str,
@@ -289,7 +294,7 @@ class Worker:
                 if action == "fail":
                     log.error("%s: fail refused: %s", held.claimed.label, exc)
                     return None
-                action, body = "fail", {"error": f"the output was refused: {exc}"}
+                action, body = "fail", {"error": f"the output was refused: {exc}"[:MAX_ERROR]}
 
     async def give_back(self, held: Held) -> None:
         """Release an unfinished job: queued again at once for another worker, as the same

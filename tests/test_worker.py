@@ -121,6 +121,28 @@ async def test_a_processor_error_is_a_fail_carrying_it(
     assert task["status"] == "failed"
 
 
+async def test_an_error_longer_than_the_service_takes_still_fails_the_task(
+        live_server: LiveServer, actions: ReviewActions) -> None:
+    def processor(job: Job) -> str:
+        raise RuntimeError("x" * 50_000)
+
+    async with working(live_server, processor):
+        task_id = await actions.submit()
+        watcher = actions.watch(task_id, last_id=0)
+        await watcher.wait_for("failed", timeout=15)
+    (attempt,) = (await read(actions, task_id))["attempts"]
+    assert attempt["error"].count("x") == 20_000 - len("RuntimeError: ")
+
+
+async def test_an_output_the_service_refuses_fails_the_attempt(
+        live_server: LiveServer, actions: ReviewActions) -> None:
+    async with working(live_server, lambda job: "y" * 300_000):
+        task_id = await actions.submit()
+        watcher = actions.watch(task_id, last_id=0)
+        failed = await watcher.wait_for("failed", timeout=15)
+    assert "the output was refused" in str(failed.data), failed.data
+
+
 async def test_a_lost_job_is_dropped_and_its_async_processor_cancelled(
         live_server: LiveServer, actions: ReviewActions) -> None:
     started, cancelled = asyncio.Event(), asyncio.Event()
