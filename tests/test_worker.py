@@ -181,6 +181,23 @@ async def test_a_job_outlives_its_lease_while_heartbeats_renew_it(
     assert done.data["output_to_review"] == "slow but kept"
 
 
+async def test_without_lease_it_renews_by_the_services_lease(tmp_path: Path) -> None:
+    config = Config(db=str(tmp_path / "hitl.db"), process_delay=0, auth="none",
+                    processor="external", lease=1)
+    server = await start_server(config)
+    stolen: list[str] = []
+    try:
+        async with server.http() as http, working(server, lambda job: time.sleep(3.5) or "kept"), \
+                working(server, lambda job: stolen.append(job.task_input) or "stolen", name="w2"):
+            actions = ReviewActions(http)
+            task_id = await actions.submit()
+            watcher = actions.watch(task_id, last_id=0)
+            done = await watcher.wait_for("waiting_for_review", timeout=15)
+    finally:
+        await stop_server(server)
+    assert stolen == [] and done.data["output_to_review"] == "kept"
+
+
 async def test_stop_lets_running_jobs_finish_within_the_grace(
         live_server: LiveServer, actions: ReviewActions) -> None:
     started = threading.Event()
