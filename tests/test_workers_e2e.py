@@ -194,7 +194,7 @@ def test_workers_reconnect_after_the_service_restarts(rig: Rig) -> None:
 
 
 def test_sigterm_gives_a_job_in_hand_back_and_exits_0(rig: Rig) -> None:
-    a = rig.worker("a", "--grace", "0.5")
+    a = rig.worker("a", "--grace", "0.5", "--lease", "30")  # given back, not left to lapse
     with httpx.Client(base_url=rig.server.url, timeout=10) as http:
         task_id = rig.submit(http, "hold on")
         eventually(lambda: rig.lines("start"), "worker a to start it", rig)
@@ -208,4 +208,4 @@ def test_sigterm_gives_a_job_in_hand_back_and_exits_0(rig: Rig) -> None:
         task = http.get(f"/api/tasks/{task_id}").json()
     assert task["processed_output"] == f"hold on (attempt 1) by {b.pid}"
     assert "given back" in a.output(), a.output()
-    assert took < LEASE + 3, rig.logs()
+    assert took < 5, f"{took:.1f} s: it waited for the lease\n{rig.logs()}"
