@@ -14,8 +14,8 @@ ignored.
 On SIGTERM or SIGINT the worker stops claiming and gives its jobs ``grace`` seconds to
 finish. A job still running then is given back (``/release``): queued again at once for
 another worker, and it costs no try (a ``/fail`` would). A second signal gives back at
-once. A claim cut short by the signal may have been granted as it was cut: that job
-waits out its lease, then goes to another worker.
+once. A claim cut short by the signal is given back by the service if its answer had
+not gone out; one answered just then waits out its lease, then goes to another worker.
 """
 
 from __future__ import annotations
