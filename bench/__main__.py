@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import quorum, scenarios, webhooks
+from . import quorum, scenarios, webhooks, workers
 from .client import raise_nofile
 from .scenarios import METRICS, Metrics
 from .servers import REPO, SPECS, Server, ServerSpec, hitl_available
@@ -38,6 +38,7 @@ class Job:
     show: tuple[str, ...]
     durable_only: bool = False  # needs a server that keeps its state over a restart
     hitl_only: bool = False  # a feature the baselines do not have
+    spec: ServerSpec | None = None  # runs on this server alone, whatever --servers says
 
 
 def fanout_job(n: int) -> Job:
@@ -76,6 +77,35 @@ def quorum_job(tasks: int, reviewers: int) -> Job:
     show = ("tasks_per_s", "votes_per_s", "p50_ms", "p99_ms", "complete", "errors")
     name = f"quorum {reviewers} T={tasks}: {reviewers} votes at once -> completed"
     return Job(name, lambda s: quorum.quorum(s, tasks, reviewers), show, hitl_only=True)
+
+
+WORKERS_SHOW = ("jobs_per_s", "claim_wait_p50_ms", "claim_wait_p99_ms", "claim_start_p50_ms",
+                "claim_start_p99_ms", "errors")
+
+
+def workers_jobs(tasks: int, concurrency: int) -> list[Job]:
+    """The in-process baseline, then 1 and 2 ``hitl worker`` processes."""
+    def job(processes: int) -> Job:
+        name = (f"{processes} worker process{'es' if processes > 1 else ''} x {concurrency}"
+                if processes else "in-process (the baseline)")
+        return Job(f"workers T={tasks}: {name}",
+                   lambda s: workers.workers(s, tasks, processes, concurrency), WORKERS_SHOW,
+                   spec=workers.EXTERNAL if processes else workers.IN_PROCESS)
+    return [job(0), job(1), job(2)]
+
+
+def workers_table(jobs: list[Job], med: dict[str, dict[str, dict[str, float]]]) -> str:
+    """A row per configuration, jobs/s also as a ratio to the first (in-process) row."""
+    heads = ["scenario", *(METRICS[key].label for key in WORKERS_SHOW), "jobs/s vs in-process"]
+    lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
+    rows = [(job.name, med.get(job.name, {}).get(job.spec.name if job.spec else "", {}))
+            for job in jobs]
+    base = rows[0][1].get("jobs_per_s", math.nan) if rows else math.nan
+    for name, metrics in rows:
+        ratio = metrics.get("jobs_per_s", math.nan) / base if base else math.nan
+        cells = [fmt(metrics.get(key)) for key in WORKERS_SHOW]
+        lines.append("| " + " | ".join([name, *cells, fmt(ratio)]) + " |")
+    return "\n".join(lines)
 
 
 def compare_jobs(quick: bool) -> list[Job]:
@@ -135,9 +165,9 @@ def run_rounds(jobs: list[Job], servers: list[str], rounds: int) -> list[dict[st
     for rnd in range(rounds):
         order = servers[rnd % len(servers) :] + servers[: rnd % len(servers)]
         for job in jobs:
-            for name in order:
-                spec = SPECS[name]
-                if (job.durable_only and not spec.durable) or (job.hitl_only
+            for name in [job.spec.name] if job.spec else order:
+                spec = job.spec or SPECS[name]
+                if job.spec is None and (job.durable_only and not spec.durable) or (job.hitl_only
                                                                 and name != "hitl"):
                     continue
                 t0 = time.perf_counter()
@@ -267,6 +297,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                             "(hitl only)")
     p.add_argument("-t", "--tasks", type=int, default=200)
     p.add_argument("-r", "--reviewers", type=int, default=3)
+    p = sub.add_parser("workers", parents=[common],
+                       help="T jobs through 1 and 2 'hitl worker' processes, beside the same "
+                            "processor in-process (hitl only)")
+    p.add_argument("-t", "--tasks", type=int, default=200)
+    p.add_argument("-c", "--concurrency", type=int, default=4, help="slots per worker")
     args = parser.parse_args(argv)
 
     if args.command == "compare":
@@ -281,6 +316,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         jobs = [webhooks_job(args.tasks, args.endpoints)]
     elif args.command == "quorum":
         jobs = [quorum_job(args.tasks, 1), quorum_job(args.tasks, args.reviewers)]
+    elif args.command == "workers":
+        jobs = workers_jobs(args.tasks, args.concurrency)
     else:
         jobs = [storm_job(args.n, False), storm_job(args.n, True)]
 
@@ -308,7 +345,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{time.perf_counter() - t0:.0f}s in all; commit {git_describe()}, "
         f"{time.strftime('%Y-%m-%d')}, load average {load_before[0]:.1f} before\n"
     )
-    print(table(jobs, servers, med))
+    print(workers_table(jobs, med) if args.command == "workers" else table(jobs, servers, med))
     if args.json:
         meta = {
             "command": args.command,

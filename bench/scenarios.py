@@ -44,6 +44,11 @@ METRICS: dict[str, Metric] = {
     "errors": Metric("failed requests/streams", "lower"),
     "events_per_s": Metric("webhook events delivered/s", "higher"),
     "votes_per_s": Metric("votes taken/s", "higher"),
+    "jobs_per_s": Metric("jobs/s", "higher"),
+    "claim_wait_p50_ms": Metric("submit to claim p50 (ms)", "lower"),
+    "claim_wait_p99_ms": Metric("submit to claim p99 (ms)", "lower"),
+    "claim_start_p50_ms": Metric("claim to start p50 (ms)", "lower"),
+    "claim_start_p99_ms": Metric("claim to start p99 (ms)", "lower"),
 }
 
 

@@ -1,5 +1,5 @@
 """The ``hitl`` command: ``serve``, ``tasks list|show``, ``export``, ``users``, ``tokens``,
-``webhooks``."""
+``webhooks``, ``worker``."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TextIO
 
-from . import cli_accounts, cli_webhooks
+from . import cli_accounts, cli_webhooks, cli_worker
 from .accounts import Accounts, Role
 from .config import SETTINGS, Config, default_db_path, default_of, env_var
 from .errors import ConfigError, HitlError, Invalid, StartupError
@@ -71,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_db_option(export)
     cli_accounts.add_commands(commands, add_db_option)
     cli_webhooks.add_commands(commands, add_db_option)
+    cli_worker.add_command(commands)
     return parser
 
 
@@ -94,6 +95,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        if args.command == "worker":  # a client of a service: no database, no serve settings
+            return cli_worker.run(args)
         config = load_config(args)
         if args.command == "serve":
             return run_server(config)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, Literal, Protocol
@@ -66,6 +66,15 @@ class Review:
 
     def to_json(self) -> dict[str, Any]:
         return {**asdict(self), "created_at": iso(self.created_at)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Review:
+        """The review back from :meth:`to_json` (an external worker's job has them so);
+        keys it does not know are left out."""
+        known = {f.name: data[f.name] for f in fields(cls) if f.name in data}
+        if isinstance(known.get("created_at"), str):
+            known["created_at"] = datetime.fromisoformat(known["created_at"]).timestamp()
+        return cls(**known)
 
     def vote(self) -> dict[str, Any]:
         """The review as one vote among an attempt's (the ``votes`` of messages)."""

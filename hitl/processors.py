@@ -80,12 +80,12 @@ class ProcessorPool:
     still blocking in its thread instead of waiting for it at interpreter exit.
     """
 
-    def __init__(self, processor: Processor) -> None:
+    def __init__(self, processor: Processor, threads: int | None = None) -> None:
         self.processor = processor
         self.is_async = is_async(processor)
         self.busy = 0  # processors running in a thread right now (even if abandoned)
         self._lock = threading.Lock()
-        self._executor = ThreadPoolExecutor(thread_name_prefix="hitl-processor")
+        self._executor = ThreadPoolExecutor(threads, thread_name_prefix="hitl-processor")
 
     async def run(self, job: Job) -> str:
         if self.is_async:
