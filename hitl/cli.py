@@ -1,5 +1,5 @@
 """The ``hitl`` command: ``serve``, ``tasks list|show``, ``export``, ``users``, ``tokens``,
-``webhooks``."""
+``webhooks``; and the client's ``submit``, ``watch``, ``approve``... (:mod:`hitl.cli_client`)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TextIO
 
-from . import cli_accounts, cli_webhooks
+from . import cli_accounts, cli_client, cli_webhooks
 from .accounts import Accounts, Role
 from .config import SETTINGS, Config, default_db_path, default_of, env_var
 from .errors import ConfigError, HitlError, Invalid, StartupError
@@ -71,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_db_option(export)
     cli_accounts.add_commands(commands, add_db_option)
     cli_webhooks.add_commands(commands, add_db_option)
+    cli_client.add_commands(commands)
     return parser
 
 
@@ -93,6 +94,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    if hasattr(args, "run"):  # a command over HTTP: no database, no server settings
+        return int(args.run(args))
     try:
         config = load_config(args)
         if args.command == "serve":
