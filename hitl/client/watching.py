@@ -107,6 +107,8 @@ class Watch:
         delay = min(MAX_DELAY, FIRST_DELAY * 2.0 ** self.failures)
         self.failures += 1
         delay *= random.uniform(0.5, 1.0)  # spread out many watchers' reconnects
+        # The last try is made as giving up is due, and none after a deadline.
+        delay = min(delay, self.failing_since + self.give_up_after - now)
         left = self.left()
         return delay if left is None else min(delay, left)
 
