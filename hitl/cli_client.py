@@ -145,6 +145,7 @@ def submit_command(client: Client, args: argparse.Namespace) -> int:
 
 
 def watch_command(client: Client, args: argparse.Namespace) -> int:
+    client.get(args.task_id)  # an unknown task, or no service at all, fails at once
     for event in client.watch(args.task_id, last_event_id=args.since):
         rest = {k: v for k, v in event.data.items() if k not in ("task_id", "status")}
         print(event.id, event.status, json.dumps(rest, ensure_ascii=False), flush=True)
@@ -172,8 +173,9 @@ def wait_command(client: Client, args: argparse.Namespace) -> int:
     if task.completed:
         print(task.final_result or "")
         return 0
-    return fail(f"task {task.task_id} {task.status}"
-                + (f": {task.error}" if task.error else ""), 1)
+    if task.status == "failed":
+        return fail(f"task {task.task_id} failed: {task.error or 'no reason given'}", 1)
+    return fail(f"task {task.task_id} was {task.status}", 1)
 
 
 def next_command(client: Client, args: argparse.Namespace) -> int:

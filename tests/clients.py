@@ -4,11 +4,17 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
+from hitl.accounts import Accounts, Role
 from hitl.client import AsyncClient, Client, Event
+from hitl.store import Store
+
+from .conftest import add_people
+from .serverproc import ServerProcess
 
 KINDS = ["Client", "AsyncClient"]
 
@@ -58,3 +64,19 @@ async def client_of(kind: str, url: str, token: str | None = None, **options: An
     else:
         with Client(url, token, **options) as sync:
             yield Both(sync)
+
+
+def start_people_server(db: Path, people: Mapping[str, tuple[Role, tuple[str, ...]]],
+                        *extra: str) -> tuple[ServerProcess, dict[str, str]]:
+    """A ``hitl serve`` with sign-in on and these people, each with a token: name -> token."""
+
+    async def make() -> dict[str, str]:
+        store = Store(str(db))
+        await store.open()
+        try:
+            return await add_people(Accounts(store), people)
+        finally:
+            await store.close()
+
+    tokens = asyncio.run(make())
+    return ServerProcess(db, env={"HITL_AUTH": "accounts"}, extra=list(extra)).start(), tokens

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from hitl.accounts import Accounts, Role
+from hitl.accounts import Role
 from hitl.client import (
     Conflict,
     Event,
@@ -22,10 +22,9 @@ from hitl.client import (
     Unauthorized,
     Unavailable,
 )
-from hitl.store import Store
 
-from .clients import KINDS, Both, client_of
-from .conftest import add_people, within
+from .clients import KINDS, Both, client_of, start_people_server
+from .conftest import within
 from .serverproc import ServerProcess, free_port
 from .test_storage_faults import can_chattr, read_only
 
@@ -218,8 +217,10 @@ async def test_no_server_is_unavailable_and_a_watch_gives_up_in_time(kind: str) 
         assert raised.value.status is None
         started = time.monotonic()
         with pytest.raises(Unavailable, match="gave up watching task abc after 1 s"):
-            await within(hitl.wait("abc"), BOUND, "the watch to give up")
+            await within(hitl.collect("abc", []), BOUND, "the watch to give up")
         assert time.monotonic() - started < 5
+        with pytest.raises(Unavailable, match=f"cannot reach hitl at {url}"):
+            await hitl.wait("abc")  # read first: at once
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -255,18 +256,7 @@ PEOPLE = {"ada": (Role.ADMIN, ()), "rita": (Role.REVIEWER, ()), "sam": (Role.SUB
 def people(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerProcess,
                                                                         dict[str, str]]]:
     db = tmp_path_factory.mktemp("people") / "hitl.db"
-
-    async def make() -> dict[str, str]:
-        store = Store(str(db))
-        await store.open()
-        try:
-            return await add_people(Accounts(store), PEOPLE)
-        finally:
-            await store.close()
-
-    tokens = asyncio.run(make())
-    server = ServerProcess(db, env={"HITL_AUTH": "accounts"},
-                           extra=["--heartbeat", HEARTBEAT]).start()
+    server, tokens = start_people_server(db, PEOPLE, "--heartbeat", HEARTBEAT)
     yield server, tokens
     server.stop()
 

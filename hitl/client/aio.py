@@ -80,11 +80,15 @@ class AsyncClient:
 
     async def wait(self, task_id: str, timeout: float | None = None) -> Task:
         """The task once it is finished, read from the store; TimeoutError if it is not
-        within ``timeout`` seconds."""
+        within ``timeout`` seconds (read first, as in :meth:`Client.wait`)."""
         try:
-            async with asyncio.timeout(timeout) as scope, aclosing(self.watch(task_id)) as events:
-                async for _ in events:
-                    pass
+            async with asyncio.timeout(timeout) as scope:
+                task = await self.get(task_id)
+                if task.finished:
+                    return task
+                async with aclosing(self.watch(task_id)) as events:
+                    async for _ in events:
+                        pass
         except TimeoutError:
             if scope.expired():
                 raise TimeoutError(timed_out(task_id, timeout)) from None

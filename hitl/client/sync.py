@@ -78,8 +78,15 @@ class Client:
 
     def wait(self, task_id: str, timeout: float | None = None) -> Task:
         """The task once it is finished (completed, failed or cancelled), read from the
-        store; TimeoutError if it is not within ``timeout`` seconds."""
+        store; TimeoutError if it is not within ``timeout`` seconds.
+
+        It is read first, so a finished task needs no stream and an unreachable service or
+        an unknown task fails at once; the stream after that is reconnected as in
+        :meth:`watch`."""
         watch = Watch(task_id, None, self.settings.give_up_after, timeout=timeout)
+        task = self.get(task_id)
+        if task.finished:
+            return task
         for _ in self._watch(watch):
             pass
         return self.get(task_id)
