@@ -39,8 +39,10 @@ def plain(error: Mapping[str, Any]) -> str:
     """What one pydantic error says, plainly: 'must not be empty', 'must be a string'."""
     template = PLAIN.get(error.get("type", ""))
     if template is not None:
-        try:
-            return template.format(**error.get("ctx", {}))
+        try:  # a float field's whole bound reads as written: "at most 60", not "60.0"
+            return template.format(**{key: int(value) if isinstance(value, float)
+                                      and value.is_integer() else value
+                                      for key, value in error.get("ctx", {}).items()})
         except (KeyError, IndexError):
             pass
     message = str(error.get("msg", "is not valid")).removeprefix("Value error, ")
