@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -13,10 +15,12 @@ from pathlib import Path
 import pytest
 
 from hitl.accounts import Role
+from hitl.cli import build_parser
 from hitl.client import Client, Task
 
 from .clients import start_people_server
 from .serverproc import ROOT, ServerProcess, free_port
+from .test_docs import README
 
 BOUND = 30  # seconds any one command may take
 
@@ -222,3 +226,22 @@ def test_tasks_list_still_reads_the_database_it_is_given(server: ServerProcess,
     assert any(line.startswith(task.task_id) and "kept in the file" in line
                for line in result.stdout.splitlines())
     client.cancel(task.task_id)
+
+
+def test_submit_output_makes_a_review_only_task(server: ServerProcess, client: Client) -> None:
+    result = hitl("submit", "ticket 9", "--output", "-", url=server.url, stdin="my draft\n")
+    assert result.returncode == 0, result.stderr
+    task = client.get(result.stdout.strip())
+    assert (task.status, task.processed_output) == ("waiting_for_review", "my draft\n")
+    client.cancel(task.task_id)
+
+
+def test_every_command_the_readme_shows_parses() -> None:
+    section = README.split("## Python client and command line\n", 1)[1].split("\n## ", 1)[0]
+    block = re.findall(r"```sh\n(.+?)```", section, re.S)[0]
+    lines = [line.split("  #")[0].strip() for line in block.splitlines()]
+    parser = build_parser()
+    for line in lines:
+        command = line[line.index("hitl ") + len("hitl "):].removesuffix(")")
+        parser.parse_args(shlex.split(command.replace('"$id"', "ID")))  # else: exit 2
+    assert len(lines) == 7

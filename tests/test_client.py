@@ -4,7 +4,11 @@ error from a real answer, and a watch that outlives the server it started on."""
 from __future__ import annotations
 
 import asyncio
+import os
+import re
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -13,6 +17,7 @@ import pytest
 
 from hitl.accounts import Role
 from hitl.client import (
+    Client,
     Conflict,
     Event,
     Forbidden,
@@ -25,7 +30,8 @@ from hitl.client import (
 
 from .clients import KINDS, Both, client_of, start_people_server
 from .conftest import within
-from .serverproc import ServerProcess, free_port
+from .serverproc import ROOT, ServerProcess, free_port
+from .test_docs import README
 from .test_storage_faults import can_chattr, read_only
 
 BOUND = 15  # seconds any one wait below may take
@@ -326,3 +332,68 @@ async def test_a_watch_goes_on_across_a_server_restart_with_no_repeat_and_no_gap
     assert [event.status for event in events][-4:] == [
         "running", "waiting_for_review", "processing_feedback", "completed"]
     assert events[-1].data["final_result"] == stored.final_result
+
+
+async def test_a_review_only_task_waits_for_review_of_the_draft_given(hitl: Both) -> None:
+    task = await hitl.submit("ticket 7", output="Dear Ann, here is my draft.")
+    assert (task.status, task.attempt, task.processed_output) == (
+        "waiting_for_review", 1, "Dear Ann, here is my draft.")
+    assert task.raw["attempts"][0]["tries"] == 0  # no processor ran
+    events = [event async for event in aiter_events(hitl, task.task_id)]
+    assert [(event.id, event.status) for event in events][:1] == [(1, "waiting_for_review")]
+    await hitl.reject(task.task_id, "warmer")
+    second = await reach(hitl, task.task_id, "waiting_for_review", attempt=2)
+    assert second.processed_output == ("Processed 'ticket 7' (attempt 2), revised for the "
+                                       "comment 'warmer'")
+    await hitl.approve(task.task_id)
+    assert (await hitl.wait(task.task_id, timeout=BOUND)).final_result == second.processed_output
+
+
+async def aiter_events(hitl: Both, task_id: str) -> AsyncIterator[Event]:
+    """The task's history so far (its replay from the start, up to the current state)."""
+    events: list[Event] = []
+    watching = asyncio.ensure_future(hitl.collect(task_id, events, last_event_id=0))
+    await within(until_status(events, "waiting_for_review"), BOUND, "the replay")
+    watching.cancel()
+    for event in events:
+        yield event
+
+
+def readme_section() -> str:
+    return README.split("## Python client and command line\n", 1)[1].split("\n## ", 1)[0]
+
+
+def test_the_readmes_pipeline_runs_and_prints_what_the_reviewer_approved(
+        server: ServerProcess, tmp_path: Path) -> None:
+    """The README's example, verbatim, against a live server, with a reviewer who edits."""
+    code = re.findall(r"```python\n(.+?)```", readme_section(), re.S)[0]
+    script = tmp_path / "pipeline.py"
+    script.write_text(code)
+    pipeline = subprocess.Popen([sys.executable, str(script)], cwd=tmp_path, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                env={**os.environ, "PYTHONPATH": str(ROOT),
+                                     "HITL_URL": server.url})
+    try:
+        with Client(server.url) as reviewer:
+            task = reviewer_finds(reviewer, "Reply to order 1042")
+            assert task.processed_output == ("Dear customer, we are sorry that order 1042 "
+                                             "arrived broken: a replacement is on its way.")
+            assert task.metadata == {"order": 1042}
+            reviewer.approve(task.task_id, edited_output="Dear customer, a new one is coming.")
+        out, err = pipeline.communicate(timeout=BOUND)
+    finally:
+        pipeline.kill()
+    assert pipeline.returncode == 0, err
+    assert out == "Dear customer, a new one is coming.\n"
+    assert f"waiting for review: {server.url}/tasks/{task.task_id}" in err
+
+
+def reviewer_finds(reviewer: Client, title: str) -> Task:
+    """The waiting task with this title, once it is there."""
+    deadline = time.monotonic() + BOUND
+    while time.monotonic() < deadline:
+        for task in reviewer.list(status="waiting_for_review", limit=200):
+            if task.title == title:
+                return reviewer.get(task.task_id)
+        time.sleep(0.05)
+    raise AssertionError(f"no task {title!r} came up for review")
