@@ -30,7 +30,8 @@ class UsageError(Exception):
 def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     server = argparse.ArgumentParser(add_help=False)
     server.add_argument("--url", help=f"the service [HITL_URL, default {DEFAULT_URL}]")
-    server.add_argument("--token", help="an API token (hitl tokens create) [HITL_TOKEN]")
+    server.add_argument("--token", help="an API token (hitl tokens create); HITL_TOKEN keeps "
+                        "it out of the process list [HITL_TOKEN]")
 
     def command(name: str, run: Command, help: str) -> argparse.ArgumentParser:
         parser: argparse.ArgumentParser = commands.add_parser(
@@ -105,6 +106,9 @@ def run_command(run: Command, args: argparse.Namespace) -> int:
         return fail(exc.message if isinstance(exc, HitlError) else str(exc), 3)
     except HitlError as exc:
         return fail(exc.message, 1)
+    except BrokenPipeError:  # the reader went away (hitl watch ID | head -1): say nothing
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except OSError as exc:  # a file that cannot be read
         return fail(f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc), 1)
     except KeyboardInterrupt:  # a watch or a wait stopped with Ctrl-C

@@ -9,6 +9,7 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -66,7 +67,7 @@ def waiting(client: Client, task_id: str, attempt: int = 1) -> Task:
         task = client.get(task_id)
         if task.status == "waiting_for_review" and task.attempt == attempt:
             return task
-        subprocess.run(["sleep", "0.02"], check=True)
+        time.sleep(0.02)
     raise AssertionError(f"task {task_id} never waited for review of attempt {attempt}")
 
 

@@ -339,24 +339,18 @@ async def test_a_review_only_task_waits_for_review_of_the_draft_given(hitl: Both
     assert (task.status, task.attempt, task.processed_output) == (
         "waiting_for_review", 1, "Dear Ann, here is my draft.")
     assert task.raw["attempts"][0]["tries"] == 0  # no processor ran
-    events = [event async for event in aiter_events(hitl, task.task_id)]
-    assert [(event.id, event.status) for event in events][:1] == [(1, "waiting_for_review")]
     await hitl.reject(task.task_id, "warmer")
     second = await reach(hitl, task.task_id, "waiting_for_review", attempt=2)
     assert second.processed_output == ("Processed 'ticket 7' (attempt 2), revised for the "
                                        "comment 'warmer'")
     await hitl.approve(task.task_id)
-    assert (await hitl.wait(task.task_id, timeout=BOUND)).final_result == second.processed_output
-
-
-async def aiter_events(hitl: Both, task_id: str) -> AsyncIterator[Event]:
-    """The task's history so far (its replay from the start, up to the current state)."""
-    events: list[Event] = []
-    watching = asyncio.ensure_future(hitl.collect(task_id, events, last_event_id=0))
-    await within(until_status(events, "waiting_for_review"), BOUND, "the replay")
-    watching.cancel()
-    for event in events:
-        yield event
+    done = await hitl.wait(task.task_id, timeout=BOUND)
+    assert done.final_result == second.processed_output
+    history = await within(hitl.collect(task.task_id, [], last_event_id=0), BOUND, "history")
+    assert [event.status for event in history] == [
+        "waiting_for_review", "processing_feedback", "running", "waiting_for_review",
+        "processing_feedback", "completed"]
+    assert history[0].id == 1 and history[0].data["output_to_review"] == task.processed_output
 
 
 def readme_section() -> str:
