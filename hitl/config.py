@@ -122,7 +122,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("processor", str, "processor as 'package.module:callable' (sync or async), or "
             "'external': each attempt is a job for an external worker (POST /api/work/claim)",
             "text"),
-    Setting("lease", _lease, "--processor external: seconds a claimed job stays its worker's "
+    Setting("lease", _lease, "external work: seconds a claimed job stays its worker's "
             "without a heartbeat, when the claim gives no lease", "number"),
     Setting("max_attempts", _positive_int, "attempts before a task fails unapproved (a task's "
             "max_attempts overrides it)", "integer"),

@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import math
 import secrets
 import time
 from collections.abc import Callable
@@ -38,10 +37,11 @@ from quart import Quart
 from . import policy
 from .accounts import Identity
 from .config import Config
-from .errors import Conflict, NotFound
+from .errors import Conflict, HitlError, NotFound
 from .lifecycle import attach
 from .models import TERMINAL, Status, iso
-from .processors import Job, Progress
+from .processors import Job
+from .progress import Coalescer
 from .store import Store
 
 
@@ -113,11 +113,6 @@ _WHY = """
 """
 _JOB_TASK = "SELECT task_input, title, metadata FROM tasks WHERE task_id = :task_id"
 
-# Progress reports are passed on at a bounded rate (see :class:`Coalescer`).
-PROGRESS_INTERVAL = (0.25, 10.0)  # seconds between stored reports: at first, at most
-PROGRESS_SLOWDOWN = 40.0  # the interval is the report stream's age over this, in between
-
-
 @dataclass(frozen=True, slots=True)
 class ClaimedJob:
     """A job as a claim answers it."""
@@ -135,58 +130,6 @@ class ClaimedJob:
         return {"task_id": self.task_id, "attempt": self.attempt, "lease_id": self.lease_id,
                 "lease_expires": iso(self.lease_expires), "task_input": self.task_input,
                 "title": self.title, "metadata": self.metadata, "reviews": self.reviews}
-
-
-class Coalescer:
-    """A worker's progress reports, passed on to the task's watchers at a bounded rate.
-
-    Each report goes through the tracker's reporter: a ``running`` message, stored, then
-    published, so a worker sending hundreds a second would fill the journal. Here only
-    the latest report waits (memory: one report per job), and one is passed on at most
-    every interval, which starts at 0.25 s and grows with the stream's age (its age over
-    40, up to 10 s): about 40 messages in the first 10 s, 150 in the first 10 min, then 6
-    a minute. A report that comes within the interval is held and the latest one is
-    passed on when it ends; the completion drops what is held (the output follows).
-    """
-
-    def __init__(self, report: Progress) -> None:
-        self.report = report
-        self.loop = asyncio.get_running_loop()
-        self.held: tuple[float, str] | None = None
-        self.first: float | None = None  # when the first report was passed on
-        self.last = -math.inf
-        self.timer: asyncio.TimerHandle | None = None
-
-    def __call__(self, fraction: float, partial_output: str) -> None:
-        self.held = (fraction, partial_output)
-        if self.timer is not None:  # one is due: it takes the latest
-            return
-        now = time.monotonic()
-        due = self.last + self.interval(now)
-        if now >= due:
-            self.flush()
-        else:
-            self.timer = self.loop.call_later(due - now, self.flush)
-
-    def interval(self, now: float) -> float:
-        low, high = PROGRESS_INTERVAL
-        age = 0.0 if self.first is None else now - self.first
-        return min(max(low, age / PROGRESS_SLOWDOWN), high)
-
-    def flush(self) -> None:
-        self.timer = None
-        if self.held is None:
-            return
-        (fraction, partial_output), self.held = self.held, None
-        self.last = time.monotonic()
-        if self.first is None:
-            self.first = self.last
-        self.report(fraction, partial_output)
-
-    def close(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-        self.timer, self.held = None, None
 
 
 @dataclass(slots=True)
@@ -294,14 +237,30 @@ class WorkQueue:
                 soonest = next(iter(await conn.execute_fetchall(_SOONEST_EXPIRY)))[0]
                 return None, soonest
         row = rows[0]
+        try:
+            return await self._claimed(row["task_id"], row["attempt"], lease_id,
+                                       row["lease_expires"]), None
+        except asyncio.CancelledError:  # its client left before the answer: give it back
+            await asyncio.shield(self._give_back_unanswered(row["task_id"], row["attempt"],
+                                                            lease_id, by))
+            raise
+
+    async def _claimed(self, task_id: str, attempt: int, lease_id: str,
+                       lease_expires: float) -> ClaimedJob:
+        """The claimed job as its worker gets it: the task's input and every review."""
         task = next(iter(await self.store.reader.execute_fetchall(
-            _JOB_TASK, {"task_id": row["task_id"]})))
-        reviews = await self.store.reviews(row["task_id"])
+            _JOB_TASK, {"task_id": task_id})))
+        reviews = await self.store.reviews(task_id)
         metadata = task["metadata"]
-        return ClaimedJob(row["task_id"], row["attempt"], lease_id,
-                          row["lease_expires"], task["task_input"], task["title"],
-                          None if metadata is None else json.loads(metadata),
-                          [review.to_json() for review in reviews]), None
+        return ClaimedJob(task_id, attempt, lease_id, lease_expires, task["task_input"],
+                          task["title"], None if metadata is None else json.loads(metadata),
+                          [review.to_json() for review in reviews])
+
+    async def _give_back_unanswered(self, task_id: str, attempt: int, lease_id: str,
+                                    by: Identity) -> None:
+        with contextlib.suppress(HitlError):  # expired or taken meanwhile: nothing to undo
+            await self._report(_GIVE_BACK, task_id, attempt, lease_id, by)
+            self._wake()
 
     async def heartbeat(self, task_id: str, attempt: int, lease_id: str,
                         lease: float | None = None, *, by: Identity) -> float:
