@@ -391,3 +391,13 @@ def reviewer_finds(reviewer: Client, title: str) -> Task:
                 return reviewer.get(task.task_id)
         time.sleep(0.05)
     raise AssertionError(f"no task {title!r} came up for review")
+
+
+def test_the_client_loads_nothing_of_the_server() -> None:
+    """As the README says: a program that only talks to hitl needs httpx, not Quart."""
+    probe = ("import sys, hitl.client; "
+             "print(sorted(m for m in ('quart', 'hypercorn', 'aiosqlite', 'pocketflow', "
+             "'hitl.app', 'hitl.store') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True,
+                            text=True, timeout=BOUND, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert (result.returncode, result.stdout.strip()) == (0, "[]"), result.stderr
