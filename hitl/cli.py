@@ -1,5 +1,6 @@
 """The ``hitl`` command: ``serve``, ``tasks list|show``, ``export``, ``users``, ``tokens``,
-``webhooks``, ``worker``."""
+``webhooks``, ``worker`` (:mod:`hitl.cli_worker`); and the client's ``submit``, ``watch``,
+``approve``... (:mod:`hitl.cli_client`)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TextIO
 
-from . import cli_accounts, cli_webhooks, cli_worker
+from . import cli_accounts, cli_client, cli_webhooks, cli_worker
 from .accounts import Accounts, Role
 from .config import SETTINGS, Config, default_db_path, default_of, env_var
 from .errors import ConfigError, HitlError, Invalid, StartupError
@@ -72,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_accounts.add_commands(commands, add_db_option)
     cli_webhooks.add_commands(commands, add_db_option)
     cli_worker.add_command(commands)
+    cli_client.add_commands(commands)
     return parser
 
 
@@ -95,8 +97,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        if args.command == "worker":  # a client of a service: no database, no serve settings
-            return cli_worker.run(args)
+        if hasattr(args, "run"):  # a client of a service: no database, no server settings
+            return int(args.run(args))
         config = load_config(args)
         if args.command == "serve":
             return run_server(config)

@@ -39,6 +39,7 @@ def add_command(commands: Any) -> None:
                              "(default 25)")
     worker.add_argument("--log-level", default="info",
                         help="logging level (debug, info, warning, error; default info)")
+    worker.set_defaults(run=run)
 
 
 def positive(kind: type[float] | type[int]) -> Any:
