@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from pathlib import Path
@@ -26,4 +27,10 @@ def gated(job: Job) -> str:
 
 def echo(job: Job) -> str:
     """Returns the input unchanged: a large input makes an equally large output."""
+    return job.task_input
+
+
+def logged(job: Job) -> str:
+    """Logs from its worker thread (the record should name the task), then echoes."""
+    logging.getLogger("tests.procs").info("processing attempt %d", job.attempt)
     return job.task_input

@@ -59,8 +59,9 @@ class ServerProcess:
         raise AssertionError("server did not start: " + self.log())
 
     def log(self) -> str:
-        path = self.db.with_suffix(f".{self.port}.log")
-        return path.read_text(errors="replace") if path.exists() else ""
+        paths = (self.db.with_suffix(f".{self.port}.log"), self.stderr)
+        return "".join(path.read_text(errors="replace") for path in paths
+                       if path is not None and path.exists())
 
     def signal(self, signum: int = signal.SIGTERM) -> None:
         assert self.proc is not None

@@ -199,6 +199,10 @@ async def do_release(world: World, person: str | None) -> str:
                                          headers=world.auth(person)))
 
 
+async def do_metrics(world: World, person: str | None) -> str:
+    return outcome(await world.http.get("/metrics", headers=world.auth(person)))
+
+
 ENDPOINTS: dict[str, Callable[[World, str | None], Awaitable[str]]] = {
     "`POST /submit`": do_submit,
     "`POST /feedback/<id>`": do_feedback,
@@ -212,6 +216,7 @@ ENDPOINTS: dict[str, Callable[[World, str | None], Awaitable[str]]] = {
     "`GET /dashboard`": do_dashboard,
     "`POST /api/queue/next`": do_queue_next,
     "`POST /api/tasks/<id>/release`": do_release,
+    "`GET /metrics`": do_metrics,
 }
 
 
