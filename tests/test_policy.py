@@ -116,8 +116,6 @@ def test_a_reviewer_may_cancel_their_own_task_and_only_admins_manage() -> None:
     assert not any(can_manage(who(user)).allowed for user in (RITA, SAM, VIC, WES))
 
 
-
-
 @pytest.mark.parametrize(("identity", "allowed"), [
     (who(ADA), True), (NOBODY, True), (SCRAPER, True), (who(RITA), False), (who(SAM), False),
     (who(VIC), False), (who(WES), False),
