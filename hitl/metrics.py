@@ -13,6 +13,9 @@ them up (``MultiProcessCollector``): counters and histograms sum over every proc
 that has run since the directory was emptied, and the open-streams gauge over the live
 ones only (``livesum``; a process that ends is forgotten by :func:`process_exited`, or
 at the next start-up by :func:`forget_dead_processes`).
+
+With ``--workers`` (issue 14) the parent should empty the directory before it starts
+its workers, and call :func:`process_exited` for each worker that ends.
 """
 
 from __future__ import annotations
@@ -55,7 +58,8 @@ from .errors import StartupError  # noqa: E402
 # The classic text format, which every Prometheus reads.
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
-disable_created_metrics()  # the *_created series: noise to a scraper, and absent multi-process
+# The *_created series: noise to a scraper, and absent in multi-process mode.
+disable_created_metrics()  # type: ignore[no-untyped-call]
 REGISTRY = CollectorRegistry()
 if MULTIPROCESS_DIR is None:  # (in multi-process mode only the directory's files count)
     ProcessCollector(registry=REGISTRY)
@@ -202,9 +206,12 @@ _LIVE_FILE = re.compile(r"gauge_live\w*?_(\d+)\.db$")
 
 
 def forget_dead_processes() -> None:
-    """Forget the live gauges of processes that are gone (killed before they could say so)."""
+    """At start-up, before serving: forget the live gauges of processes that are gone
+    (killed before they could say so), and zero this one's, which a process killed with
+    the same pid left behind (pid 1 in a container, every time)."""
     if MULTIPROCESS_DIR is None:
         return
+    OPEN_STREAMS.set(0)
     for path in glob.glob(os.path.join(MULTIPROCESS_DIR, "gauge_live*_*.db")):
         match = _LIVE_FILE.search(path)
         if match and not _running(int(match[1])):
