@@ -33,7 +33,7 @@ LINK_MINUTES = 15
 THROTTLE = (5, 60.0)  # failed sign-ins allowed per account and per address, per seconds
 MAX_NAME = 64
 
-Method = Literal["password", "link", "token", "proxy", "none", "system"]
+Method = Literal["password", "link", "token", "proxy", "none", "system", "metrics"]
 # Names of the service's own identities (a review timing out is decided by ``timeout``):
 # no account, proxy user or typed reviewer name may take one.
 SYSTEM_NAMES = frozenset({"timeout"})

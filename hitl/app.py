@@ -22,6 +22,7 @@ from .broker import Broker
 from .config import Config
 from .delivery import Dispatcher
 from .errors import BODY_TIMEOUT_ERROR, INTERNAL_ERROR, HitlError, Invalid, error_body, plain
+from .exporter import Exporter
 from .guard import Guard
 from .identity import Authenticator, Unauthorized
 from .journal import Journal
@@ -68,7 +69,7 @@ def create_app(config: Config | None = None, *, processor: Processor | None = No
     authenticator = Authenticator(config, store)
     for part in (Guard(config, authenticator), store, authenticator, broker, journal, runner,
                  Dispatcher(config, store, journal), FragmentCache(),
-                 ReviewQueue(config, store, broker), work):
+                 ReviewQueue(config, store, broker), work, Exporter(store)):
         part.init_app(app)
 
     app.before_request(answer_refused)  # after the guard's check: see hitl.sse_asgi

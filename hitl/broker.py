@@ -23,6 +23,7 @@ from typing import Final, Protocol
 
 from quart import Quart
 
+from . import metrics
 from .lifecycle import attach
 from .models import Message
 from .subscription import (
@@ -190,6 +191,7 @@ class Broker:
             sub.drop()
         if laggards:
             self.dropped_total += len(laggards)
+            metrics.watchers_dropped(len(laggards))
             log.info("dropped %d slow subscriber(s) of %s", len(laggards), name)
 
     def subscribe(self, name: str, last_id: int | None = None) -> Subscription:
@@ -204,6 +206,7 @@ class Broker:
         """Add a subscriber; whether it replays first (registering first loses nothing)."""
         topic = self._topic(sub.name)
         topic.subscribers.add(sub)
+        metrics.stream_opened()
         if sub.last_id is not None or sub.name != GLOBAL:
             return True
         if topic.history:
@@ -211,6 +214,7 @@ class Broker:
         return False
 
     def _unregister(self, sub: Subscription) -> None:
+        metrics.stream_closed()  # once per _register: a subscription's exit, or failed entry
         sub._release()
         topic = self._topics.get(sub.name)
         if topic is not None:

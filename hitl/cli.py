@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TextIO
 
-from . import cli_accounts, cli_client, cli_webhooks, cli_worker
+from . import cli_accounts, cli_client, cli_webhooks, cli_worker, logs, metrics
 from .accounts import Accounts, Role
 from .config import SETTINGS, Config, default_db_path, default_of, env_var
 from .errors import ConfigError, HitlError, Invalid, StartupError
@@ -126,8 +126,8 @@ def run_server(config: Config) -> int:
     from .app import create_app
     from .server import serve
 
-    logging.basicConfig(level=config.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(config.log_level, config.log_format)
+    metrics.check_multiprocess_dir()
     # Fail early, with one line: another server on the file (its lock is held until this
     # process ends), an unusable file, or a full disk.
     lock_exclusively(config.db)  # its descriptor stays open: held until the process ends

@@ -106,6 +106,26 @@ def _role(text: str) -> str:
     return text
 
 
+LOG_FORMATS = ("text", "json")
+
+
+def _log_format(text: str) -> str:
+    if text not in LOG_FORMATS:
+        raise ValueError(f"must be one of {', '.join(LOG_FORMATS)}")
+    return text
+
+
+def _token(text: str) -> str:
+    """A bearer secret: 16 to 256 printable ASCII characters, no spaces (a short one is
+    guessed; a space would not survive an Authorization header)."""
+    if not 16 <= len(text) <= 256:
+        raise ValueError("must be 16 to 256 characters (e.g. python3 -c 'import secrets; "
+                         "print(secrets.token_urlsafe(32))')")
+    if not all("!" <= char <= "~" for char in text):
+        raise ValueError("must be printable ASCII with no spaces")
+    return text
+
+
 def _networks(text: str) -> tuple[str, ...]:
     """Comma-separated CIDRs (or addresses), each checked; kept in their canonical form."""
     return tuple(str(ipaddress.ip_network(part.strip(), strict=False))
@@ -154,6 +174,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("retain_days", _optional_days, "delete finished tasks older than this; off by default",
             "number"),
     Setting("log_level", str, "logging level (debug, info, warning, error)", "text"),
+    Setting("log_format", _log_format, "log lines: text (readable) or json (one object a "
+            "line, for log collectors)", "log format"),
+    Setting("metrics_token", _token, "bearer token that may read /metrics and nothing else "
+            "(admins may too); off by default", "token"),
     Setting("auth", _auth_mode, "sign-in: accounts, proxy (trusted X-Forwarded-User) or none "
             "(loopback only)", "mode"),
     Setting("trusted_proxies", _networks, "proxy mode: comma-separated CIDRs whose "
@@ -206,6 +230,8 @@ class Config:
     shutdown_timeout: float = 5.0
     retain_days: float | None = None
     log_level: str = "info"
+    log_format: str = "text"
+    metrics_token: str | None = None
     auth: str = "accounts"
     trusted_proxies: tuple[str, ...] = ()
     proxy_default_role: str = "reviewer"

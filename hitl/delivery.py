@@ -27,6 +27,7 @@ from dataclasses import replace
 import httpx
 from quart import Quart
 
+from . import logs, metrics
 from .config import Config
 from .journal import Journal
 from .lifecycle import attach
@@ -161,12 +162,16 @@ class Dispatcher:
             status, error = await self._post(http, endpoint.url, key, message_id, body)
             now = time.time()
             if error is None:
+                metrics.webhook_delivered()
                 return await progress.reached(item.gid, AttemptRecord(
                     message_id, item.gid, item.type, tries, now, status, None, "delivered",
                     None))
+            metrics.webhook_failed()
             if now >= give_up:
                 log.warning("webhook %s: gave up on %s (%s) after %d tries: %s",
-                            endpoint.id, message_id, item.type, tries, error)
+                            endpoint.id, message_id, item.type, tries, error,
+                            extra=logs.task(item.task_id))
+                metrics.webhook_skipped()
                 record = AttemptRecord(message_id, item.gid, item.type, tries, now, status,
                                        error, "skipped", None)
                 return await progress.reached(item.gid, record) and await progress.store()

@@ -23,6 +23,7 @@ from typing import Any, cast
 
 from quart import Quart, request
 
+from . import policy
 from .accounts import Identity
 from .config import Config
 from .errors import Invalid
@@ -109,8 +110,11 @@ class Guard:
         identity = await self.authenticator.identify(scope)
         scope[IDENTITY] = identity
         path = scope["path"]
-        if identity is None and path not in PUBLIC and not path.startswith(PUBLIC_PREFIXES):
-            raise Unauthorized("sign in first (a session, or Authorization: Bearer <token>)")
+        if identity is None:
+            if path not in PUBLIC and not path.startswith(PUBLIC_PREFIXES):
+                raise Unauthorized("sign in first (a session, or Authorization: Bearer <token>)")
+        else:
+            policy.can_reach(identity, path).require()  # the metrics token: /metrics alone
         return identity
 
     def check_origin(self, scope: Mapping[str, Any]) -> None:

@@ -10,6 +10,9 @@ mode (``--auth``):
 - ``proxy``: ``X-Forwarded-User`` (with ``-Groups`` and ``-Email``), believed only from a
   ``--trusted-proxies`` address; tokens work too;
 - ``none``: everyone is the one anonymous operator (loopback only).
+
+In the first two, a bearer token equal to ``--metrics-token`` is :data:`SCRAPER`, whom
+the policy lets read ``/metrics`` and nothing else.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ from .lifecycle import attach
 from .store import Store
 
 ANONYMOUS = User("", "anonymous", Role.ADMIN)  # --auth none: today's behaviour
+# --metrics-token: a scraper, who reads /metrics and nothing else (hitl.policy.can_reach)
+SCRAPER = Identity(User("", "metrics token", Role.VIEWER), "metrics")
 
 
 class Unauthorized(HitlError):
@@ -69,6 +74,7 @@ class Authenticator:
         self.mode = config.auth
         self.accounts = Accounts(store)
         self.trusted = [ipaddress.ip_network(cidr) for cidr in config.trusted_proxies]
+        self.metrics_token = config.metrics_token.encode() if config.metrics_token else None
         self.cookie = SessionCookie(cookie_name="hitl_session", duration=30 * 86400)
         self.app: Quart | None = None
 
@@ -96,6 +102,8 @@ class Authenticator:
         if authorization is not None:
             scheme, _, token = authorization.partition(" ")
             if scheme.lower() == "bearer" and token.strip():
+                if self.is_metrics_token(token.strip()):
+                    return SCRAPER
                 identity = await self.accounts.by_token(token.strip())
                 if identity is None:
                     raise Unauthorized("the API token is unknown, revoked or expired, or "
@@ -105,6 +113,11 @@ class Authenticator:
             return await self.from_proxy(scope)
         session_id = self.session_id(scope)
         return await self.accounts.by_session(session_id) if session_id else None
+
+    def is_metrics_token(self, token: str) -> bool:
+        """Whether ``token`` is the ``--metrics-token`` (compared in constant time)."""
+        return self.metrics_token is not None and hmac.compare_digest(token.encode(),
+                                                                      self.metrics_token)
 
     def session_id(self, scope: Mapping[str, Any]) -> str | None:
         """The session id in the request's signed cookie, if its signature holds."""

@@ -23,6 +23,7 @@ from typing import Any
 
 from quart import Quart
 
+from . import logs, metrics
 from .broker import GLOBAL, Broker
 from .errors import DuplicateKey, StorageUnavailable, VoteRefused
 from .lifecycle import attach
@@ -170,7 +171,11 @@ class Journal:
             if event is not None:
                 pending.write = replace(pending.write, event=replace(event, gid=gid))
                 gid += 1
-        await self.store.write([pending.write for pending in batch])
+        started = time.perf_counter()
+        try:
+            await self.store.write([pending.write for pending in batch])
+        finally:
+            metrics.store_written(time.perf_counter() - started)
         self._next_gid = gid
         self.failure = None
         for pending in batch:
@@ -187,7 +192,7 @@ class Journal:
         task_id = pending.write.task_id
         if isinstance(exc, StorageUnavailable):
             if self.failure is None:
-                log.error("storage unavailable: %s", exc.reason)
+                log.error("storage unavailable: %s", exc.reason, extra=logs.task(task_id))
             self.failure = exc.reason
         self.refused.add(task_id)
         _settle(pending, exc)

@@ -16,6 +16,9 @@ Roles (:class:`~hitl.accounts.Role`):
 - ``worker``: only the external-worker endpoints (:func:`can_work`, admins too), so
   403 everywhere else.
 
+Admins may also read ``/metrics``; so may a scraper with the ``--metrics-token``, which
+proves nothing else: every other path refuses it (:func:`can_reach`, asked by the guard).
+
 No one decides a task they submitted, admins included, unless it has
 ``allow_self_review``. With ``--auth none`` everyone is the one anonymous operator, who
 may do everything, as before sign-in existed.
@@ -63,6 +66,7 @@ class Decision:
 
 
 ALLOWED = Decision(True)
+METRICS_PATH = "/metrics"
 WORKERS = Decision(False, "workers only claim and complete work")
 
 
@@ -161,6 +165,21 @@ def can_manage(identity: Identity) -> Decision:
     if identity.user.role is Role.ADMIN:
         return ALLOWED
     return Decision(False, "only admins manage users, tokens and webhooks")
+
+
+def can_read_metrics(identity: Identity) -> Decision:
+    """``/metrics``: admins, the metrics token, and the operator with sign-in off."""
+    if signed_out(identity) or identity.method == "metrics" or identity.user.role is Role.ADMIN:
+        return ALLOWED
+    return Decision(False, "only admins and the metrics token read the metrics")
+
+
+def can_reach(identity: Identity, path: str) -> Decision:
+    """Whether a request of theirs to ``path`` is answered at all (the guard asks, for every
+    path): the metrics token proves a scraper, which reads ``/metrics`` and nothing else."""
+    if identity.method == "metrics" and path != METRICS_PATH:
+        return Decision(False, "the metrics token reads /metrics only")
+    return ALLOWED
 
 
 def is_named(identity: Identity, reviewers: tuple[str, ...]) -> bool:

@@ -8,6 +8,7 @@ event loop, so it must not block). Name one with ``--processor package.module:ca
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import importlib
 import inspect
 import threading
@@ -92,7 +93,9 @@ class ProcessorPool:
             result = await cast(Awaitable[object], self.processor(job))
         else:
             loop = asyncio.get_running_loop()
-            result = await loop.run_in_executor(self._executor, self._call, job)
+            # in the flow's context, as asyncio.to_thread does: its log records name the task
+            result = await loop.run_in_executor(self._executor, contextvars.copy_context().run,
+                                                self._call, job)
         if not isinstance(result, str):
             raise TypeError(f"processor returned {type(result).__name__}, not str")
         return result

@@ -14,6 +14,7 @@ from quart_schema import validate_querystring, validate_request, validate_respon
 
 from .accounts import Identity
 from .broker import Broker
+from .exporter import Exporter
 from .guard import identity_of
 from .identity import Unauthorized
 from .queue import ReviewQueue
@@ -42,6 +43,10 @@ def queue() -> ReviewQueue:
 
 def broker() -> Broker:
     return cast(Broker, current_app.extensions["broker"])
+
+
+def exporter() -> Exporter:
+    return cast(Exporter, current_app.extensions["metrics"])
 
 
 def who(scope: Mapping[str, Any] | None = None) -> Identity:
@@ -135,3 +140,10 @@ async def healthz() -> tuple[dict[str, object], int]:
     """Liveness and a few gauges; 503 while changes cannot be stored."""
     health = runner().health()
     return health, 200 if health["status"] == "ok" else 503
+
+
+@api.get("/metrics")
+async def metrics() -> Response:
+    """Prometheus metrics in the text format: for admins and the ``--metrics-token``."""
+    body, content_type = await exporter().scrape(by=who())
+    return Response(body, content_type=content_type)

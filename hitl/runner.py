@@ -19,7 +19,7 @@ from typing import Any
 from pocketflow import AsyncFlow
 from quart import Quart
 
-from . import deadlines, policy
+from . import deadlines, logs, policy
 from .accounts import SYSTEM_NAMES, Identity
 from .broker import Broker
 from .config import Config
@@ -372,7 +372,8 @@ class Runner:
         elif task.status is Status.PROCESSING_FEEDBACK and task.reviews:
             tracker.shared["feedback"] = task.reviews[-1]
             step = "result" if task.reviews[-1].decision == "approved" else "process"
-        log.info("resuming task %s at %s (was %s)", task.task_id, step, task.status)
+        log.info("resuming task %s at %s (was %s)", task.task_id, step, task.status,
+                 extra=logs.task(task.task_id))
         self._launch(tracker, step)
 
     def _launch(self, tracker: Tracker, step: Step) -> None:
@@ -385,6 +386,7 @@ class Runner:
     async def _drive(self, tracker: Tracker, flow: AsyncFlow) -> None:
         tracker.started = True
         task = tracker.task
+        logs.about_task(task.task_id)  # whatever the flow logs (its processor too) is about it
         try:
             if task.status is Status.PROCESSING_FEEDBACK and task.reviews:
                 last = task.reviews[-1]  # resumed after a timeout that fails the task
@@ -477,7 +479,8 @@ class Runner:
                 try:
                     task = await self.store.get_task(task_id)
                 except Exception:
-                    log.exception("could not read task %s to resume it", task_id)
+                    log.exception("could not read task %s to resume it", task_id,
+                                  extra=logs.task(task_id))
                     break
                 if task_id in self.trackers or not self.accepting:
                     continue

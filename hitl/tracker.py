@@ -13,6 +13,7 @@ import logging
 import time
 from typing import Any, TypedDict
 
+from . import metrics
 from .deadlines import TIMEOUT
 from .errors import Conflict
 from .journal import Journal
@@ -215,10 +216,27 @@ class Tracker:
             event["edited_output"] = review.edited_output
         if self.task.quorum > 1:
             event |= self.task.tally()
+        since = self._up_for_review_since()
         stored = self.journal.record(
             self.task, {"status": Status.PROCESSING_FEEDBACK.value, **event}, review
         )
-        stored.add_done_callback(lambda done: self.settle_decision(done.exception()))
+        stored.add_done_callback(lambda done: self._decision_stored(done, review, since))
+
+    def _up_for_review_since(self) -> float:
+        """When the attempt under review went up for review: its output's finishing time
+        (an escalation or a vote leaves it), else the task's last change."""
+        attempts = self.task.attempts
+        if attempts and attempts[-1].attempt == self.task.attempt and attempts[-1].finished_at:
+            return attempts[-1].finished_at
+        return self.task.updated_at
+
+    def _decision_stored(self, done: asyncio.Future[None], review: Review, since: float
+                         ) -> None:
+        error = done.exception()
+        if error is None:
+            outcome = "timed_out" if review.auth_method == TIMEOUT.method else review.decision
+            metrics.decided(outcome, time.time() - since)
+        self.settle_decision(error)
 
     def settle_decision(self, error: BaseException | None) -> None:
         waiter, self.decision_stored = self.decision_stored, None

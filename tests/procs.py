@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from pathlib import Path
@@ -52,3 +53,9 @@ def record(what: str, job: Job) -> None:
         os.write(fd, line)
     finally:
         os.close(fd)
+
+
+def logged(job: Job) -> str:
+    """Logs from its worker thread (the record should name the task), then echoes."""
+    logging.getLogger("tests.procs").info("processing attempt %d", job.attempt)
+    return job.task_input

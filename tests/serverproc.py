@@ -29,6 +29,7 @@ class ServerProcess:
     port: int = field(default_factory=free_port)
     env: dict[str, str] = field(default_factory=dict)
     extra: list[str] = field(default_factory=list)
+    stderr: Path | None = None  # where its stderr goes alone (else into the log, with stdout)
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -42,9 +43,10 @@ class ServerProcess:
     def start(self) -> ServerProcess:
         env = {**os.environ, "PYTHONPATH": str(ROOT), "HITL_PROCESS_DELAY": "0",
                "HITL_RETRY_WAIT": "0", "HITL_AUTH": "none", **self.env}
-        with open(self.db.with_suffix(f".{self.port}.log"), "ab") as log:  # the child keeps it
+        with (open(self.db.with_suffix(f".{self.port}.log"), "ab") as log,  # the child keeps it
+              open(self.stderr or os.devnull, "ab") as errors):
             self.proc = subprocess.Popen(self.command(), cwd=ROOT, env=env, stdout=log,
-                                         stderr=subprocess.STDOUT)
+                                         stderr=errors if self.stderr else subprocess.STDOUT)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -57,8 +59,9 @@ class ServerProcess:
         raise AssertionError("server did not start: " + self.log())
 
     def log(self) -> str:
-        path = self.db.with_suffix(f".{self.port}.log")
-        return path.read_text(errors="replace") if path.exists() else ""
+        paths = (self.db.with_suffix(f".{self.port}.log"), self.stderr)
+        return "".join(path.read_text(errors="replace") for path in paths
+                       if path is not None and path.exists())
 
     def signal(self, signum: int = signal.SIGTERM) -> None:
         assert self.proc is not None

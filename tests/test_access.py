@@ -203,6 +203,8 @@ async def do_claim(world: World, person: str | None) -> str:
     """No job is queued (the built-in processor runs in-process): a worker's claim is 204."""
     return outcome(await world.http.post("/api/work/claim", headers=world.auth(person),
                                          json={"worker": "w"}))
+async def do_metrics(world: World, person: str | None) -> str:
+    return outcome(await world.http.get("/metrics", headers=world.auth(person)))
 
 
 ENDPOINTS: dict[str, Callable[[World, str | None], Awaitable[str]]] = {
@@ -219,6 +221,7 @@ ENDPOINTS: dict[str, Callable[[World, str | None], Awaitable[str]]] = {
     "`POST /api/queue/next`": do_queue_next,
     "`POST /api/tasks/<id>/release`": do_release,
     "`POST /api/work/claim`": do_claim,
+    "`GET /metrics`": do_metrics,
 }
 
 

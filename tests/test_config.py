@@ -30,6 +30,9 @@ SAMPLES: dict[str, tuple[tuple[str, Any], tuple[str, Any]]] = {
                       ("127.0.0.1, 192.168.1.7/24", ("127.0.0.1/32", "192.168.1.0/24"))),
     "role": (("viewer", "viewer"), ("reviewer", "reviewer")),
     "outcome": (("reject", "reject"), ("approve", "approve")),
+    "log format": (("json", "json"), ("text", "text")),
+    "token": (("flag-token-0123456789", "flag-token-0123456789"),
+              ("env-token-0123456789", "env-token-0123456789")),
 }
 BAD: dict[str, list[str]] = {
     "text": [], "path": [],
@@ -41,6 +44,8 @@ BAD: dict[str, list[str]] = {
     "list of CIDRs": ["x", "10.0.0.0/33", "10.0.0.1, y"],
     "role": ["x", "Admin", "root"],
     "outcome": ["x", "Fail", "escalate"],
+    "log format": ["x", "JSON", "logfmt"],
+    "token": ["short", "a" * 257, "has a space 0123456789", "\u00e9" * 20],
 }
 
 

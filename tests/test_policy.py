@@ -5,13 +5,15 @@ from __future__ import annotations
 import pytest
 
 from hitl.accounts import Identity, Role, User
-from hitl.identity import ANONYMOUS
+from hitl.identity import ANONYMOUS, SCRAPER
 from hitl.models import Task
 from hitl.policy import (
     can_cancel,
     can_decide,
     can_manage,
+    can_reach,
     can_read,
+    can_read_metrics,
     can_see,
     can_submit,
     can_work,
@@ -128,3 +130,23 @@ def test_a_reviewer_may_cancel_their_own_task_and_only_admins_manage() -> None:
     assert can_cancel(who(REX), task(by="rex")).allowed
     assert can_manage(who(ADA)).allowed
     assert not any(can_manage(who(user)).allowed for user in (RITA, SAM, VIC, WES))
+
+
+@pytest.mark.parametrize(("identity", "allowed"), [
+    (who(ADA), True), (NOBODY, True), (SCRAPER, True), (who(RITA), False), (who(SAM), False),
+    (who(VIC), False), (who(WES), False),
+])
+def test_admins_the_operator_and_the_metrics_token_read_the_metrics(identity: Identity,
+                                                                    allowed: bool) -> None:
+    decision = can_read_metrics(identity)
+    assert decision.allowed is allowed
+    assert allowed or decision.reason == "only admins and the metrics token read the metrics"
+
+
+@pytest.mark.parametrize("path", ["/", "/api/tasks", "/stream", "/submit", "/healthz",
+                                  "/metrics/", "/metricsx", "/api/work/claim"])
+def test_the_metrics_token_reaches_metrics_alone(path: str) -> None:
+    assert can_reach(SCRAPER, "/metrics").allowed
+    refused = can_reach(SCRAPER, path)
+    assert (refused.allowed, refused.reason) == (False, "the metrics token reads /metrics only")
+    assert all(can_reach(identity, path).allowed for identity in (who(ADA), who(VIC), NOBODY))
