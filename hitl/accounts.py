@@ -12,6 +12,7 @@ it runs on the store's own connections and transactions.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import secrets
@@ -196,7 +197,7 @@ class Accounts:
         stored = row["password_hash"] if row is not None else None
         ok: bool
         try:  # the same work whether or not the user exists: timing tells nothing
-            ok = await asyncio.to_thread(_hasher.verify, stored or _DUMMY_HASH, password)
+            ok = await asyncio.to_thread(_hasher.verify, stored or dummy_hash(), password)
         except (VerificationError, InvalidHashError):
             ok = False
         if not ok or row is None or stored is None:
@@ -370,7 +371,13 @@ def check_password(password: str) -> None:
         raise Invalid("password must be at most 1024 characters")
 
 
-_DUMMY_HASH = _hasher.hash("not a password of anyone's")
+@functools.cache
+def dummy_hash() -> str:
+    """What a password is checked against for a name with none: made at first use, as
+    hashing takes tens of milliseconds that every ``hitl`` command would pay at import."""
+    return _hasher.hash("not a password of anyone's")
+
+
 _USER_COLUMNS = ("users.name AS name, display_name, role, groups, users.created_at AS "
                  "created_at, disabled_at, password_hash IS NOT NULL AS has_password")
 
