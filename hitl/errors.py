@@ -10,6 +10,9 @@ from typing import Any
 INTERNAL_ERROR = "internal error; it has been logged"
 # ... and of a request body that stopped arriving (Quart's BODY_TIMEOUT).
 BODY_TIMEOUT_ERROR = "the request body did not arrive in time"
+# The blueprints whose errors are JSON whoever asks (the API's and the webhooks'); the UI's
+# pages answer HTML, and other paths as the client's Accept prefers (hitl.pages.wants_html).
+API_BLUEPRINTS = ("api", "webhooks")
 
 
 def error_body(message: str) -> bytes:

@@ -69,7 +69,7 @@ class AllowedHosts:
             self.any_address and is_address(name))
 
 
-PUBLIC = ("/login", "/healthz")  # and what starts with PUBLIC_PREFIXES: no sign-in needed
+PUBLIC = ("/login", "/healthz", "/openapi.json")  # and what starts with PUBLIC_PREFIXES
 PUBLIC_PREFIXES = ("/login/once/", "/static/")
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 IDENTITY = "hitl.identity"  # where a checked request keeps who is asking, in its scope
@@ -108,8 +108,7 @@ class Guard:
             raise Invalid(f"{shown} is not one this service answers to (see --allowed-hosts)")
         identity = await self.authenticator.identify(scope)
         scope[IDENTITY] = identity
-        path = scope["path"]
-        if identity is None and path not in PUBLIC and not path.startswith(PUBLIC_PREFIXES):
+        if identity is None and not is_public(scope["path"]):
             raise Unauthorized("sign in first (a session, or Authorization: Bearer <token>)")
         return identity
 
@@ -149,12 +148,18 @@ class Guard:
         if content_type not in FORM_TYPES:  # no form: the Origin check above is the guard
             return
         token = header(scope, b"x-csrf-token") or form_token
-        if not token or identity.csrf is None or not hmac.compare_digest(token, identity.csrf):
+        if not token or identity.csrf is None or not hmac.compare_digest(
+                token.encode(), identity.csrf.encode()):  # str: ASCII only, else TypeError
             raise Forbidden("the form is missing its CSRF token or it is stale: reload the "
                             "page and send it again")
 
 
 FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
+
+
+def is_public(path: str) -> bool:
+    """Whether ``path`` is answered to visitors too (sign-in, health, static files)."""
+    return path in PUBLIC or path.startswith(PUBLIC_PREFIXES)
 
 
 def acts_for_the_user(scope: Mapping[str, Any]) -> bool:

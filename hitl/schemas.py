@@ -57,6 +57,13 @@ def reviewer_entry(entry: str) -> str:
     return GROUP + name if entry.startswith(GROUP) else name
 
 
+class SubmitHeaders(BaseModel):
+    idempotency_key: str | None = Field(
+        None, min_length=1, max_length=MAX_KEY_LENGTH, pattern=r"^[ -~]+$",
+        description="a retry with the same key within 24 h answers the same task and "
+                    "creates none (the same key for another request: 409)")
+
+
 class SubmitIn(BaseModel):
     data: str = Field(max_length=MAX_TEXT, description="the task input")
     reviewers: list[str] = Field(
@@ -230,7 +237,3 @@ class NextQuery(BaseModel):
     """``GET /next``: the task after which to look (the one on screen), if any."""
 
     after: str | None = Field(None, max_length=MAX_ID_LENGTH)
-
-
-class ErrorOut(BaseModel):
-    error: str

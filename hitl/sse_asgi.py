@@ -134,9 +134,10 @@ def owned(batch: list[Message], owner: str) -> list[Message]:
 
 
 def last_event_id(scope: Scope) -> str | None:
-    """The ``Last-Event-ID`` header, else a ``last_event_id`` query parameter."""
+    """The ``Last-Event-ID`` header, else a ``last_event_id`` query parameter (an empty
+    header names no event: the query is read, and checked, as without one)."""
     for name, value in scope["headers"]:
-        if name == b"last-event-id":
+        if name == b"last-event-id" and value.strip():
             return cast(bytes, value).decode("latin-1")
     query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
     return query["last_event_id"][0] if "last_event_id" in query else None

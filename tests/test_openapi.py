@@ -1,0 +1,197 @@
+"""``/openapi.json`` describes every endpoint, and a live server answers as it says.
+
+The unit tests hold every URL rule (and the two plain-ASGI streams) to documented answers,
+so a route added without them fails here. The schemathesis runs fuzz a real ``hitl
+serve`` (a subprocess on a free loopback port) with a bounded number of examples per
+operation, once with sign-in off and once as a token's user, and fail on any server
+error, undocumented status, wrong content type or body that breaks its schema.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from quart import Quart
+
+from hitl import Config, create_app
+from hitl.errors import API_BLUEPRINTS
+
+from .serverproc import ServerProcess, run_cli
+
+SCHEMATHESIS = shutil.which("schemathesis", path=str(Path(sys.executable).parent)) or \
+    shutil.which("schemathesis")
+STREAMS = ("/stream", "/stream/{task_id}")
+# What each run checks (schemathesis 4's names). Left out: positive_data_acceptance (a valid
+# body for a task that does not exist is rightly a 404) and the checks that need links
+# between operations.
+CHECKS = ("not_a_server_error,status_code_conformance,content_type_conformance,"
+          "response_headers_conformance,response_schema_conformance,"
+          "negative_data_rejection,missing_required_header")
+# Bounded: a few examples per operation, a stream read for one event or half a second. A
+# body too large is rightly refused with a 413 (schemathesis expects 4xx codes without it).
+SETTINGS = """
+max-stream-events = 1
+[checks.negative_data_rejection]
+expected-statuses = [400, 401, 403, 404, 405, 409, 413, 415, 422, 429]
+[[operations]]
+include-path-regex = "stream"
+request-timeout = 0.5
+generation.max-examples = 3
+"""
+
+
+async def spec_of(app: Quart) -> dict[str, Any]:
+    async with app.test_app():
+        response = await app.test_client().get("/openapi.json")
+        assert response.status_code == 200
+        return dict(await response.get_json())
+
+
+def openapi_path(rule: str) -> str:
+    return re.sub(r"<(?:[^:<>]*:)?([^<>]+)>", r"{\1}", rule)
+
+
+async def test_every_rule_is_documented_with_its_answers(config: Config) -> None:
+    """A route added without its answers fails here (and so does a stream left out)."""
+    app = create_app(config)
+    paths = (await spec_of(app))["paths"]
+    for rule in app.url_map.iter_rules():
+        for method in sorted((rule.methods or set()) - {"HEAD", "OPTIONS"}):
+            operation = paths.get(openapi_path(rule.rule), {}).get(method.lower())
+            assert operation is not None, f"{method} {rule.rule} is not in /openapi.json"
+            assert operation["responses"], f"{method} {rule.rule} documents no answer"
+            assert any(code < "300" or code == "303" for code in operation["responses"]), \
+                f"{method} {rule.rule} documents no success"
+    for path in STREAMS:
+        assert "text/event-stream" in paths[path]["get"]["responses"]["200"]["content"]
+
+
+async def test_api_errors_are_documented_as_the_error_schema(config: Config) -> None:
+    app = create_app(config)
+    spec = await spec_of(app)
+    endpoints = {openapi_path(rule.rule): rule.endpoint for rule in app.url_map.iter_rules()}
+    for path, operations in spec["paths"].items():
+        blueprint = endpoints.get(path, "api.").partition(".")[0]
+        if blueprint not in API_BLUEPRINTS:
+            continue
+        for method, operation in operations.items():
+            for code, answer in operation["responses"].items():
+                if code >= "400" and not (path == "/healthz" and code == "503"):
+                    schema = answer["content"]["application/json"]["schema"]
+                    assert schema == {"$ref": "#/components/schemas/ErrorOut"}, \
+                        f"{method} {path} {code}"
+    assert spec["components"]["schemas"]["ErrorOut"]["required"] == ["error"]
+
+
+async def test_headers_and_streams_are_described(config: Config) -> None:
+    paths = (await spec_of(create_app(config)))["paths"]
+    submit = paths["/submit"]["post"]
+    assert {"idempotency-key"} <= {p["name"].lower() for p in submit["parameters"]}
+    assert {"202", "409", "413", "415"} <= set(submit["responses"])
+    stream = paths["/stream/{task_id}"]["get"]
+    assert {("header", "Last-Event-ID"), ("path", "task_id")} <= {
+        (p["in"], p["name"]) for p in stream["parameters"]}
+    assert "404" in stream["responses"]
+    assert "text/event-stream" in paths["/tasks/{task_id}/stream"]["get"]["responses"][
+        "200"]["content"]
+    form = paths["/tasks/{task_id}/decision"]["post"]["requestBody"]["content"]
+    assert "feedback" in form["application/x-www-form-urlencoded"]["schema"]["properties"]
+    assert set(paths["/api/queue/next"]["post"]["responses"]) >= {"200", "204"}
+
+
+async def test_security_follows_the_sign_in_mode(config: Config, tmp_path: Path) -> None:
+    """Tokens and sessions with sign-in on; nothing to present with ``--auth none``."""
+    assert "security" not in await spec_of(create_app(config))
+    signed = await spec_of(create_app(Config(db=str(tmp_path / "s.db"), auth="accounts")))
+    assert signed["security"] == [{"bearer": []}, {"session": []}]
+    assert signed["components"]["securitySchemes"]["bearer"] == {"type": "http",
+                                                                 "scheme": "bearer"}
+    assert signed["paths"]["/healthz"]["get"]["security"] == []  # public
+    assert "401" in signed["paths"]["/api/tasks"]["get"]["responses"]
+
+
+# --- against a live server ---------------------------------------------------------------
+
+
+@pytest.fixture
+def server(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
+    """``hitl serve``, with sign-in off or on (``request.param``), holding a task or two."""
+    auth = request.param
+    proc = ServerProcess(tmp_path / "hitl.db", env={"HITL_AUTH": auth})
+    proc.start()
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+def token_for(db: Path) -> str:
+    """An admin's API token, made as an operator would (``hitl users add``, ``tokens``)."""
+    assert run_cli("users", "add", "ops", "--role", "admin", "--db", str(db)).returncode == 0
+    made = run_cli("tokens", "create", "--user", "ops", "--db", str(db))
+    assert made.returncode == 0, made.stderr
+    return made.stdout.strip().splitlines()[-1]
+
+
+def fuzz(server: ServerProcess, tmp_path: Path, headers: dict[str, str],
+         checks: str = CHECKS) -> tuple[subprocess.CompletedProcess[str], float]:
+    settings = tmp_path / "schemathesis.toml"
+    settings.write_text(SETTINGS)
+    assert SCHEMATHESIS is not None, "schemathesis is in the test extra"
+    command = [SCHEMATHESIS, "--config-file", str(settings), "--no-color", "run",
+               f"{server.url}/openapi.json", "--checks", checks, "--max-examples", "6",
+               "--phases", "coverage,fuzzing", "--request-timeout", "1", "--no-shrink",
+               "--workers", "1", "--warnings", "off",
+               "--output-truncate", "true"]  # threads: Python 3.11's ast races
+    for name, value in headers.items():
+        command += ["-H", f"{name}: {value}"]
+    started = time.monotonic()
+    done = subprocess.run(command, capture_output=True, text=True, timeout=90, cwd=tmp_path,
+                          env={**os.environ, "NO_COLOR": "1"})
+    return done, time.monotonic() - started
+
+
+def failures(output: str) -> str:
+    """schemathesis's report of what failed (and its summary), each line cut short."""
+    lines = output[output.find("FAILURES"):].splitlines() if "FAILURES" in output else \
+        output.splitlines()[-40:]
+    return "\n".join(line[:300] for line in lines if line.strip())[-8000:]
+
+
+def seed_tasks(server: ServerProcess, headers: dict[str, str]) -> None:
+    """A task to find: lists, pages and streams then answer with bodies, not only 404s."""
+    for data in ("review me", "and me"):
+        response = httpx.post(f"{server.url}/submit", json={"data": data}, headers=headers,
+                              timeout=5)
+        assert response.status_code == 202, response.text
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("server", ["none", "accounts"], indirect=True)
+def test_a_live_server_answers_as_documented(server: ServerProcess, tmp_path: Path) -> None:
+    """schemathesis, bounded: no 5xx, only documented codes, content types and bodies; with
+    sign-in on, as a token's user (and a request without it must be refused)."""
+    headers: dict[str, str] = {}
+    checks = CHECKS
+    if server.env["HITL_AUTH"] == "accounts":
+        headers = {"Authorization": f"Bearer {token_for(server.db)}"}
+        checks += ",ignored_auth"
+    seed_tasks(server, headers)
+    done, took = fuzz(server, tmp_path, headers, checks)
+    report = failures(done.stdout) + done.stderr[-2000:]
+    assert done.returncode == 0, f"schemathesis failed:\n{report}\n{server.log()[-3000:]}"
+    operations = sum(len(item) for item in httpx.get(f"{server.url}/openapi.json").json()[
+        "paths"].values()) - 1  # schemathesis leaves out the document it reads
+    assert re.search(rf"Tested:\s+{operations}\b", done.stdout), report  # streams too
+    assert "Traceback" not in server.log(), server.log()[-3000:]
+    assert took < 45, f"schemathesis took {took:.0f} s"
