@@ -11,6 +11,8 @@ from quart.typing import TestClientProtocol as Client
 
 from hitl import Config
 
+from .conftest import within
+
 
 async def submit(client: Client, data: str = "write a haiku") -> str:
     response = await client.post("/submit", json={"data": data})
@@ -146,6 +148,24 @@ async def test_bad_last_event_id_is_400(client: Client) -> None:
     task_id = await submit(client)
     response = await client.get(f"/stream/{task_id}", headers={"Last-Event-ID": "abc"})
     assert response.status_code == 400
+
+
+async def test_an_empty_last_event_id_header_leaves_the_query_to_be_checked(
+    client: Client,
+) -> None:
+    """Found by schemathesis: an empty header hid a bad ``last_event_id`` (a 200 stream)."""
+    task_id = await submit(client)
+    response = await within(client.get(f"/stream/{task_id}?last_event_id=null",
+                                       headers={"Last-Event-ID": ""}), 5, "the answer")
+    assert response.status_code == 400
+    assert "not a message id" in (await response.get_json())["error"]
+
+
+async def test_a_bad_query_on_a_post_is_a_400_not_a_415(client: Client) -> None:
+    """Found by schemathesis: a POST's query error was blamed on its (absent) JSON body."""
+    response = await client.post("/api/queue/next?after=" + "0" * 65)
+    assert response.status_code == 400
+    assert (await response.get_json())["error"].startswith("after:")
 
 
 @pytest.fixture
