@@ -14,7 +14,7 @@ from quart import Quart, Request, Response, redirect, request
 from quart.typing import ResponseReturnValue
 from quart_schema import RequestSchemaValidationError
 from quart_schema.validation import QuerystringValidationError, RequestHeadersValidationError
-from werkzeug.exceptions import HTTPException, RequestTimeout
+from werkzeug.exceptions import HTTPException, MethodNotAllowed, RequestTimeout
 from werkzeug.routing import RequestRedirect
 
 from . import openapi
@@ -152,7 +152,10 @@ def register_error_handlers(app: Quart) -> None:
         status = error.code or 500
         message = {400: "malformed request body (invalid JSON?)", 408: BODY_TIMEOUT_ERROR,
                    413: "request body is too large"}.get(status, error.description or error.name)
-        return await error_response(message, status)
+        response = await app.make_response(await error_response(message, status))
+        if isinstance(error, MethodNotAllowed) and error.valid_methods:  # RFC 9110: say which
+            response.headers["Allow"] = ", ".join(sorted(error.valid_methods))
+        return response
 
     @app.errorhandler(Exception)
     async def unexpected(error: Exception) -> ResponseReturnValue:

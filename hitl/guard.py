@@ -89,8 +89,8 @@ class Guard:
         @app.before_request
         async def check() -> None:
             identity = await self.check_request(cast(MutableMapping[str, Any], request.scope))
-            if request.method in SAFE_METHODS:
-                return
+            if request.method in SAFE_METHODS or request.routing_exception is not None:
+                return  # no route answers it (a 404 or 405 follows): it changes nothing
             if identity is None:  # a visitor's post (only the sign-in form takes one)
                 self.check_origin(request.scope)  # another site must not sign them in
                 return

@@ -161,6 +161,19 @@ async def test_an_empty_last_event_id_header_leaves_the_query_to_be_checked(
     assert "not a message id" in (await response.get_json())["error"]
 
 
+async def test_a_method_not_allowed_names_the_allowed_ones(client: Client) -> None:
+    """Found by schemathesis: 405s lacked the Allow header (RFC 9110), and other methods
+    on the streams were 404s (Quart has no rule for them: they are served in plain ASGI)."""
+    for method, path, allowed in (("PUT", "/submit", "OPTIONS, POST"),
+                                  ("DELETE", "/api/tasks", "GET, HEAD, OPTIONS"),
+                                  ("POST", "/stream", "GET, HEAD"),
+                                  ("PATCH", "/stream/abc", "GET, HEAD")):
+        response = await client.open(path, method=method)
+        assert response.status_code == 405, (method, path)
+        assert response.headers["Allow"] == allowed
+        assert "not allowed" in (await response.get_json())["error"]
+
+
 async def test_a_bad_query_on_a_post_is_a_400_not_a_415(client: Client) -> None:
     """Found by schemathesis: a POST's query error was blamed on its (absent) JSON body."""
     response = await client.post("/api/queue/next?after=" + "0" * 65)

@@ -36,7 +36,8 @@ STREAMS = ("/stream", "/stream/{task_id}")
 # between operations.
 CHECKS = ("not_a_server_error,status_code_conformance,content_type_conformance,"
           "response_headers_conformance,response_schema_conformance,"
-          "negative_data_rejection,missing_required_header")
+          "negative_data_rejection,missing_required_header,unsupported_method,"
+          "allow_header_conformance")
 # Bounded: a few examples per operation, a stream read for one event or half a second. A
 # body too large is rightly refused with a 413 (schemathesis expects 4xx codes without it).
 SETTINGS = """
