@@ -138,7 +138,7 @@ class Provider(OpenAPIProvider):
         blueprint = rule.endpoint.rpartition(".")[0] or None
         for path, item in paths.items():
             for method, operation in item.items():
-                if found is not None:
+                if found is not None:  # else quart-schema's alone: tests/test_openapi.py fails
                     self.complete(operation, found, path, method.upper(), blueprint,
                                   components)
                 if is_public(rule.rule):
@@ -180,14 +180,11 @@ class Provider(OpenAPIProvider):
 
     def schema(self) -> dict[str, Any]:
         schema = super().schema()
-        for path, operations in PLAIN_ASGI.items():
-            schema["paths"][path] = {}
-            for method, operation in operations.items():
-                built = {**operation, "responses": {}}
-                self.complete(built, operation["x-answers"], path, method.upper(), "api",
-                              schema["components"]["schemas"])
-                del built["x-answers"]
-                schema["paths"][path][method] = built
+        for route in PLAIN_ASGI:
+            operation = {**route.operation, "responses": {}}
+            self.complete(operation, route.answers, route.path, "GET", "api",
+                          schema["components"]["schemas"])
+            schema["paths"][route.path] = {"get": operation}
         return schema
 
 
@@ -221,22 +218,31 @@ TASK_ID = {"name": "task_id", "in": "path", "required": True,
            "description": "a task's id, or a unique prefix of it (8+ characters)",
            "schema": {"type": "string"}}
 
-# The two JSON streams hitl.sse_asgi answers ahead of Quart (which has no rule for them).
-PLAIN_ASGI: dict[str, dict[str, dict[str, Any]]] = {
-    "/stream": {"get": {
+
+
+@dataclass(frozen=True, slots=True)
+class PlainRoute:
+    """A ``GET`` answered in plain ASGI, ahead of Quart (which has no rule for it)."""
+
+    path: str
+    operation: Mapping[str, Any]  # the OpenAPI operation, but for its responses
+    answers: Answers
+
+
+# The two JSON streams of hitl.sse_asgi.
+PLAIN_ASGI = (
+    PlainRoute("/stream", {
         "operationId": "get_stream", "summary": "Every task's messages, live.",
         "description": "Event ids are the global message numbers. A submitter's stream "
                        "carries only their own tasks' messages. It never ends by itself.",
-        "parameters": LAST_EVENT_ID,
-        "x-answers": Answers({200: EVENTS})}},
-    "/stream/{task_id}": {"get": {
+        "parameters": LAST_EVENT_ID}, Answers({200: EVENTS})),
+    PlainRoute("/stream/{task_id}", {
         "operationId": "get_task_stream", "summary": "One task's messages, live.",
         "description": "Event ids are the task's message numbers; without Last-Event-ID "
                        "the task's latest message comes first. It ends, with "
                        '`data: {"status":"stream_closed"}`, once the task has.',
-        "parameters": [TASK_ID, *LAST_EVENT_ID],
-        "x-answers": Answers({200: EVENTS}, (404,))}},
-}
+        "parameters": [TASK_ID, *LAST_EVENT_ID]}, Answers({200: EVENTS}, (404,))),
+)
 
 
 def security(config: Config) -> dict[str, Any]:
