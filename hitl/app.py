@@ -36,6 +36,8 @@ from .sse_asgi import answer_refused
 from .store import Store
 from .ui_streams import FragmentCache
 from .webhook_routes import hooks
+from .work import WorkQueue
+from .work_routes import work as work_api
 
 log = logging.getLogger(__name__)
 
@@ -61,17 +63,19 @@ def create_app(config: Config | None = None, *, processor: Processor | None = No
                     history_size=config.history_size, history_bytes=config.history_bytes,
                     heartbeat=config.heartbeat)
     journal = Journal(store, broker)
-    runner = Runner(config, store, journal, broker, processor)
+    work = WorkQueue(config, store)
+    runner = Runner(config, store, journal, broker, processor, work)
     broker.loader = store.load_history
     authenticator = Authenticator(config, store)
     for part in (Guard(config, authenticator), store, authenticator, broker, journal, runner,
                  Dispatcher(config, store, journal), FragmentCache(),
-                 ReviewQueue(config, store, broker)):
+                 ReviewQueue(config, store, broker), work):
         part.init_app(app)
 
     app.before_request(answer_refused)  # after the guard's check: see hitl.sse_asgi
     app.register_blueprint(api)
     app.register_blueprint(hooks)
+    app.register_blueprint(work_api)
     app.register_blueprint(pages)
     app.register_blueprint(auth)
     register_error_handlers(app)

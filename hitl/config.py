@@ -46,6 +46,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _lease(text: str) -> float:
+    value = float(text)
+    if not 1 <= value <= 3600:
+        raise ValueError("must be between 1 and 3600 seconds")
+    return value
+
+
 def _port(text: str) -> int:
     value = int(text)
     if not 0 <= value <= 65535:
@@ -112,7 +119,11 @@ SETTINGS: tuple[Setting, ...] = (
             "default: the listen host, localhost, 127.0.0.1, [::1]", "list of hosts"),
     Setting("db", str, "SQLite database file; ':memory:' keeps nothing", "path"),
     Setting("process_delay", _number, "seconds the built-in simulated processor takes", "number"),
-    Setting("processor", str, "processor as 'package.module:callable' (sync or async)", "text"),
+    Setting("processor", str, "processor as 'package.module:callable' (sync or async), or "
+            "'external': each attempt is a job for an external worker (POST /api/work/claim)",
+            "text"),
+    Setting("lease", _lease, "external work: seconds a claimed job stays its worker's "
+            "without a heartbeat, when the claim gives no lease", "number"),
     Setting("max_attempts", _positive_int, "attempts before a task fails unapproved (a task's "
             "max_attempts overrides it)", "integer"),
     Setting("quorum", _positive_int, "distinct approvals an attempt needs, when its task "
@@ -177,6 +188,7 @@ class Config:
     db: str = ":memory:"
     process_delay: float = 2.0
     processor: str = "hitl.processors:simulate"
+    lease: float = 30.0
     max_attempts: int = 5
     quorum: int = 1
     review_timeout: float | None = None

@@ -10,9 +10,10 @@ from typing import Any
 INTERNAL_ERROR = "internal error; it has been logged"
 # ... and of a request body that stopped arriving (Quart's BODY_TIMEOUT).
 BODY_TIMEOUT_ERROR = "the request body did not arrive in time"
-# The blueprints whose errors are JSON whoever asks (the API's and the webhooks'); the UI's
-# pages answer HTML, and other paths as the client's Accept prefers (hitl.pages.wants_html).
-API_BLUEPRINTS = ("api", "webhooks")
+# The blueprints whose errors are JSON whoever asks (the API's, the webhooks' and the work
+# API's); the UI's pages answer HTML, and other paths as the client's Accept prefers
+# (hitl.pages.wants_html).
+API_BLUEPRINTS = ("api", "webhooks", "work")
 
 
 def error_body(message: str) -> bytes:
@@ -27,6 +28,7 @@ PLAIN = {
     "int_type": "must be a whole number",
     "int_parsing": "must be a whole number",
     "int_from_float": "must be a whole number",
+    "float_type": "must be a number",
     "model_type": "must be a JSON object",
     "dict_type": "must be a JSON object",
     "string_too_long": "must be at most {max_length} characters",
@@ -42,8 +44,10 @@ def plain(error: Mapping[str, Any]) -> str:
     """What one pydantic error says, plainly: 'must not be empty', 'must be a string'."""
     template = PLAIN.get(error.get("type", ""))
     if template is not None:
-        try:
-            return template.format(**error.get("ctx", {}))
+        try:  # a float field's whole bound reads as written: "at most 60", not "60.0"
+            return template.format(**{key: int(value) if isinstance(value, float)
+                                      and value.is_integer() else value
+                                      for key, value in error.get("ctx", {}).items()})
         except (KeyError, IndexError):
             pass
     message = str(error.get("msg", "is not valid")).removeprefix("Value error, ")

@@ -8,12 +8,12 @@ from pocketflow import AsyncFlow
 
 from .config import Config
 from .nodes import ProcessNode, ResultNode, ReviewNode
-from .processors import ProcessorPool
+from .processors import Pool
 
 Step = Literal["process", "review", "result"]
 
 
-def build_flow(config: Config, pool: ProcessorPool, start: Step = "process") -> AsyncFlow:
+def build_flow(config: Config, pool: Pool, start: Step = "process") -> AsyncFlow:
     """ProcessNode -> ReviewNode; approved -> ResultNode, rejected -> ProcessNode.
 
     ``start`` lets a task recovered after a restart resume where it stopped.

@@ -17,15 +17,15 @@ from pocketflow import AsyncNode
 
 from . import deadlines
 from .errors import Conflict, TaskFailed
-from .models import Decision, Review, Status, iso
-from .processors import Job, ProcessorPool
+from .models import Decision, Review, Status, Task, iso
+from .processors import Job, Pool
 from .tracker import SharedStore, Tracker
 
 
 class ProcessNode(AsyncNode):  # type: ignore[misc]
     """Run the processor for the next attempt, off the event loop if it is synchronous."""
 
-    def __init__(self, pool: ProcessorPool, *, delay: float, retries: int, wait: float) -> None:
+    def __init__(self, pool: Pool, *, delay: float, retries: int, wait: float) -> None:
         super().__init__(max_retries=retries, wait=wait)
         self.pool = pool
         self.delay = delay
@@ -41,7 +41,7 @@ class ProcessNode(AsyncNode):  # type: ignore[misc]
                              attempt_record={"started_at": time.time(), "finished_at": None,
                                              "output": None, "error": None, "tries": 0})
         return Job(shared["task_input"], attempt, tuple(tracker.task.reviews),
-                   tracker.reporter(attempt), self.delay)
+                   tracker.reporter(attempt), self.delay, tracker.task.task_id)
 
     async def exec_async(self, job: Job) -> str:
         self.tries += 1
@@ -85,15 +85,9 @@ class ReviewNode(AsyncNode):  # type: ignore[misc]
             shared["feedback"] = None
             output = shared["processed_output"]
             due = deadlines.deadline(tracker.task)
-            payload: dict[str, Any] = {"output_to_review": output,
-                                       "attempt": shared["current_attempt"],
-                                       **(tracker.task.tally() if tracker.task.quorum > 1
-                                          else {})}
-            if due is not None:
-                payload["review_deadline"] = iso(due)
             await tracker.update(
                 Status.WAITING_FOR_REVIEW, processed_output=output, review_deadline=due,
-                event=payload,
+                event=up_for_review(tracker.task, output, shared["current_attempt"], due),
                 attempt_record={"output": output, "finished_at": time.time(),
                                 "tries": shared["tries"]},
             )
@@ -110,6 +104,17 @@ class ReviewNode(AsyncNode):  # type: ignore[misc]
             raise TaskFailed(deadlines.failure(tracker.task))
         check_attempts_left(shared, tracker.task.attempts_allowed(self.max_attempts))
         return review.decision
+
+
+def up_for_review(task: Task, output: str | None, attempt: int, due: float | None
+                  ) -> dict[str, Any]:
+    """The message of an output put up for review (a processor's, or a review-only
+    task's own)."""
+    payload: dict[str, Any] = {"output_to_review": output, "attempt": attempt,
+                               **(task.tally() if task.quorum > 1 else {})}
+    if due is not None:
+        payload["review_deadline"] = iso(due)
+    return payload
 
 
 async def wait_for_decision(tracker: Tracker, event: asyncio.Event) -> None:

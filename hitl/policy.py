@@ -13,7 +13,8 @@ Roles (:class:`~hitl.accounts.Role`):
 - ``submitter``: submits; sees and watches only their own tasks (another's is unknown:
   404, not 403, so that its existence says nothing);
 - ``viewer``: sees and watches every task, submits and decides nothing;
-- ``worker``: only the external-worker endpoints, so 403 here.
+- ``worker``: only the external-worker endpoints (:func:`can_work`, admins too), so
+  403 everywhere else.
 
 No one decides a task they submitted, admins included, unless it has
 ``allow_self_review``. With ``--auth none`` everyone is the one anonymous operator, who
@@ -75,6 +76,14 @@ def can_submit(identity: Identity) -> Decision:
     if role in (Role.ADMIN, Role.REVIEWER, Role.SUBMITTER):
         return ALLOWED
     return WORKERS if role is Role.WORKER else Decision(False, "viewers submit nothing")
+
+
+def can_work(identity: Identity) -> Decision:
+    """Claim and report external work (:mod:`hitl.work`): workers and admins."""
+    role = identity.user.role
+    if signed_out(identity) or role in (Role.WORKER, Role.ADMIN):
+        return ALLOWED
+    return Decision(False, f"only workers claim and report work ({role.value}s do not)")
 
 
 def can_read(identity: Identity) -> Decision:

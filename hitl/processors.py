@@ -35,6 +35,8 @@ class Job:
     reviews: tuple[Review, ...]
     report: Progress
     delay: float = 0.0  # the configured HITL_PROCESS_DELAY, for simulated processors
+    task_id: str = ""  # whose attempt: an external worker's job is keyed by it
+
 
     @property
     def last_comment(self) -> str:
@@ -42,6 +44,18 @@ class Job:
 
 
 Processor = Callable[[Job], "str | Awaitable[str]"]
+EXTERNAL = "external"  # --processor external: each attempt is a job for a worker (hitl.work)
+
+
+class Pool(Protocol):
+    """What runs an attempt's processing for a flow: in-process (:class:`ProcessorPool`)
+    or as a job an external worker claims (:class:`hitl.work.ExternalPool`)."""
+
+    busy: int
+
+    async def run(self, job: Job) -> str: ...
+
+    def shutdown(self) -> None: ...
 
 
 async def simulate(job: Job) -> str:

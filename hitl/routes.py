@@ -83,7 +83,8 @@ def submit_options(data: SubmitIn) -> dict[str, Any]:
     return {"reviewers": tuple(data.reviewers), "allow_self_review": data.allow_self_review,
             "title": data.title, "metadata": data.metadata, "quorum": data.quorum,
             "review_timeout": data.review_timeout, "on_timeout": data.on_timeout,
-            "escalate_to": tuple(data.escalate_to), "max_attempts": data.max_attempts}
+            "escalate_to": tuple(data.escalate_to), "max_attempts": data.max_attempts,
+            "output": data.output}
 
 
 @api.post("/feedback/<task_id>")

@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import time
 from collections import OrderedDict
 from typing import Any
 
@@ -23,6 +24,7 @@ from .accounts import SYSTEM_NAMES, Identity
 from .broker import Broker
 from .config import Config
 from .errors import (
+    ConfigError,
     Conflict,
     DuplicateKey,
     Invalid,
@@ -35,10 +37,11 @@ from .flow import Step, build_flow
 from .journal import Journal
 from .lifecycle import attach
 from .models import Decision, Review, Status, Task, TaskRow, new_task_id, options_row
-from .nodes import check_attempts_left
-from .processors import Processor, ProcessorPool, load_processor
+from .nodes import check_attempts_left, up_for_review
+from .processors import EXTERNAL, Pool, Processor, ProcessorPool, load_processor
 from .store import IdempotencyKey, Store, TaskPage, TaskState, View
 from .tracker import Tracker
+from .work import WorkQueue
 
 log = logging.getLogger(__name__)
 
@@ -50,12 +53,19 @@ class Runner:
     """The workflow side of the service."""
 
     def __init__(self, config: Config, store: Store, journal: Journal, broker: Broker,
-                 processor: Processor | None = None) -> None:
+                 processor: Processor | None = None, work: WorkQueue | None = None) -> None:
         self.config = config
         self.store = store
         self.journal = journal
         self.broker = broker
-        self.pool = ProcessorPool(processor or load_processor(config.processor))
+        self.pool: Pool
+        if processor is None and config.processor == EXTERNAL:
+            if work is None:
+                raise ConfigError("--processor external needs the work queue of the app "
+                                  "(hitl.app.create_app passes it)")
+            self.pool = work.pool()
+        else:
+            self.pool = ProcessorPool(processor or load_processor(config.processor))
         self.trackers: dict[str, Tracker] = {}
         self.accepting = False
         self._janitor: asyncio.Task[None] | None = None
@@ -109,9 +119,13 @@ class Runner:
                      metadata: dict[str, Any] | None = None, quorum: int | None = None,
                      review_timeout: float | None = None, on_timeout: str | None = None,
                      escalate_to: tuple[str, ...] = (),
-                     max_attempts: int | None = None) -> Task:
+                     max_attempts: int | None = None, output: str | None = None) -> Task:
         """Store a new task (pending), then start its flow; with an ``idempotency_key``
         already used for the same request within its window, the task it created.
+
+        With an ``output`` it is a review-only task: stored waiting for review with that
+        text as attempt 1's output, its flow starting at the review (a rejection's next
+        attempt is the processor's, as ever).
 
         ``reviewers`` and ``allow_self_review`` say who may decide it (:mod:`hitl.policy`);
         it is recorded as submitted by ``by``. The other options (validated by
@@ -129,7 +143,8 @@ class Runner:
                     metadata=metadata, quorum=quorum or config.quorum,
                     review_timeout=review_timeout or config.review_timeout,
                     on_timeout=on_timeout or config.on_timeout, escalate_to=escalate_to,
-                    max_attempts=max_attempts)  # None: the server's, as before
+                    max_attempts=max_attempts,  # None: the server's, as before
+                    processed_output=output)
         if idempotency_key is None:
             return await asyncio.shield(self._create(task, None))
         key = IdempotencyKey(idempotency_key, request_hash(task))
@@ -162,16 +177,27 @@ class Runner:
         return task
 
     async def _create(self, task: Task, key: IdempotencyKey | None) -> Task:
+        """Store the new task, pending (or, given its output, waiting for review), then
+        start its flow there."""
         tracker = Tracker(task, self.journal)
         task_id = tracker.task.task_id
         self.trackers[task_id] = tracker
+        output = task.processed_output
         try:
-            await tracker.update(Status.PENDING, idempotency=key)
+            if output is None:
+                await tracker.update(Status.PENDING, idempotency=key)
+            else:
+                now, due = time.time(), deadlines.deadline(task)
+                await tracker.update(
+                    Status.WAITING_FOR_REVIEW, idempotency=key, review_deadline=due,
+                    event=up_for_review(task, output, task.attempt, due),
+                    attempt_record={"output": output, "started_at": now, "finished_at": now,
+                                    "error": None, "tries": 0})
         except BaseException:
             del self.trackers[task_id]
             self.journal.forgive(task_id)  # never stored: nothing to reload
             raise
-        self._launch(tracker, "process")
+        self._launch(tracker, "process" if output is None else "review")
         return tracker.task
 
     async def decide(self, task_id: str, decision: Decision, comment: str = "",
@@ -474,7 +500,8 @@ def task_state(task: Task) -> TaskState:
 
 def request_hash(task: Task) -> str:
     """What an Idempotency-Key stands for: the same input, from the same user, with the
-    same reviewers (a submit with sign-in off and no options hashes its input alone)."""
+    same reviewers, options and review-only output (a submit with sign-in off and no
+    options hashes its input alone)."""
     text = task.task_input
     if task.submitted_by is not None or task.reviewers or task.allow_self_review:
         text += "\0" + json.dumps([task.submitted_by, task.reviewers, task.allow_self_review])
@@ -482,6 +509,8 @@ def request_hash(task: Task) -> str:
     del options["review_deadline"], options["escalated"]  # not the request's
     if options != BARE_OPTIONS:  # as before options existed: the hash is unchanged
         text += "\1" + json.dumps(options, sort_keys=True)
+    if task.processed_output is not None:  # a review-only task: its output too
+        text += "\2" + task.processed_output
     return hashlib.sha256(text.encode()).hexdigest()
 
 

@@ -88,11 +88,22 @@ class SubmitIn(BaseModel):
         description="with on_timeout escalate: the users and group:NAME who review next")
     max_attempts: int | None = Field(None, ge=1, le=MAX_ATTEMPTS,
                                      description="attempts before the task fails unapproved")
+    output: str | None = Field(
+        None, max_length=MAX_TEXT,
+        description="a review-only task: this text is attempt 1's output, up for review at "
+                    "once (a rejection's next attempt is the processor's)")
 
     @field_validator("data")
     @classmethod
     def not_blank(cls, value: str) -> str:
         if not value.strip():
+            raise ValueError("must not be empty")
+        return value
+
+    @field_validator("output")
+    @classmethod
+    def some_output(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
             raise ValueError("must not be empty")
         return value
 
@@ -237,3 +248,82 @@ class NextQuery(BaseModel):
     """``GET /next``: the task after which to look (the one on screen), if any."""
 
     after: str | None = Field(None, max_length=MAX_ID_LENGTH)
+
+
+
+
+# The external-work API (hitl.work): a worker claims a job under a lease, then reports on it.
+MAX_WORKER = 100  # characters of a worker's name
+MAX_LEASE = 3600  # seconds
+MAX_WAIT = 60  # seconds a claim may wait for a job (a long poll)
+MAX_LEASE_ID = 100
+MAX_ERROR = 20_000  # characters of a worker's error
+
+
+class ClaimIn(BaseModel):
+    worker: str = Field(min_length=1, max_length=MAX_WORKER,
+                        description="the worker's name, shown with the job")
+    # strict: a JSON number alone (lax pydantic reads false as 0 and "5" as 5)
+    wait: float = Field(0, ge=0, le=MAX_WAIT, allow_inf_nan=False, strict=True,
+                        description="seconds to wait for a job when none is queued (long poll)")
+    lease: float | None = Field(None, ge=1, le=MAX_LEASE, allow_inf_nan=False, strict=True,
+                                description="seconds the job is the worker's without a "
+                                            "heartbeat (default: the server's --lease)")
+
+    @field_validator("worker")
+    @classmethod
+    def plain_worker(cls, value: str) -> str:
+        """Shown to people: one line, no control or formatting characters."""
+        value = value.strip()
+        if not value:
+            raise ValueError("must not be empty")
+        if any(unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp") for ch in value):
+            raise ValueError("must be one line, without control or formatting characters")
+        return value
+
+
+class LeaseIn(BaseModel):
+    """Which job a report is about: the attempt and the lease the claim gave."""
+
+    attempt: int = Field(ge=1, le=MAX_INTEGER, strict=True, description="the job's attempt")
+    lease_id: str = Field(min_length=1, max_length=MAX_LEASE_ID,
+                          description="the lease_id the claim answered")
+
+
+class HeartbeatIn(LeaseIn):
+    lease: float | None = Field(None, ge=1, le=MAX_LEASE, allow_inf_nan=False, strict=True,
+                                description="seconds from now (default: the claim's lease)")
+
+
+class ProgressIn(LeaseIn):
+    progress: float = Field(ge=0, le=1, allow_inf_nan=False, strict=True,
+                            description="0 to 1")
+    partial_output: str = Field("", max_length=MAX_TEXT, description="the output so far")
+
+
+class CompleteIn(LeaseIn):
+    output: str = Field(max_length=MAX_TEXT, description="the attempt's output, for review")
+
+
+class FailIn(LeaseIn):
+    error: str = Field(max_length=MAX_ERROR, description="why the job failed")
+
+
+class JobOut(BaseModel):
+    task_id: str
+    attempt: int
+    lease_id: str
+    lease_expires: str = Field(description="ISO 8601, UTC")
+    task_input: str
+    title: str
+    metadata: dict[str, Any] | None
+    reviews: list[dict[str, Any]] = Field(description="every review so far, as in a task")
+
+
+class LeaseOut(BaseModel):
+    lease_expires: str = Field(description="ISO 8601, UTC")
+
+
+class FailOut(BaseModel):
+    retrying: bool = Field(description="whether the attempt is tried again (else the task "
+                                       "fails)")

@@ -29,6 +29,7 @@ from .broker import Broker
 from .config import Config
 from .protocol import H11Protocol
 from .runner import Runner
+from .work import WorkQueue
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,7 @@ async def serve(app: Quart, config: Config, *, stop: asyncio.Event | None = None
     async def shutdown_trigger() -> None:
         await stop.wait()
         cast(Runner, app.extensions["runner"]).accepting = False
+        cast(WorkQueue, app.extensions["work"]).stop_waiting()  # long polls answer 204
         await cast(Broker, app.extensions["broker"]).close()
 
     tune_gc()

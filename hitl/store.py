@@ -249,6 +249,29 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX webhook_attempts_by_webhook ON webhook_attempts (webhook_id, id);
     """,
+    # External work (hitl.work, --processor external): one job per task's attempt, queued,
+    # claimed by a worker under a lease, then done (its output) or failed (its error; a
+    # retry queues it again as its next try). Claims and reports are conditional
+    # statements on this table, so a second process could enforce the same leases.
+    """
+    CREATE TABLE jobs (
+        task_id       TEXT NOT NULL REFERENCES tasks (task_id) ON DELETE CASCADE,
+        attempt       INTEGER NOT NULL,
+        state         TEXT NOT NULL CHECK (state IN ('queued', 'claimed', 'done', 'failed')),
+        tries         INTEGER NOT NULL DEFAULT 1,
+        queued_at     REAL NOT NULL,
+        worker        TEXT,
+        worker_user   TEXT,
+        lease_id      TEXT,
+        lease_seconds REAL,
+        lease_expires REAL,
+        claimed_at    REAL,
+        output        TEXT,
+        error         TEXT,
+        PRIMARY KEY (task_id, attempt)
+    );
+    CREATE INDEX jobs_open ON jobs (queued_at) WHERE state IN ('queued', 'claimed');
+    """,
 )
 
 IDEMPOTENCY_WINDOW = 24 * 3600  # seconds an Idempotency-Key stands for its task

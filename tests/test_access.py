@@ -199,6 +199,12 @@ async def do_release(world: World, person: str | None) -> str:
                                          headers=world.auth(person)))
 
 
+async def do_claim(world: World, person: str | None) -> str:
+    """No job is queued (the built-in processor runs in-process): a worker's claim is 204."""
+    return outcome(await world.http.post("/api/work/claim", headers=world.auth(person),
+                                         json={"worker": "w"}))
+
+
 ENDPOINTS: dict[str, Callable[[World, str | None], Awaitable[str]]] = {
     "`POST /submit`": do_submit,
     "`POST /feedback/<id>`": do_feedback,
@@ -212,6 +218,7 @@ ENDPOINTS: dict[str, Callable[[World, str | None], Awaitable[str]]] = {
     "`GET /dashboard`": do_dashboard,
     "`POST /api/queue/next`": do_queue_next,
     "`POST /api/tasks/<id>/release`": do_release,
+    "`POST /api/work/claim`": do_claim,
 }
 
 

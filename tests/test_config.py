@@ -145,3 +145,10 @@ def test_serve_help_lists_every_flag() -> None:
     assert result.returncode == 0, result.stderr
     for setting in SETTINGS:
         assert re.search(rf"(?<![\w-]){flag(setting)}(?![\w-])", result.stdout), flag(setting)
+
+
+@pytest.mark.parametrize("raw", ["0", "0.5", "3601"])
+def test_a_lease_is_one_second_to_an_hour(raw: str) -> None:
+    with pytest.raises(ConfigError, match="must be between 1 and 3600 seconds"):
+        Config.load({}, {"HITL_LEASE": raw})
+    assert Config.load({}, {"HITL_LEASE": "1"}).lease == 1.0

@@ -104,6 +104,7 @@ async def test_a_route_without_its_answers_is_caught(config: Config) -> None:
 
 async def test_api_errors_are_documented_as_the_error_schema(config: Config) -> None:
     app = create_app(config)
+    assert set(app.blueprints) <= {*API_BLUEPRINTS, "pages", "auth"}, "JSON or pages?"
     spec = await spec_of(app)
     endpoints = {openapi_path(rule.rule): rule.endpoint for rule in app.url_map.iter_rules()}
     for path, operations in spec["paths"].items():
@@ -235,4 +236,5 @@ def test_a_live_server_answers_as_documented(tmp_path: Path) -> None:
         for run in runs.values():
             if run.proc.poll() is None:
                 run.proc.kill()
+                run.proc.communicate()
             run.server.stop()

@@ -14,6 +14,7 @@ from hitl.policy import (
     can_read,
     can_see,
     can_submit,
+    can_work,
     owner_filter,
 )
 
@@ -45,6 +46,21 @@ def task(by: str | None = "sam", reviewers: tuple[str, ...] = ("group:legal",),
 def test_who_may_submit(user: User, allowed: bool, reason: str) -> None:
     decision = can_submit(who(user))
     assert (decision.allowed, decision.reason) == (allowed, reason)
+
+
+@pytest.mark.parametrize(("user", "allowed", "reason"), [
+    (WES, True, ""), (ADA, True, ""),
+    (RITA, False, "only workers claim and report work (reviewers do not)"),
+    (SAM, False, "only workers claim and report work (submitters do not)"),
+    (VIC, False, "only workers claim and report work (viewers do not)"),
+])
+def test_who_may_claim_and_report_work(user: User, allowed: bool, reason: str) -> None:
+    decision = can_work(who(user))
+    assert (decision.allowed, decision.reason) == (allowed, reason)
+
+
+def test_with_sign_in_off_everyone_may_work() -> None:
+    assert can_work(NOBODY).allowed
 
 
 @pytest.mark.parametrize(("user", "allowed", "reason", "override"), [
