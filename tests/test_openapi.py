@@ -26,7 +26,7 @@ from quart import Quart
 from hitl import Config, create_app
 from hitl.errors import API_BLUEPRINTS
 
-from .serverproc import ServerProcess, run_cli
+from .serverproc import ROOT, ServerProcess, run_cli
 
 SCHEMATHESIS = shutil.which("schemathesis", path=str(Path(sys.executable).parent)) or \
     shutil.which("schemathesis")
@@ -177,18 +177,20 @@ def token_for(db: Path) -> str:
 
 
 def seed_tasks(server: ServerProcess, headers: dict[str, str]) -> None:
-    """Tasks to find: lists, pages and streams then answer with bodies, not only 404s."""
-    for data in ("review me", "and me"):
-        response = httpx.post(f"{server.url}/submit", json={"data": data}, headers=headers,
-                              timeout=5)
+    """Tasks to find: lists, pages, streams and claims then answer with bodies, not only
+    404s (a review-only task waits for review whichever the processor)."""
+    for task in ({"data": "review me"}, {"data": "and me", "output": "a draft"}):
+        response = httpx.post(f"{server.url}/submit", json=task, headers=headers, timeout=5)
         assert response.status_code == 202, response.text
 
 
-def fuzz(auth: str, directory: Path) -> Run:
-    """``hitl serve --auth AUTH`` holding two tasks, and schemathesis started against it:
-    with sign-in on, as an admin's token (and a request without it must be refused)."""
+def fuzz(auth: str, processor: str, directory: Path) -> Run:
+    """``hitl serve --auth AUTH --processor PROCESSOR`` holding two tasks, and schemathesis
+    started against it: with sign-in on, as an admin's token (and a request without it
+    must be refused)."""
     directory.mkdir()
-    server = ServerProcess(directory / "hitl.db", env={"HITL_AUTH": auth}).start()
+    server = ServerProcess(directory / "hitl.db",
+                           env={"HITL_AUTH": auth, "HITL_PROCESSOR": processor}).start()
     headers, checks = {}, CHECKS
     if auth != "none":
         headers, checks = {"Authorization": f"Bearer {token_for(server.db)}"}, \
@@ -203,8 +205,10 @@ def fuzz(auth: str, directory: Path) -> Run:
                "--warnings", "off", "--output-truncate", "true"]
     for name, value in headers.items():
         command += ["-H", f"{name}: {value}"]
+    env = {**os.environ, "NO_COLOR": "1", "SCHEMATHESIS_HOOKS": "tests.schemathesis_hooks",
+           "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(command, cwd=directory, text=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, env={**os.environ, "NO_COLOR": "1"})
+                            stderr=subprocess.STDOUT, env=env)
     return Run(server, proc)
 
 
@@ -217,12 +221,13 @@ def failures(output: str) -> str:
 
 @pytest.mark.slow
 def test_a_live_server_answers_as_documented(tmp_path: Path) -> None:
-    """schemathesis, bounded, with sign-in off and on (both at once, to take half the
-    time): no 5xx, only documented codes, content types, headers and bodies."""
+    """schemathesis, bounded, with sign-in off (in-process processing) and on (external
+    workers' jobs to claim), both at once: no 5xx, only documented codes, content types,
+    headers and bodies."""
     runs: dict[str, Run] = {}
     try:
-        for auth in ("none", "accounts"):
-            runs[auth] = fuzz(auth, tmp_path / auth)
+        for auth, processor in (("none", "hitl.processors:simulate"), ("accounts", "external")):
+            runs[auth] = fuzz(auth, processor, tmp_path / auth)
         for auth, run in runs.items():
             code, output, took = run.result()
             log = run.server.log()[-3000:]
