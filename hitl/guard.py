@@ -158,7 +158,8 @@ FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
 
 
 def is_public(path: str) -> bool:
-    """Whether ``path`` is answered to visitors too (sign-in, health, static files)."""
+    """Whether ``path`` is answered to visitors too (sign-in, health, static files, and
+    /openapi.json: a client reads it before it has signed in)."""
     return path in PUBLIC or path.startswith(PUBLIC_PREFIXES)
 
 
