@@ -23,7 +23,8 @@ from .tracker import SharedStore, Tracker
 
 
 class ProcessNode(AsyncNode):  # type: ignore[misc]
-    """Run the processor for the next attempt, off the event loop if it is synchronous."""
+    """Run the processor for the next attempt, off the event loop if it is synchronous
+    (with ``--processor external``, its pool queues a job for a worker: :mod:`hitl.work`)."""
 
     def __init__(self, pool: Pool, *, delay: float, retries: int, wait: float) -> None:
         super().__init__(max_retries=retries, wait=wait)
