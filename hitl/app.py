@@ -12,10 +12,12 @@ import quart_schema.conversion
 from pydantic import TypeAdapter
 from quart import Quart, Request, Response, redirect, request
 from quart.typing import ResponseReturnValue
-from quart_schema import QuartSchema, RequestSchemaValidationError
-from werkzeug.exceptions import HTTPException, RequestTimeout
+from quart_schema import RequestSchemaValidationError
+from quart_schema.validation import QuerystringValidationError, RequestHeadersValidationError
+from werkzeug.exceptions import HTTPException, MethodNotAllowed, RequestTimeout
 from werkzeug.routing import RequestRedirect
 
+from . import openapi
 from .asgi import ANSWERS_IN_SERVER_TASK, Edge, QuartHTTPConnection
 from .auth_pages import auth
 from .broker import Broker
@@ -55,8 +57,7 @@ def create_app(config: Config | None = None, *, processor: Processor | None = No
     # No 60 s wrapper task around every response: ours are small JSON, pages, or streams
     # that must never be cut (measured: one task less per request).
     app.config.update(MAX_CONTENT_LENGTH=config.max_body, RESPONSE_TIMEOUT=None, HITL=config)
-    QuartSchema(app, info={"title": "hitl", "version": "0.1.0"},  # the UIs load from CDNs
-                swagger_ui_path=None, redoc_ui_path=None, scalar_ui_path=None)
+    openapi.init_app(app, config)
 
     store = Store(config.db)
     broker = Broker(queue_size=config.queue_size, queue_bytes=config.queue_bytes,
@@ -145,7 +146,8 @@ def register_error_handlers(app: Quart) -> None:
 
     @app.errorhandler(RequestSchemaValidationError)
     async def invalid_body(error: RequestSchemaValidationError) -> ResponseReturnValue:
-        if request.method in ("POST", "PUT") and not request.is_json:
+        is_body = not isinstance(error, QuerystringValidationError | RequestHeadersValidationError)
+        if is_body and request.method in ("POST", "PUT") and not request.is_json:
             return await error_response(
                 "request body must be JSON (Content-Type: application/json)", 415)
         return await error_response(describe_validation(error.validation_error), 400)
@@ -155,7 +157,10 @@ def register_error_handlers(app: Quart) -> None:
         status = error.code or 500
         message = {400: "malformed request body (invalid JSON?)", 408: BODY_TIMEOUT_ERROR,
                    413: "request body is too large"}.get(status, error.description or error.name)
-        return await error_response(message, status)
+        response = await app.make_response(await error_response(message, status))
+        if isinstance(error, MethodNotAllowed) and error.valid_methods:  # RFC 9110: say which
+            response.headers["Allow"] = ", ".join(sorted(error.valid_methods))
+        return response
 
     @app.errorhandler(Exception)
     async def unexpected(error: Exception) -> ResponseReturnValue:

@@ -22,10 +22,11 @@ from typing import Any
 
 from quart import Quart
 from quart.asgi import ASGIHTTPConnection
+from werkzeug.exceptions import MethodNotAllowed
 
 from .errors import INTERNAL_ERROR, error_body
 from .security import secured
-from .sse_asgi import is_stream_path, serve_stream
+from .sse_asgi import REFUSED, is_stream_path, serve_stream
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,7 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 ASGIApp = Callable[[Any, Any, Any], Awaitable[None]]
+STREAM_METHODS = ("GET", "HEAD")  # the streams' lean path; other methods are refused (405)
 
 
 class Edge:
@@ -53,8 +55,10 @@ class Edge:
         """
         if scope["type"] != "http":
             return self.inner(scope, receive, send)  # lifespan
-        if scope["method"] in ("GET", "HEAD") and is_stream_path(scope["path"]):
-            return serve_stream(self.app, scope, receive, send, self.secured_quart)
+        if is_stream_path(scope["path"]):
+            if scope["method"] in STREAM_METHODS:
+                return serve_stream(self.app, scope, receive, send, self.secured_quart)
+            scope[REFUSED] = MethodNotAllowed(list(STREAM_METHODS))  # Quart has no rule here
         return self.quart(scope, receive, send)
 
     async def quart(self, scope: Scope, receive: Receive, send: Send) -> None:

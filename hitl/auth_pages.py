@@ -17,12 +17,15 @@ from urllib.parse import urlsplit
 from quart import Blueprint, Response, current_app, redirect, render_template, request, url_for
 from quart.typing import ResponseReturnValue
 from quart_auth import AuthUser, login_user, logout_user
+from quart_schema import DataSource, document_querystring, document_request
 from werkzeug.urls import iri_to_uri
 
 from .accounts import Identity, Method, User
 from .errors import HitlError, error_body
+from .forms import CsrfForm, LoginForm, LoginQuery
 from .guard import identity_of
 from .identity import Authenticator
+from .openapi import PAGE, SEE_OTHER, answers
 from .pages import error_page, wants_html
 
 auth = Blueprint("auth", __name__)
@@ -108,6 +111,8 @@ async def login_form(next_path: str, name: str = "", error: str | None = None,
 
 
 @auth.get("/login")
+@document_querystring(LoginQuery)
+@answers(ok={200: PAGE, 303: SEE_OTHER})
 async def login() -> ResponseReturnValue:
     """The sign-in form; a browser signed in already (or with sign-in off) goes on."""
     next_path = local_path(request.args.get("next"))
@@ -117,6 +122,8 @@ async def login() -> ResponseReturnValue:
 
 
 @auth.post("/login")
+@document_request(LoginForm, source=DataSource.FORM)
+@answers(401, 429, ok={303: SEE_OTHER})
 async def sign_in() -> ResponseReturnValue:
     """Check the password, start a session, and go where the browser was going (303)."""
     form = await request.form
@@ -138,6 +145,8 @@ async def sign_in() -> ResponseReturnValue:
 
 
 @auth.post("/logout")
+@document_request(CsrfForm, source=DataSource.FORM)
+@answers(ok={303: SEE_OTHER})
 async def logout() -> ResponseReturnValue:
     """End this browser's session (a form post with its token, like every other)."""
     identity = authenticator()
@@ -149,6 +158,7 @@ async def logout() -> ResponseReturnValue:
 
 
 @auth.get("/login/once/<token>")
+@answers(410, ok={303: SEE_OTHER})
 async def sign_in_once(token: str) -> ResponseReturnValue:
     """Spend a one-time sign-in link (``hitl serve``'s first start, ``hitl users link``)."""
     if authenticator().mode == "none":

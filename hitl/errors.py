@@ -10,6 +10,10 @@ from typing import Any
 INTERNAL_ERROR = "internal error; it has been logged"
 # ... and of a request body that stopped arriving (Quart's BODY_TIMEOUT).
 BODY_TIMEOUT_ERROR = "the request body did not arrive in time"
+# The blueprints whose errors are JSON whoever asks (the API's, the webhooks' and the work
+# API's); the UI's pages answer HTML, and other paths as the client's Accept prefers
+# (hitl.pages.wants_html).
+API_BLUEPRINTS = ("api", "webhooks", "work")
 
 
 def error_body(message: str) -> bytes:
@@ -24,6 +28,7 @@ PLAIN = {
     "int_type": "must be a whole number",
     "int_parsing": "must be a whole number",
     "int_from_float": "must be a whole number",
+    "float_type": "must be a number",
     "model_type": "must be a JSON object",
     "dict_type": "must be a JSON object",
     "string_too_long": "must be at most {max_length} characters",

@@ -70,7 +70,7 @@ class AllowedHosts:
             self.any_address and is_address(name))
 
 
-PUBLIC = ("/login", "/healthz")  # and what starts with PUBLIC_PREFIXES: no sign-in needed
+PUBLIC = ("/login", "/healthz", "/openapi.json")  # and what starts with PUBLIC_PREFIXES
 PUBLIC_PREFIXES = ("/login/once/", "/static/")
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 IDENTITY = "hitl.identity"  # where a checked request keeps who is asking, in its scope
@@ -90,8 +90,8 @@ class Guard:
         @app.before_request
         async def check() -> None:
             identity = await self.check_request(cast(MutableMapping[str, Any], request.scope))
-            if request.method in SAFE_METHODS:
-                return
+            if request.method in SAFE_METHODS or request.routing_exception is not None:
+                return  # no route answers it (a 404 or 405 follows): it changes nothing
             if identity is None:  # a visitor's post (only the sign-in form takes one)
                 self.check_origin(request.scope)  # another site must not sign them in
                 return
@@ -109,12 +109,11 @@ class Guard:
             raise Invalid(f"{shown} is not one this service answers to (see --allowed-hosts)")
         identity = await self.authenticator.identify(scope)
         scope[IDENTITY] = identity
-        path = scope["path"]
         if identity is None:
-            if path not in PUBLIC and not path.startswith(PUBLIC_PREFIXES):
+            if not is_public(scope["path"]):
                 raise Unauthorized("sign in first (a session, or Authorization: Bearer <token>)")
         else:
-            policy.can_reach(identity, path).require()  # the metrics token: /metrics alone
+            policy.can_reach(identity, scope["path"]).require()  # the metrics token: /metrics
         return identity
 
     def check_origin(self, scope: Mapping[str, Any]) -> None:
@@ -153,12 +152,19 @@ class Guard:
         if content_type not in FORM_TYPES:  # no form: the Origin check above is the guard
             return
         token = header(scope, b"x-csrf-token") or form_token
-        if not token or identity.csrf is None or not hmac.compare_digest(token, identity.csrf):
+        if not token or identity.csrf is None or not hmac.compare_digest(
+                token.encode(), identity.csrf.encode()):  # str: ASCII only, else TypeError
             raise Forbidden("the form is missing its CSRF token or it is stale: reload the "
                             "page and send it again")
 
 
 FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
+
+
+def is_public(path: str) -> bool:
+    """Whether ``path`` is answered to visitors too (sign-in, health, static files, and
+    /openapi.json: a client reads it before it has signed in)."""
+    return path in PUBLIC or path.startswith(PUBLIC_PREFIXES)
 
 
 def acts_for_the_user(scope: Mapping[str, Any]) -> bool:

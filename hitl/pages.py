@@ -20,12 +20,15 @@ from pydantic_core import ErrorDetails
 from quart import Blueprint, Response, current_app, redirect, render_template, request, url_for
 from quart.helpers import stream_with_context
 from quart.typing import ResponseReturnValue
+from quart_schema import DataSource, document_querystring, document_request
 from werkzeug.http import HTTP_STATUS_CODES
 
-from .errors import HitlError, Invalid, plain
+from .errors import API_BLUEPRINTS, HitlError, Invalid, plain
+from .forms import CsrfForm, DecisionForm, SubmitForm
 from .guard import acts_for_the_user, identity_of
 from .models import Status, iso
-from .routes import api, broker, queue, runner, submit_options, task_named, who
+from .openapi import EVENTS, PAGE, SEE_OTHER, answers
+from .routes import broker, queue, runner, submit_options, task_named, who
 from .schemas import DashboardStreamQuery, FeedbackIn, NextQuery, SubmitIn, TaskQuery
 from .store import View
 from .streams import sse_response
@@ -56,10 +59,10 @@ def is_htmx() -> bool:
 
 
 def wants_html() -> bool:
-    """Errors become HTML for the UI's routes, JSON for the API's, and elsewhere (sign-in,
-    unknown paths) HTML for a client that prefers it to JSON (a browser: Chromium's Accept
-    puts text/html first, */* after)."""
-    if request.blueprint in (pages.name, api.name):
+    """Errors become HTML for the UI's routes, JSON for the API's (webhooks' included), and
+    elsewhere (sign-in, unknown paths) HTML for a client that prefers it to JSON (a
+    browser: Chromium's Accept puts text/html first, */* after)."""
+    if request.blueprint in (pages.name, *API_BLUEPRINTS):
         return request.blueprint == pages.name
     return request.accept_mimetypes.best_match(("application/json", "text/html")) == "text/html"
 
@@ -232,6 +235,7 @@ def csrf_field() -> Markup:
 
 
 @pages.get("/")
+@answers(ok={200: PAGE})
 async def index() -> str:
     """The submit form and the most recent tasks."""
     tasks, total = await runner().list_tasks(None, RECENT, 0, by=who())
@@ -240,6 +244,8 @@ async def index() -> str:
 
 
 @pages.post("/tasks")
+@document_request(SubmitForm, source=DataSource.FORM)
+@answers(ok={303: SEE_OTHER})
 async def submit() -> ResponseReturnValue:
     """Submit from the form, then land on the task's page (303: a reload never resubmits)."""
     form = await submit_form()
@@ -248,6 +254,7 @@ async def submit() -> ResponseReturnValue:
 
 
 @pages.get("/tasks/<task_id>")
+@answers(404, ok={200: PAGE, 303: SEE_OTHER})
 async def task_page(task_id: str) -> ResponseReturnValue:
     """One task: its status, the output under review, the decision form (for those who
     may decide), its history.
@@ -263,6 +270,8 @@ async def task_page(task_id: str) -> ResponseReturnValue:
 
 
 @pages.post("/tasks/<task_id>/decision")
+@document_request(DecisionForm, source=DataSource.FORM)
+@answers(404, 409, ok={200: PAGE, 303: SEE_OTHER})
 async def decide(task_id: str) -> ResponseReturnValue:
     """Approve or reject. htmx gets a notice (the stream updates the page); a form, a 303.
 
@@ -282,6 +291,8 @@ async def decide(task_id: str) -> ResponseReturnValue:
 
 
 @pages.post("/tasks/<task_id>/cancel")
+@document_request(CsrfForm, source=DataSource.FORM)
+@answers(404, 409, ok={200: PAGE, 303: SEE_OTHER})
 async def cancel(task_id: str) -> ResponseReturnValue:
     """Stop an unfinished task, as the API's cancel does. htmx gets a notice; a form, a 303."""
     full_id = await task_named(task_id)
@@ -292,6 +303,7 @@ async def cancel(task_id: str) -> ResponseReturnValue:
 
 
 @pages.get("/tasks/<task_id>/stream")
+@answers(404, ok={200: EVENTS})
 async def task_stream(task_id: str) -> Response:
     """The task page's live regions as named HTML events; ends once the task has."""
     task = await runner().get_task(await task_named(task_id), by=who())
@@ -300,6 +312,8 @@ async def task_stream(task_id: str) -> Response:
 
 
 @pages.get("/dashboard")
+@document_querystring(TaskQuery)
+@answers(ok={200: PAGE})
 async def dashboard() -> str:
     """Every task, or those in one status or matching a search, a page at a time, with
     counts per status; kept live. Waiting for review is the queue: the longest waiting first."""
@@ -312,6 +326,8 @@ async def dashboard() -> str:
 
 
 @pages.get("/dashboard/rows")
+@document_querystring(TaskQuery)
+@answers(ok={200: PAGE})
 async def dashboard_rows() -> str:
     """A dashboard page's rows alone, for htmx: "Load more", or the list anew ("show")."""
     query = checked(TaskQuery, request.args)
@@ -322,6 +338,8 @@ async def dashboard_rows() -> str:
 
 
 @pages.get("/dashboard/stream")
+@document_querystring(DashboardStreamQuery)
+@answers(ok={200: EVENTS})
 async def dashboard_stream() -> Response:
     """The dashboard's one stream: what changed since its page was read, then each change
     (of the tasks its reader may see)."""
@@ -332,6 +350,8 @@ async def dashboard_stream() -> Response:
 
 
 @pages.get("/next")
+@document_querystring(NextQuery)
+@answers(ok={303: SEE_OTHER})
 async def review_next() -> ResponseReturnValue:
     """Open the task that has waited longest for review among those the reader may decide
     and has not voted on (with ``?after=<id>``, the one after that task in the queue),

@@ -10,19 +10,27 @@ from collections.abc import Mapping
 from typing import Any, cast
 
 from quart import Blueprint, Response, current_app, request
-from quart_schema import validate_querystring, validate_request, validate_response
+from quart_schema import (
+    document_headers,
+    validate_querystring,
+    validate_request,
+    validate_response,
+)
 
 from .accounts import Identity
 from .broker import Broker
 from .exporter import Exporter
 from .guard import identity_of
 from .identity import Unauthorized
+from .openapi import METRICS, NO_CONTENT, answers
 from .queue import ReviewQueue
+from .responses import HealthOut, ReleaseOut, TaskListOut, TaskOut
 from .runner import Runner
 from .schemas import (
     FeedbackIn,
     MessageOut,
     NextQuery,
+    SubmitHeaders,
     SubmitIn,
     SubmitOut,
     TaskQuery,
@@ -66,6 +74,8 @@ async def task_named(task_id: str) -> str:
 @api.post("/submit")
 @validate_request(SubmitIn)
 @validate_response(SubmitOut, 202)
+@document_headers(SubmitHeaders)
+@answers(409, 415)
 async def submit(data: SubmitIn) -> tuple[SubmitOut, int]:
     """Submit a task; it is processed, then waits for a human review."""
     task = await runner().submit(data.data, idempotency_key(request.headers), by=who(),
@@ -85,6 +95,7 @@ def submit_options(data: SubmitIn) -> dict[str, Any]:
 @api.post("/feedback/<task_id>")
 @validate_request(FeedbackIn)
 @validate_response(MessageOut)
+@answers(404, 409, 415)
 async def feedback(task_id: str, data: FeedbackIn) -> MessageOut:
     """Approve or reject the output under review (409 unless one is waiting)."""
     await runner().decide(await task_named(task_id), data.feedback, data.comment,
@@ -95,6 +106,7 @@ async def feedback(task_id: str, data: FeedbackIn) -> MessageOut:
 
 @api.get("/api/tasks")
 @validate_querystring(TaskQuery)
+@answers(ok={200: TaskListOut})
 async def list_tasks(query_args: TaskQuery) -> dict[str, object]:
     """Tasks, newest first (or ``order=waiting``), each text an excerpt with its length;
     filter by ``status`` and ``q``, page with ``limit`` (at most 200) and ``after``."""
@@ -105,12 +117,14 @@ async def list_tasks(query_args: TaskQuery) -> dict[str, object]:
 
 
 @api.get("/api/tasks/<task_id>")
+@answers(404, ok={200: TaskOut})
 async def get_task(task_id: str) -> dict[str, object]:
     """One task with every review decision, and who made it."""
     return (await runner().get_task(await task_named(task_id), by=who())).to_json()
 
 
 @api.post("/api/tasks/<task_id>/cancel")
+@answers(404, 409, ok={200: TaskOut})
 async def cancel_task(task_id: str) -> dict[str, object]:
     """Cancel an unfinished task (409 if it has already finished)."""
     return (await runner().cancel(await task_named(task_id), by=who())).to_json()
@@ -118,6 +132,7 @@ async def cancel_task(task_id: str) -> dict[str, object]:
 
 @api.post("/api/queue/next")
 @validate_querystring(NextQuery)
+@answers(ok={200: TaskOut, 204: NO_CONTENT})
 async def queue_next(query_args: NextQuery) -> Response | dict[str, object]:
     """The oldest waiting task the caller may review and has not voted on, reserved for
     them (``--reservation`` seconds); 204 when none waits for them. ``after``: skip past
@@ -129,6 +144,7 @@ async def queue_next(query_args: NextQuery) -> Response | dict[str, object]:
 
 
 @api.post("/api/tasks/<task_id>/release")
+@answers(404, ok={200: ReleaseOut})
 async def release_task(task_id: str) -> dict[str, object]:
     """End the caller's reservation of the task (``released``: whether they held one)."""
     full_id = await task_named(task_id)
@@ -136,6 +152,7 @@ async def release_task(task_id: str) -> dict[str, object]:
 
 
 @api.get("/healthz")
+@answers(ok={200: HealthOut, 503: HealthOut})
 async def healthz() -> tuple[dict[str, object], int]:
     """Liveness and a few gauges; 503 while changes cannot be stored."""
     health = runner().health()
@@ -143,6 +160,7 @@ async def healthz() -> tuple[dict[str, object], int]:
 
 
 @api.get("/metrics")
+@answers(ok={200: METRICS})
 async def metrics() -> Response:
     """Prometheus metrics in the text format: for admins and the ``--metrics-token``."""
     body, content_type = await exporter().scrape(by=who())

@@ -57,6 +57,13 @@ def reviewer_entry(entry: str) -> str:
     return GROUP + name if entry.startswith(GROUP) else name
 
 
+class SubmitHeaders(BaseModel):
+    idempotency_key: str | None = Field(
+        None, min_length=1, max_length=MAX_KEY_LENGTH, pattern=r"^[ -~]+$",
+        description="a retry with the same key within 24 h answers the same task and "
+                    "creates none (the same key for another request: 409)")
+
+
 class SubmitIn(BaseModel):
     data: str = Field(max_length=MAX_TEXT, description="the task input")
     reviewers: list[str] = Field(
@@ -243,8 +250,6 @@ class NextQuery(BaseModel):
     after: str | None = Field(None, max_length=MAX_ID_LENGTH)
 
 
-class ErrorOut(BaseModel):
-    error: str
 
 
 # The external-work API (hitl.work): a worker claims a job under a lease, then reports on it.
@@ -258,9 +263,10 @@ MAX_ERROR = 20_000  # characters of a worker's error
 class ClaimIn(BaseModel):
     worker: str = Field(min_length=1, max_length=MAX_WORKER,
                         description="the worker's name, shown with the job")
-    wait: float = Field(0, ge=0, le=MAX_WAIT, allow_inf_nan=False,
+    # strict: a JSON number alone (lax pydantic reads false as 0 and "5" as 5)
+    wait: float = Field(0, ge=0, le=MAX_WAIT, allow_inf_nan=False, strict=True,
                         description="seconds to wait for a job when none is queued (long poll)")
-    lease: float | None = Field(None, ge=1, le=MAX_LEASE, allow_inf_nan=False,
+    lease: float | None = Field(None, ge=1, le=MAX_LEASE, allow_inf_nan=False, strict=True,
                                 description="seconds the job is the worker's without a "
                                             "heartbeat (default: the server's --lease)")
 
@@ -279,18 +285,19 @@ class ClaimIn(BaseModel):
 class LeaseIn(BaseModel):
     """Which job a report is about: the attempt and the lease the claim gave."""
 
-    attempt: int = Field(ge=1, le=MAX_INTEGER, description="the job's attempt")
+    attempt: int = Field(ge=1, le=MAX_INTEGER, strict=True, description="the job's attempt")
     lease_id: str = Field(min_length=1, max_length=MAX_LEASE_ID,
                           description="the lease_id the claim answered")
 
 
 class HeartbeatIn(LeaseIn):
-    lease: float | None = Field(None, ge=1, le=MAX_LEASE, allow_inf_nan=False,
+    lease: float | None = Field(None, ge=1, le=MAX_LEASE, allow_inf_nan=False, strict=True,
                                 description="seconds from now (default: the claim's lease)")
 
 
 class ProgressIn(LeaseIn):
-    progress: float = Field(ge=0, le=1, allow_inf_nan=False, description="0 to 1")
+    progress: float = Field(ge=0, le=1, allow_inf_nan=False, strict=True,
+                            description="0 to 1")
     partial_output: str = Field("", max_length=MAX_TEXT, description="the output so far")
 
 

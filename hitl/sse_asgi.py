@@ -65,7 +65,7 @@ async def check_stream(app: Quart, scope: Scope) -> Stream:
     await cast(Guard, app.extensions["guard"]).check_request(scope)
     identity = who(scope)
     task_id = scope["path"].removeprefix("/stream").removeprefix("/")
-    last_id = parse_last_id(last_event_id(scope))
+    last_id = last_event_id(scope)
     runner = cast(Runner, app.extensions["runner"])
     if not task_id:
         return Stream(GLOBAL, last_id, finished=False, owner=runner.watch_scope(identity))
@@ -133,13 +133,15 @@ def owned(batch: list[Message], owner: str) -> list[Message]:
     return [m for m in batch if m.submitted_by == owner or m is HEARTBEAT or m.status == RESET]
 
 
-def last_event_id(scope: Scope) -> str | None:
-    """The ``Last-Event-ID`` header, else a ``last_event_id`` query parameter."""
-    for name, value in scope["headers"]:
-        if name == b"last-event-id":
-            return cast(bytes, value).decode("latin-1")
+def last_event_id(scope: Scope) -> int | None:
+    """The ``Last-Event-ID`` header, else a ``last_event_id`` query parameter; each is
+    checked when given, and an empty header names no event."""
     query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
-    return query["last_event_id"][0] if "last_event_id" in query else None
+    from_query = parse_last_id(query["last_event_id"][0]) if "last_event_id" in query else None
+    for name, value in scope["headers"]:
+        if name == b"last-event-id" and value.strip():
+            return parse_last_id(cast(bytes, value).decode("latin-1"))
+    return from_query
 
 
 async def until_disconnect(receive: Receive, subscription: Subscription) -> None:

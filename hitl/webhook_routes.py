@@ -13,7 +13,10 @@ from quart import Blueprint, current_app
 from quart_schema import validate_request
 
 from .delivery import Dispatcher
+from .openapi import answers
+from .responses import NewWebhookOut, WebhookListOut
 from .routes import who
+from .schemas import MessageOut
 from .webhooks import MAX_URL
 
 hooks = Blueprint("webhooks", __name__)
@@ -32,6 +35,7 @@ def dispatcher() -> Dispatcher:
 
 
 @hooks.get("/api/webhooks")
+@answers(ok={200: WebhookListOut})
 async def list_webhooks() -> dict[str, object]:
     """Every endpoint (no secrets) with its latest delivery attempts."""
     return {"webhooks": await dispatcher().webhooks.listing(by=who())}
@@ -39,6 +43,7 @@ async def list_webhooks() -> dict[str, object]:
 
 @hooks.post("/api/webhooks")
 @validate_request(WebhookIn)
+@answers(415, ok={201: NewWebhookOut})
 async def add_webhook(data: WebhookIn) -> tuple[dict[str, object], int]:
     """Register an endpoint; the answer holds its secret, shown this once."""
     endpoint = await dispatcher().webhooks.add(data.url, data.events, data.secret, by=who())
@@ -47,7 +52,9 @@ async def add_webhook(data: WebhookIn) -> tuple[dict[str, object], int]:
 
 
 @hooks.delete("/api/webhooks/<endpoint_id>")
+@answers(404, ok={200: MessageOut})
 async def remove_webhook(endpoint_id: str) -> dict[str, object]:
+    """Remove an endpoint: no more deliveries to it."""
     await dispatcher().webhooks.remove(endpoint_id[:100], by=who())
     await dispatcher().sync()
     return {"message": f"webhook {endpoint_id} removed"}

@@ -12,6 +12,7 @@ from quart import Blueprint, Response, current_app
 from quart_schema import validate_request, validate_response
 
 from .models import iso
+from .openapi import NO_CONTENT, answers
 from .routes import who
 from .schemas import (
     ClaimIn,
@@ -38,6 +39,7 @@ def queue() -> WorkQueue:
 @work.post("/api/work/claim")
 @validate_request(ClaimIn)
 @validate_response(JobOut, 200)
+@answers(415, ok={204: NO_CONTENT})
 async def claim(data: ClaimIn) -> JobOut | Response:
     """The oldest job waiting for a worker, now this worker's under a lease; 204 when none
     came within ``wait`` seconds (a long poll)."""
@@ -50,6 +52,7 @@ async def claim(data: ClaimIn) -> JobOut | Response:
 @work.post("/api/work/<task_id>/heartbeat")
 @validate_request(HeartbeatIn)
 @validate_response(LeaseOut)
+@answers(404, 409, 415)
 async def heartbeat(task_id: str, data: HeartbeatIn) -> LeaseOut:
     """Extend the lease (409: the job is no longer this worker's; drop it)."""
     until = await queue().heartbeat(checked_id(task_id), data.attempt, data.lease_id,
@@ -60,6 +63,7 @@ async def heartbeat(task_id: str, data: HeartbeatIn) -> LeaseOut:
 @work.post("/api/work/<task_id>/progress")
 @validate_request(ProgressIn)
 @validate_response(LeaseOut)
+@answers(404, 409, 415)
 async def progress(task_id: str, data: ProgressIn) -> LeaseOut:
     """Report progress to the task's watchers (a ``running`` message); extends the lease."""
     until = await queue().progress(checked_id(task_id), data.attempt, data.lease_id,
@@ -70,6 +74,7 @@ async def progress(task_id: str, data: ProgressIn) -> LeaseOut:
 @work.post("/api/work/<task_id>/complete")
 @validate_request(CompleteIn)
 @validate_response(MessageOut)
+@answers(404, 409, 415)
 async def complete(task_id: str, data: CompleteIn) -> MessageOut:
     """The job's output, stored before this answer, then put up for review."""
     await queue().complete(checked_id(task_id), data.attempt, data.lease_id, data.output,
@@ -80,6 +85,7 @@ async def complete(task_id: str, data: CompleteIn) -> MessageOut:
 @work.post("/api/work/<task_id>/fail")
 @validate_request(FailIn)
 @validate_response(FailOut)
+@answers(404, 409, 415)
 async def fail(task_id: str, data: FailIn) -> FailOut:
     """This try failed: tried again up to ``--retries`` tries (``retrying``), then the task
     fails with this error."""
@@ -91,6 +97,7 @@ async def fail(task_id: str, data: FailIn) -> FailOut:
 @work.post("/api/work/<task_id>/release")
 @validate_request(LeaseIn)
 @validate_response(MessageOut)
+@answers(404, 409, 415)
 async def release(task_id: str, data: LeaseIn) -> MessageOut:
     """Give the job back unfinished (a worker stopping): queued again for another worker,
     not counted as a failed try."""

@@ -11,6 +11,8 @@ from quart.typing import TestClientProtocol as Client
 
 from hitl import Config
 
+from .conftest import within
+
 
 async def submit(client: Client, data: str = "write a haiku") -> str:
     response = await client.post("/submit", json={"data": data})
@@ -146,6 +148,40 @@ async def test_bad_last_event_id_is_400(client: Client) -> None:
     task_id = await submit(client)
     response = await client.get(f"/stream/{task_id}", headers={"Last-Event-ID": "abc"})
     assert response.status_code == 400
+
+
+async def test_a_last_event_id_query_is_checked_whatever_the_header(
+    client: Client,
+) -> None:
+    """Found by schemathesis: a header, even empty, hid a bad ``last_event_id`` (a 200)."""
+    task_id = await submit(client)
+    response = await within(client.get(f"/stream/{task_id}?last_event_id=null",
+                                       headers={"Last-Event-ID": ""}), 5, "the answer")
+    assert response.status_code == 400
+    assert "not a message id" in (await response.get_json())["error"]
+    response = await within(client.get(f"/stream/{task_id}?last_event_id=x",
+                                       headers={"Last-Event-ID": "1"}), 5, "the answer")
+    assert response.status_code == 400  # a header does not hide a bad query either
+
+
+async def test_a_method_not_allowed_names_the_allowed_ones(client: Client) -> None:
+    """Found by schemathesis: 405s lacked the Allow header (RFC 9110), and other methods
+    on the streams were 404s (Quart has no rule for them: they are served in plain ASGI)."""
+    for method, path, allowed in (("PUT", "/submit", "OPTIONS, POST"),
+                                  ("DELETE", "/api/tasks", "GET, HEAD, OPTIONS"),
+                                  ("POST", "/stream", "GET, HEAD"),
+                                  ("PATCH", "/stream/abc", "GET, HEAD")):
+        response = await client.open(path, method=method)
+        assert response.status_code == 405, (method, path)
+        assert response.headers["Allow"] == allowed
+        assert "not allowed" in (await response.get_json())["error"]
+
+
+async def test_a_bad_query_on_a_post_is_a_400_not_a_415(client: Client) -> None:
+    """Found by schemathesis: a POST's query error was blamed on its (absent) JSON body."""
+    response = await client.post("/api/queue/next?after=" + "0" * 65)
+    assert response.status_code == 400
+    assert (await response.get_json())["error"].startswith("after:")
 
 
 @pytest.fixture

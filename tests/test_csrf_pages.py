@@ -46,6 +46,28 @@ async def test_a_form_post_without_its_token_is_refused_and_changes_nothing(
     assert (await runner.list_tasks(None, 10, 0, by=OPERATOR))[1] == 1
 
 
+async def test_a_token_that_is_not_ascii_is_refused_not_an_error(
+    app: Quart, client: Client
+) -> None:
+    """Found by schemathesis: ``hmac.compare_digest`` raised on a non-ASCII str (a 500)."""
+    task_id = await submit_form(client)
+    await waiting(app, task_id)
+    for headers, form in (({}, {"csrf_token": "jeton-\u00e9\u4f60"}),
+                          ({"HX-Request": "true", "X-CSRF-Token": "\u00e9"}, {})):
+        response = await client.post(f"/tasks/{task_id}/decision", headers=headers, form={
+            "feedback": "approved", "attempt": "1", **form})
+        assert response.status_code == 403, form
+        assert "CSRF token" in await text(response)
+
+
+async def test_a_method_no_route_takes_is_a_405_even_as_a_form(client: Client) -> None:
+    """Found by schemathesis: a form sent with a method no route takes was a 403 (no CSRF
+    token) rather than the 405 it is; it reaches no view, so it changes nothing."""
+    for method, path in (("PUT", "/logout"), ("TRACE", "/tasks"), ("PATCH", "/stream")):
+        response = await client.open(path, method=method, form={"csrf_token": "x"})
+        assert response.status_code == 405, (method, path)
+
+
 async def test_htmx_sends_the_token_as_a_header(app: Quart, client: Client) -> None:
     task_id = await submit_form(client)
     await waiting(app, task_id)

@@ -57,6 +57,17 @@ async def test_only_admins_manage_webhooks(http: httpx.AsyncClient,
                 ).json() == {"webhooks": []}
 
 
+async def test_errors_are_json_for_a_browser_too(http: httpx.AsyncClient,
+                                                 people: dict[str, str]) -> None:
+    """Found with schemathesis: an API route must not send a browser to the sign-in page."""
+    accept = {"Accept": "text/html,application/xhtml+xml,*/*;q=0.8"}
+    response = await http.get("/api/webhooks", headers=accept)
+    assert response.status_code == 401, response.headers
+    assert response.json()["error"].startswith("sign in first")
+    response = await http.get("/api/webhooks", headers={**accept, **bearer(people, "rita")})
+    assert response.status_code == 403 and "only admins" in response.json()["error"]
+
+
 async def test_an_admin_adds_lists_and_removes_an_endpoint(
     http: httpx.AsyncClient, people: dict[str, str]
 ) -> None:

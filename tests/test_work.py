@@ -340,6 +340,10 @@ async def test_shutting_down_answers_waiting_claims(live_server: LiveServer) -> 
     ({"worker": "w", "wait": -1}, "wait: must be at least 0"),
     ({"worker": "w", "lease": 0.5}, "lease: must be at least 1"),
     ({"worker": "w", "lease": 3601}, "lease: must be at most 3600"),
+    # found by schemathesis: lax pydantic took false as 0 and "5" as 5
+    ({"worker": "w", "wait": False}, "wait: must be a number"),
+    ({"worker": "w", "wait": "5"}, "wait: must be a number"),
+    ({"worker": "w", "lease": True}, "lease: must be a number"),
     ({}, "worker: is required"),
 ])
 async def test_a_bad_claim_is_a_400_that_names_it(worker: Worker, body: dict[str, Any],
@@ -351,6 +355,8 @@ async def test_a_bad_claim_is_a_400_that_names_it(worker: Worker, body: dict[str
 @pytest.mark.parametrize(("what", "body", "error"), [
     ("heartbeat", {"attempt": 0, "lease_id": "x"}, "attempt: must be at least 1"),
     ("heartbeat", {"lease_id": "x"}, "attempt: is required"),
+    ("heartbeat", {"attempt": True, "lease_id": "x"}, "attempt: must be a whole number"),
+    ("progress", {"attempt": 1, "lease_id": "x", "progress": "1"}, "progress: must be a number"),
     ("heartbeat", {"attempt": 1, "lease_id": ""}, "lease_id: must be at least 1 characters"),
     ("progress", {"attempt": 1, "lease_id": "x", "progress": 1.5}, "progress: must be at most 1"),
     ("progress", {"attempt": 1, "lease_id": "x"}, "progress: is required"),
