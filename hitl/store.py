@@ -271,6 +271,10 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (task_id, attempt)
     );
     CREATE INDEX jobs_open ON jobs (queued_at) WHERE state IN ('queued', 'claimed');
+    CREATE TRIGGER jobs_end_with_their_task AFTER UPDATE OF status ON tasks
+      WHEN NEW.status IN ('completed', 'failed', 'cancelled')
+    BEGIN UPDATE jobs SET state = 'failed', error = 'the task ended (' || NEW.status || ')'
+           WHERE task_id = NEW.task_id AND state IN ('queued', 'claimed'); END;
     """,
 )
 

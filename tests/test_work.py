@@ -267,7 +267,8 @@ async def test_a_given_back_job_goes_to_the_next_claim_as_the_same_try(
 
 
 async def test_a_cancelled_task_s_job_gets_409s(worker: Worker, http: httpx.AsyncClient,
-                                                actions: ReviewActions) -> None:
+                                                actions: ReviewActions,
+                                                live_server: LiveServer) -> None:
     task_id = await actions.submit()
     job = await worker.job()
     assert (await http.post(f"/api/tasks/{task_id}/cancel")).status_code == 200
@@ -276,6 +277,15 @@ async def test_a_cancelled_task_s_job_gets_409s(worker: Worker, http: httpx.Asyn
         response = await worker.report(what, job, **body)
         assert response.status_code == 409, response.text
         assert response.json()["error"] == f"task {task_id} is cancelled: drop this job"
+    assert await open_jobs(live_server) == []
+
+
+async def open_jobs(server: LiveServer) -> list[tuple[str, int]]:
+    """Jobs still queued or claimed: each is looked at by every claim, so a task's end
+    must close its job (else claims slow down as ended tasks pile up)."""
+    rows = await server.app.extensions["store"].reader.execute_fetchall(
+        "SELECT task_id, attempt FROM jobs WHERE state IN ('queued', 'claimed')")
+    return [(row[0], row[1]) for row in rows]
 
 
 async def test_an_unknown_task_is_a_404(worker: Worker) -> None:
@@ -286,11 +296,13 @@ async def test_an_unknown_task_is_a_404(worker: Worker) -> None:
 
 
 async def test_a_queued_job_of_a_cancelled_task_is_never_handed_out(
-        worker: Worker, http: httpx.AsyncClient, actions: ReviewActions) -> None:
+        worker: Worker, http: httpx.AsyncClient, actions: ReviewActions,
+        live_server: LiveServer) -> None:
     task_id = await actions.submit()
     await reach(http, task_id, "running")
     assert (await http.post(f"/api/tasks/{task_id}/cancel")).status_code == 200
     assert (await worker.claim()).status_code == 204
+    assert await open_jobs(live_server) == []
 
 
 async def test_many_progress_reports_are_coalesced(
