@@ -163,18 +163,22 @@ class WorkQueue:
         sleeper = asyncio.get_running_loop().create_future()
         self._sleepers.append(sleeper)
         try:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(sleeper, seconds)
+            await asyncio.wait((sleeper,), timeout=seconds)
         except asyncio.CancelledError:
-            if sleeper.done() and not sleeper.cancelled():
+            if sleeper.done():
                 self._wake()  # woken as its client left: the wake goes to the next
             raise
         finally:
-            if not sleeper.done():
+            if not sleeper.done():  # timed out (or left): it leaves the line
                 sleeper.cancel()
-            with contextlib.suppress(ValueError):  # a timed-out claim leaves the line
-                self._sleepers.remove(sleeper)
+                with contextlib.suppress(ValueError):
+                    self._sleepers.remove(sleeper)
         return not sleeper.cancelled()
+
+    @property
+    def asleep(self) -> int:
+        """Claims asleep in line now (a woken one has left it)."""
+        return sum(not sleeper.done() for sleeper in self._sleepers)
 
     async def _take(self, worker: str, lease: float, by: Identity
                     ) -> tuple[ClaimedJob | None, float | None]:
