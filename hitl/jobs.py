@@ -19,7 +19,8 @@ from .errors import Conflict, NotFound
 from .models import TERMINAL, Status, iso
 
 # A job for this attempt: new (try 1); or, after a failed try with tries left, the next
-# try, queued again; any other job (claimed, queued, done) is kept as it is (a restart).
+# try, queued again (both return the job's state); any other job (claimed, queued, done)
+# is kept as it is (a restart), and returns nothing: JOB_STATE reads it.
 ENQUEUE = """
     INSERT INTO jobs (task_id, attempt, state, tries, queued_at)
     VALUES (:task_id, :attempt, 'queued', 1, :now)
@@ -28,6 +29,7 @@ ENQUEUE = """
         worker_user = NULL, lease_id = NULL, lease_seconds = NULL, lease_expires = NULL,
         claimed_at = NULL, error = NULL
      WHERE jobs.state = 'failed' AND jobs.tries < :retries
+    RETURNING state, output, error
 """
 JOB_STATE = """SELECT state, tries, output, error FROM jobs
                 WHERE task_id = :task_id AND attempt = :attempt"""

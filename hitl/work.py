@@ -113,8 +113,8 @@ class WorkQueue:
             params = {"task_id": job.task_id, "attempt": job.attempt, "now": time.time(),
                       "retries": self.config.retries}
             async with self.store.transaction() as conn:
-                await conn.execute(jobs.ENQUEUE, params)
-                row = next(iter(await conn.execute_fetchall(jobs.JOB_STATE, params)))
+                rows = await conn.execute_fetchall(jobs.ENQUEUE, params)
+                row = next(iter(rows or await conn.execute_fetchall(jobs.JOB_STATE, params)))
             if row["state"] == "done":  # completed while the service was down
                 return str(row["output"])
             if row["state"] == "failed":  # its last try failed before a restart
