@@ -83,15 +83,15 @@ WORKERS_SHOW = ("jobs_per_s", "claim_wait_p50_ms", "claim_wait_p99_ms", "claim_s
                 "claim_start_p99_ms", "errors")
 
 
-def workers_jobs(tasks: int, concurrency: int) -> list[Job]:
-    """The in-process baseline, then 1 and 2 ``hitl worker`` processes."""
+def workers_jobs(tasks: int, concurrency: int, processes: list[int]) -> list[Job]:
+    """The in-process baseline, then each number of ``hitl worker`` processes."""
     def job(processes: int) -> Job:
         name = (f"{processes} worker process{'es' if processes > 1 else ''} x {concurrency}"
                 if processes else "in-process (the baseline)")
         return Job(f"workers T={tasks}: {name}",
                    lambda s: workers.workers(s, tasks, processes, concurrency), WORKERS_SHOW,
                    spec=workers.EXTERNAL if processes else workers.IN_PROCESS)
-    return [job(0), job(1), job(2)]
+    return [job(0), *(job(n) for n in processes)]
 
 
 def workers_table(jobs: list[Job], med: dict[str, dict[str, dict[str, float]]]) -> str:
@@ -302,6 +302,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                             "processor in-process (hitl only)")
     p.add_argument("-t", "--tasks", type=int, default=200)
     p.add_argument("-c", "--concurrency", type=int, default=4, help="slots per worker")
+    p.add_argument("-p", "--processes", type=int, nargs="+", default=[1, 2],
+                   help="numbers of worker processes, one run each (default 1 2)")
     args = parser.parse_args(argv)
 
     if args.command == "compare":
@@ -317,7 +319,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif args.command == "quorum":
         jobs = [quorum_job(args.tasks, 1), quorum_job(args.tasks, args.reviewers)]
     elif args.command == "workers":
-        jobs = workers_jobs(args.tasks, args.concurrency)
+        jobs = workers_jobs(args.tasks, args.concurrency, args.processes)
     else:
         jobs = [storm_job(args.n, False), storm_job(args.n, True)]
 

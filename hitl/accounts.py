@@ -137,7 +137,7 @@ class Accounts:
         if password is not None:
             check_password(password)
         user = User(name, display, role, groups, has_password=password is not None)
-        async with self.store._transaction() as conn:
+        async with self.store.transaction() as conn:
             exists = await conn.execute_fetchall(
                 "SELECT 1 FROM users WHERE name = :name", {"name": name})
             if exists:
@@ -168,7 +168,7 @@ class Accounts:
 
     async def disable(self, name: str) -> None:
         """Disable a user: their sessions end and their tokens stop working at once."""
-        async with self.store._transaction() as conn:
+        async with self.store.transaction() as conn:
             cursor = await conn.execute(
                 "UPDATE users SET disabled_at = :at WHERE name = :name AND disabled_at IS NULL",
                 {"name": name.lower(), "at": time.time()})
@@ -179,7 +179,7 @@ class Accounts:
 
     async def set_password(self, name: str, password: str) -> None:
         check_password(password)
-        async with self.store._transaction() as conn:
+        async with self.store.transaction() as conn:
             cursor = await conn.execute(
                 "UPDATE users SET password_hash = :hash WHERE name = :name",
                 {"name": name.lower(), "hash": _hasher.hash(password)})
@@ -231,7 +231,7 @@ class Accounts:
         now = time.time()
         info = TokenInfo(secrets.token_hex(6), user.name, label, now,
                          now + expires_days * 86400 if expires_days else None, None, None)
-        async with self.store._transaction() as conn:
+        async with self.store.transaction() as conn:
             await conn.execute(
                 """INSERT INTO tokens (id, user_name, label, token_hash, created_at, expires_at)
                    VALUES (:id, :user, :label, :hash, :at, :expires)""",
@@ -246,7 +246,7 @@ class Accounts:
         return [TokenInfo(**dict(row)) for row in rows]
 
     async def revoke_token(self, token_id: str) -> None:
-        async with self.store._transaction() as conn:
+        async with self.store.transaction() as conn:
             cursor = await conn.execute(
                 "UPDATE tokens SET revoked_at = :at WHERE id = :id AND revoked_at IS NULL",
                 {"id": token_id, "at": time.time()})
@@ -273,7 +273,7 @@ class Accounts:
         """A new browser session; its id goes in the signed cookie, its hash in the store."""
         session_id = secrets.token_urlsafe(32)
         now = time.time()
-        async with self.store._transaction() as conn:
+        async with self.store.transaction() as conn:
             await conn.execute(
                 """INSERT INTO sessions (id_hash, user_name, method, csrf, created_at,
                                          expires_at)
@@ -296,7 +296,7 @@ class Accounts:
         return Identity(_user(row), row["method"], csrf=row["csrf"])
 
     async def end_session(self, session_id: str) -> None:
-        async with self.store._transaction() as conn:
+        async with self.store.transaction() as conn:
             await conn.execute("UPDATE sessions SET ended_at = :at WHERE id_hash = :hash",
                                {"hash": digest(session_id), "at": time.time()})
 
@@ -305,7 +305,7 @@ class Accounts:
         if await self.user(user_name) is None:
             raise NotFound(f"no user {user_name!r}")
         secret = secrets.token_urlsafe(32)
-        async with self.store._transaction() as conn:
+        async with self.store.transaction() as conn:
             await conn.execute(
                 """INSERT INTO login_links (token_hash, user_name, expires_at)
                    VALUES (:hash, :user, :expires)""",
@@ -315,7 +315,7 @@ class Accounts:
 
     async def use_link(self, secret: str) -> User | None:
         """Spend a sign-in link: the first use within its time wins; every other, None."""
-        async with self.store._transaction() as conn:
+        async with self.store.transaction() as conn:
             rows = await conn.execute_fetchall(
                 """UPDATE login_links SET used_at = :now
                     WHERE token_hash = :hash AND used_at IS NULL AND expires_at > :now
@@ -345,7 +345,7 @@ class Accounts:
 
     async def record_failure(self, keys: list[str]) -> None:
         now = time.time()
-        async with self.store._transaction() as conn:
+        async with self.store.transaction() as conn:
             await conn.executemany("INSERT INTO login_failures (key, at) VALUES (:key, :at)",
                                    [{"key": key, "at": now} for key in keys])
             await conn.execute("DELETE FROM login_failures WHERE at < :old",
@@ -355,7 +355,7 @@ class Accounts:
 
     async def secret_key(self) -> str:
         """The key session cookies are signed with: made once, then kept in the store."""
-        async with self.store._transaction() as conn:
+        async with self.store.transaction() as conn:
             await conn.execute("INSERT OR IGNORE INTO settings (key, value) "
                                "VALUES ('secret_key', :value)",
                                {"value": secrets.token_urlsafe(48)})

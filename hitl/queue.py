@@ -122,7 +122,7 @@ class ReviewQueue:
             "me": by.name, "display_name": by.user.display_name, "now": now,
             "until": now + self.config.reservation, "after": after,
             "any_named": scope.names is None, "names": json.dumps(scope.names or [])}
-        async with self.store._transaction() as conn:
+        async with self.store.transaction() as conn:
             await conn.execute(_EXPIRED, params)
             kept = None
             if after is None:
@@ -145,7 +145,7 @@ class ReviewQueue:
         task = await self.store.get_task(task_id)
         if task is None or not policy.can_see(by, task):
             raise NotFound(f"no task with id {task_id!r}")
-        async with self.store._transaction() as conn:
+        async with self.store.transaction() as conn:
             released = bool(await conn.execute_fetchall(
                 _RELEASE, {"task_id": task_id, "me": by.name}))
         if released:

@@ -266,6 +266,7 @@ MIGRATIONS: tuple[str, ...] = (
         lease_seconds REAL,
         lease_expires REAL,
         claimed_at    REAL,
+        taken_over    INTEGER NOT NULL DEFAULT 0,  -- its last claim took an expired lease over
         output        TEXT,
         error         TEXT,
         PRIMARY KEY (task_id, attempt)
@@ -583,7 +584,7 @@ class Store:
                  "task_id": w.task_id, "created_at": w.task["created_at"],
                  "cutoff": time.time() - IDEMPOTENCY_WINDOW}
                 for w in batch if w.idempotency is not None]
-        async with self._transaction() as conn:
+        async with self.transaction() as conn:
             await conn.executemany(_UPSERT_TASK, tasks)
             for review in reviews:
                 taken = await conn.execute(_INSERT_REVIEW, review)
@@ -602,13 +603,15 @@ class Store:
 
     async def probe(self) -> None:
         """A tiny real write: raises :class:`StorageUnavailable` while writes still fail."""
-        async with self._transaction() as conn:
+        async with self.transaction() as conn:
             await conn.execute(f"PRAGMA user_version = {len(MIGRATIONS)}")
 
     @contextlib.asynccontextmanager
-    async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
-        """One write transaction; a failed one (commit included) is rolled back, and a
-        database that cannot take it is reported as :class:`StorageUnavailable`."""
+    async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+        """One write transaction (``BEGIN IMMEDIATE``), for a module that owns its own
+        statements (accounts, webhooks, jobs); a failed one (commit included) is rolled
+        back, and a database that cannot take it is reported as
+        :class:`StorageUnavailable`."""
         async with self._write_lock:
             conn = self.writer
             try:
@@ -884,7 +887,7 @@ class Store:
 
     async def forget_expired_keys(self) -> int:
         """Delete Idempotency-Keys past their window; how many went."""
-        async with self._transaction() as conn:
+        async with self.transaction() as conn:
             cursor = await conn.execute(
                 "DELETE FROM idempotency_keys WHERE created_at <= :cutoff",
                 {"cutoff": time.time() - IDEMPOTENCY_WINDOW},
@@ -894,7 +897,7 @@ class Store:
     async def purge_finished(self, older_than_days: float) -> int:
         """Delete finished tasks last updated before the cut-off; how many went."""
         cutoff = time.time() - older_than_days * 86400
-        async with self._transaction() as conn:
+        async with self.transaction() as conn:
             cursor = await conn.execute(
                 f"""DELETE FROM tasks WHERE updated_at < :cutoff AND status IN
                      ({", ".join(repr(s.value) for s in TERMINAL)})""",

@@ -185,7 +185,7 @@ class Webhooks:
         secret_key(secret)
         endpoint = Endpoint("wh_" + secrets.token_hex(8), checked_url(url),
                             checked_events(events), secret, 0, time.time())
-        async with self.store._transaction() as conn:
+        async with self.store.transaction() as conn:
             await conn.execute(
                 """INSERT INTO webhooks (id, url, events, secret, cursor, created_at)
                    VALUES (:id, :url, :events, :secret,
@@ -201,7 +201,7 @@ class Webhooks:
     async def remove(self, endpoint_id: str, *, by: Identity | None = None) -> None:
         if by is not None:
             policy.can_manage(by).require()
-        async with self.store._transaction() as conn:
+        async with self.store.transaction() as conn:
             cursor = await conn.execute("DELETE FROM webhooks WHERE id = :id",
                                         {"id": endpoint_id})
             if cursor.rowcount == 0:
@@ -263,7 +263,7 @@ class Webhooks:
         """Move the cursor from where ``endpoint`` saw it to ``to`` (ending any retry), and
         log the attempts that did it, in one transaction. False when the cursor had moved
         meanwhile (another process) or the endpoint is gone: nothing is changed then."""
-        async with self.store._transaction() as conn:
+        async with self.store.transaction() as conn:
             cursor = await conn.execute(
                 """UPDATE webhooks SET cursor = :to, retry_gid = NULL, retry_since = NULL,
                                        retry_tries = 0, next_retry = NULL
@@ -277,7 +277,7 @@ class Webhooks:
 
     async def retrying(self, endpoint: Endpoint, attempt: AttemptRecord, since: float) -> bool:
         """Record a failed attempt and when the next one is due; False as :meth:`advance`."""
-        async with self.store._transaction() as conn:
+        async with self.store.transaction() as conn:
             cursor = await conn.execute(
                 """UPDATE webhooks SET retry_gid = :gid, retry_since = :since,
                                        retry_tries = :tries, next_retry = :next

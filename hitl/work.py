@@ -1,14 +1,9 @@
 """External work (``--processor external``): each attempt's processing is a job that a
 worker claims over HTTP, holds under a lease, and reports on.
 
-The job queue is a table (``jobs``: one row per task and attempt), and every rule of it
-is a condition in one statement, run in a write transaction: a claim takes the oldest
-job that is queued, or claimed under a lease that has expired, of a task still running
-that attempt (``UPDATE ... WHERE ... RETURNING``), so a second process sharing the
-database could not hand a job out twice. A heartbeat, a progress report, a completion or
-a failure changes the job only while the reporting worker's lease holds: the same
-attempt, the same ``lease_id`` and user, not expired, and the task still running it;
-anything else is a 409 that says which of these failed.
+The job queue is a table (``jobs``: one row per task and attempt); its statements, each
+rule a condition in one of them, are in :mod:`hitl.jobs`, and run here in the store's
+write transactions. A refused report is a 409 (or 404) that says which rule failed.
 
 The flow's side stays PocketFlow's: the ProcessNode's pool (:class:`ExternalPool`) queues
 the job and awaits its result, in-process (a future, woken by the completion once it is
@@ -17,8 +12,13 @@ After a restart a running task's flow queues its job again: one still claimed ke
 lease (its worker can still complete it), one done gives its stored output, one queued
 stays queued.
 
-A claim that finds nothing waits (a long poll) on an in-process signal, set when a job is
-queued or given back, and at the soonest lease expiry; never in a loop of queries.
+A claim that finds nothing waits (a long poll), never in a loop of queries: it sleeps in
+a line of waiting claims until a job queued or given back in this process wakes it, or
+the soonest lease expiry comes. One job wakes one claim, the longest waiting, not all of
+them: each woken claim runs a claim statement, and a herd of them, all but one finding
+nothing, would cost a write transaction per idle slot per job. A woken claim that finds
+nothing (another took the job first) sleeps again; one that leaves before it has looked
+(its client went away) passes its wake on to the next.
 """
 
 from __future__ import annotations
@@ -28,18 +28,19 @@ import contextlib
 import json
 import secrets
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from quart import Quart
 
-from . import policy
+from . import jobs, metrics, policy
 from .accounts import Identity
 from .config import Config
-from .errors import Conflict, HitlError, NotFound
+from .errors import HitlError
+from .jobs import ClaimedJob
 from .lifecycle import attach
-from .models import TERMINAL, Status, iso
 from .processors import Job
 from .progress import Coalescer
 from .store import Store
@@ -49,93 +50,11 @@ class WorkerError(Exception):
     """A worker reported that its try of a job failed (``/fail``): PocketFlow retries."""
 
 
-# A job for this attempt: new (try 1); or, after a failed try with tries left, the next
-# try, queued again; any other job (claimed, queued, done) is kept as it is (a restart).
-_ENQUEUE = """
-    INSERT INTO jobs (task_id, attempt, state, tries, queued_at)
-    VALUES (:task_id, :attempt, 'queued', 1, :now)
-    ON CONFLICT (task_id, attempt) DO UPDATE SET
-        state = 'queued', tries = jobs.tries + 1, queued_at = :now, worker = NULL,
-        worker_user = NULL, lease_id = NULL, lease_seconds = NULL, lease_expires = NULL,
-        claimed_at = NULL, error = NULL
-     WHERE jobs.state = 'failed' AND jobs.tries < :retries
-"""
-_JOB_STATE = "SELECT state, tries, output, error FROM jobs WHERE task_id = :task_id " \
-             "AND attempt = :attempt"
-# A job a worker may take: queued, or claimed under an expired lease; of a task still
-# running that attempt (a cancelled or finished task's job is never handed out).
-_OPEN = "jobs.state IN ('queued', 'claimed')"  # as the partial index jobs_open: a claim
-# reads the open jobs alone, however many done ones the table keeps
-_TAKEABLE = f"""{_OPEN}
-               AND (jobs.state = 'queued' OR jobs.lease_expires < :now)
-               AND EXISTS (SELECT 1 FROM tasks WHERE tasks.task_id = jobs.task_id
-                              AND tasks.attempt = jobs.attempt AND tasks.status = 'running')"""
-_CLAIM = f"""
-    UPDATE jobs SET state = 'claimed', worker = :worker, worker_user = :user,
-                    lease_id = :lease_id, lease_seconds = :lease,
-                    lease_expires = :now + :lease, claimed_at = :now
-     WHERE rowid = (SELECT rowid FROM jobs WHERE {_TAKEABLE}
-                     ORDER BY queued_at, task_id, attempt LIMIT 1)
-       AND {_TAKEABLE}
-    RETURNING task_id, attempt, lease_expires
-"""
-# When the next lease that could be taken over expires (a waiting claim wakes then).
-_SOONEST_EXPIRY = f"""
-    SELECT min(lease_expires) FROM jobs
-     WHERE {_OPEN} AND state = 'claimed' AND EXISTS (
-           SELECT 1 FROM tasks WHERE tasks.task_id = jobs.task_id
-              AND tasks.attempt = jobs.attempt AND tasks.status = 'running')
-"""
-# The reporting worker's lease holds: its job, attempt, lease and user; not expired; and
-# the task still running that attempt.
-_HELD = """task_id = :task_id AND attempt = :attempt AND state = 'claimed'
-           AND lease_id = :lease_id AND worker_user IS :user AND lease_expires >= :now
-           AND EXISTS (SELECT 1 FROM tasks WHERE tasks.task_id = jobs.task_id
-                          AND tasks.attempt = jobs.attempt AND tasks.status = 'running')"""
-_EXTEND = f"""
-    UPDATE jobs SET lease_expires = :now + coalesce(:lease, lease_seconds)
-     WHERE {_HELD} RETURNING lease_expires
-"""
-_COMPLETE = f"UPDATE jobs SET state = 'done', output = :output WHERE {_HELD} RETURNING tries"
-_FAIL = f"UPDATE jobs SET state = 'failed', error = :error WHERE {_HELD} RETURNING tries"
-_GIVE_BACK = f"""
-    UPDATE jobs SET state = 'queued', worker = NULL, worker_user = NULL, lease_id = NULL,
-                    lease_seconds = NULL, lease_expires = NULL, claimed_at = NULL
-     WHERE {_HELD} RETURNING tries
-"""
-# Why a report was refused: the task, and its job for the reported attempt.
-_WHY = """
-    SELECT tasks.status AS status, tasks.attempt AS task_attempt, jobs.state AS state,
-           jobs.lease_id AS lease_id, jobs.worker_user AS worker_user,
-           jobs.worker AS worker, jobs.lease_expires AS lease_expires
-      FROM tasks LEFT JOIN jobs ON jobs.task_id = tasks.task_id AND jobs.attempt = :attempt
-     WHERE tasks.task_id = :task_id
-"""
-_JOB_TASK = "SELECT task_input, title, metadata FROM tasks WHERE task_id = :task_id"
-
-@dataclass(frozen=True, slots=True)
-class ClaimedJob:
-    """A job as a claim answers it."""
-
-    task_id: str
-    attempt: int
-    lease_id: str
-    lease_expires: float
-    task_input: str
-    title: str
-    metadata: dict[str, Any] | None
-    reviews: list[dict[str, Any]]
-
-    def to_json(self) -> dict[str, Any]:
-        return {"task_id": self.task_id, "attempt": self.attempt, "lease_id": self.lease_id,
-                "lease_expires": iso(self.lease_expires), "task_input": self.task_input,
-                "title": self.title, "metadata": self.metadata, "reviews": self.reviews}
-
-
 @dataclass(slots=True)
 class Waiter:
     """The flow awaiting one attempt's job in this process."""
 
+    job: Job
     result: asyncio.Future[str]
     progress: Coalescer
 
@@ -148,9 +67,11 @@ class WorkQueue:
         self.config = config
         self.store = store
         self.waiting = 0  # claims waiting for a job now (a gauge; tests check it drains)
+        self.looks = 0  # claim statements run, ever (tests count them)
         self.closing = False
         self._waiters: dict[tuple[str, int], Waiter] = {}
-        self._changed = asyncio.Event()
+        self._sleepers: deque[asyncio.Future[None]] = deque()  # waiting claims, oldest first
+        self._queued = 0  # jobs queued or given back in this process, ever
 
     def init_app(self, app: Quart) -> None:
         attach(app, "work", self, self.start, self.close)
@@ -164,15 +85,20 @@ class WorkQueue:
     def stop_waiting(self) -> None:
         """Shutting down: every waiting claim answers now (204), and no new one waits."""
         self.closing = True
-        self._wake()
+        self._wake(len(self._sleepers))
 
     def pool(self) -> ExternalPool:
         return ExternalPool(self)
 
-    def _wake(self) -> None:
-        """Wake every waiting claim (a job was queued or given back): each looks again."""
-        self._changed.set()
-        self._changed = asyncio.Event()
+    def _wake(self, count: int = 1) -> None:
+        """A job was queued or given back: wake ``count`` waiting claims, oldest first.
+        A claim looking meanwhile (not asleep) sees ``_queued`` move and looks again."""
+        self._queued += 1
+        while count > 0 and self._sleepers:
+            sleeper = self._sleepers.popleft()
+            if not sleeper.done():
+                sleeper.set_result(None)
+                count -= 1
 
     # The flow's side ----------------------------------------------------------------
 
@@ -180,14 +106,15 @@ class WorkQueue:
         """Queue the job of ``job``'s attempt (or keep the one stored) and await its output;
         raises :class:`WorkerError` when its worker reports a failure."""
         key = (job.task_id, job.attempt)
-        waiter = Waiter(asyncio.get_running_loop().create_future(), Coalescer(job.report))
+        waiter = Waiter(job, asyncio.get_running_loop().create_future(),
+                        Coalescer(job.report))
         self._waiters[key] = waiter  # first: a completion stored from now on finds it
         try:
             params = {"task_id": job.task_id, "attempt": job.attempt, "now": time.time(),
                       "retries": self.config.retries}
-            async with self.store._transaction() as conn:
-                await conn.execute(_ENQUEUE, params)
-                row = next(iter(await conn.execute_fetchall(_JOB_STATE, params)))
+            async with self.store.transaction() as conn:
+                rows = await conn.execute_fetchall(jobs.ENQUEUE, params)
+                row = next(iter(rows or await conn.execute_fetchall(jobs.JOB_STATE, params)))
             if row["state"] == "done":  # completed while the service was down
                 return str(row["output"])
             if row["state"] == "failed":  # its last try failed before a restart
@@ -210,63 +137,93 @@ class WorkQueue:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
         self.waiting += 1
+        woken = False  # holds a wake it has not yet looked with: passed on if it leaves
         try:
             while True:
-                changed = self._changed  # before looking: a job queued meanwhile wakes it
+                queued = self._queued  # before looking: a job queued meanwhile shows
                 claimed, soonest = await self._take(worker, lease, by)
+                woken = False
                 if claimed is not None:
                     return claimed
                 left = deadline - loop.time()
                 if left <= 0 or self.closing:
                     return None
+                if self._queued != queued:  # queued while it looked: it may have missed it
+                    continue
                 if soonest is not None:  # a lease that may be taken over, once it expires
                     left = min(left, max(soonest - time.time(), 0.0) + 0.005)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(changed.wait(), left)
+                woken = await self._sleep(left)
         finally:
             self.waiting -= 1
+            if woken:
+                self._wake()
+
+    async def _sleep(self, seconds: float) -> bool:
+        """Wait in line for a wake, up to ``seconds``; whether one came."""
+        sleeper = asyncio.get_running_loop().create_future()
+        self._sleepers.append(sleeper)
+        try:
+            await asyncio.wait((sleeper,), timeout=seconds)
+        except asyncio.CancelledError:
+            if sleeper.done():
+                self._wake()  # woken as its client left: the wake goes to the next
+            raise
+        finally:
+            if not sleeper.done():  # timed out (or left): it leaves the line
+                sleeper.cancel()
+                with contextlib.suppress(ValueError):
+                    self._sleepers.remove(sleeper)
+        return not sleeper.cancelled()
+
+    @property
+    def asleep(self) -> int:
+        """Claims asleep in line now (a woken one has left it)."""
+        return sum(not sleeper.done() for sleeper in self._sleepers)
 
     async def _take(self, worker: str, lease: float, by: Identity
                     ) -> tuple[ClaimedJob | None, float | None]:
         lease_id = secrets.token_urlsafe(18)
         params = {"worker": worker, "user": by.name, "lease_id": lease_id, "lease": lease,
                   "now": time.time()}
-        async with self.store._transaction() as conn:
-            rows = list(await conn.execute_fetchall(_CLAIM, params))
+        self.looks += 1
+        async with self.store.transaction() as conn:
+            rows = list(await conn.execute_fetchall(jobs.CLAIM, params))
             if not rows:
-                soonest = next(iter(await conn.execute_fetchall(_SOONEST_EXPIRY)))[0]
+                soonest = next(iter(await conn.execute_fetchall(jobs.SOONEST_EXPIRY)))[0]
                 return None, soonest
         row = rows[0]
+        if row["taken_over"]:
+            metrics.lease_taken_over("job")
         try:
-            return await self._claimed(row["task_id"], row["attempt"], lease_id,
-                                       row["lease_expires"]), None
+            return await self._claimed(row, lease_id), None
         except asyncio.CancelledError:  # its client left before the answer: give it back
             await asyncio.shield(self._give_back_unanswered(row["task_id"], row["attempt"],
                                                             lease_id, by))
             raise
 
-    async def _claimed(self, task_id: str, attempt: int, lease_id: str,
-                       lease_expires: float) -> ClaimedJob:
-        """The claimed job as its worker gets it: the task's input and every review."""
-        task = next(iter(await self.store.reader.execute_fetchall(
-            _JOB_TASK, {"task_id": task_id})))
-        reviews = await self.store.reviews(task_id)
-        metadata = task["metadata"]
-        return ClaimedJob(task_id, attempt, lease_id, lease_expires, task["task_input"],
-                          task["title"], None if metadata is None else json.loads(metadata),
+    async def _claimed(self, row: Any, lease_id: str) -> ClaimedJob:
+        """The claimed job as its worker gets it: the task (from the claim's own row) and
+        every review (from the flow awaiting it here, else the store)."""
+        waiter = self._waiters.get((row["task_id"], row["attempt"]))
+        reviews = (waiter.job.reviews if waiter is not None
+                   else await self.store.reviews(row["task_id"]))
+        metadata = row["metadata"]
+        return ClaimedJob(row["task_id"], row["attempt"], lease_id, row["lease_expires"],
+                          row["task_input"], row["title"],
+                          None if metadata is None else json.loads(metadata),
                           [review.to_json() for review in reviews])
 
     async def _give_back_unanswered(self, task_id: str, attempt: int, lease_id: str,
                                     by: Identity) -> None:
         with contextlib.suppress(HitlError):  # expired or taken meanwhile: nothing to undo
-            await self._report(_GIVE_BACK, task_id, attempt, lease_id, by)
+            await self._report(jobs.GIVE_BACK, task_id, attempt, lease_id, by)
             self._wake()
 
     async def heartbeat(self, task_id: str, attempt: int, lease_id: str,
                         lease: float | None = None, *, by: Identity) -> float:
         """Extend the worker's lease (by ``lease`` seconds, else the claim's); when it ends."""
         policy.can_work(by).require()
-        return float(await self._report(_EXTEND, task_id, attempt, lease_id, by,
+        return float(await self._report(jobs.EXTEND, task_id, attempt, lease_id, by,
                                         lease=lease))
 
     async def progress(self, task_id: str, attempt: int, lease_id: str, fraction: float,
@@ -274,7 +231,7 @@ class WorkQueue:
         """Extend the lease and tell the task's watchers (a ``running`` message, as an
         in-process processor's report, at a bounded rate: :class:`Coalescer`)."""
         policy.can_work(by).require()
-        until = float(await self._report(_EXTEND, task_id, attempt, lease_id, by, lease=None))
+        until = float(await self._report(jobs.EXTEND, task_id, attempt, lease_id, by, lease=None))
         waiter = self._waiters.get((task_id, attempt))
         if waiter is not None:
             waiter.progress(fraction, partial_output)
@@ -284,7 +241,7 @@ class WorkQueue:
                        by: Identity) -> None:
         """Store the job's output (done), then hand it to the waiting flow for review."""
         policy.can_work(by).require()
-        await self._report(_COMPLETE, task_id, attempt, lease_id, by, output=output)
+        await self._report(jobs.COMPLETE, task_id, attempt, lease_id, by, output=output)
         self._settle(task_id, attempt, lambda result: result.set_result(output))
 
     async def fail(self, task_id: str, attempt: int, lease_id: str, error: str, *,
@@ -292,7 +249,7 @@ class WorkQueue:
         """Store the try's failure; whether the attempt is tried again (else the task
         fails with this error)."""
         policy.can_work(by).require()
-        tries = int(await self._report(_FAIL, task_id, attempt, lease_id, by, error=error))
+        tries = int(await self._report(jobs.FAIL, task_id, attempt, lease_id, by, error=error))
         self._settle(task_id, attempt, lambda result: result.set_exception(WorkerError(error)))
         return tries < self.config.retries
 
@@ -301,7 +258,7 @@ class WorkQueue:
         """The worker will not do the job (it is stopping): queued again for another, as
         the same try."""
         policy.can_work(by).require()
-        await self._report(_GIVE_BACK, task_id, attempt, lease_id, by)
+        await self._report(jobs.GIVE_BACK, task_id, attempt, lease_id, by)
         self._wake()
 
     def _settle(self, task_id: str, attempt: int,
@@ -317,48 +274,13 @@ class WorkQueue:
         value; else NotFound or Conflict, saying why (read in the same transaction)."""
         params = {"task_id": task_id, "attempt": attempt, "lease_id": lease_id,
                   "user": by.name, "now": time.time(), **values}
-        async with self.store._transaction() as conn:
+        async with self.store.transaction() as conn:
             rows = list(await conn.execute_fetchall(statement, params))
             if rows:
                 return rows[0][0]
-            why = list(await conn.execute_fetchall(_WHY, params))
-        raise refusal(task_id, attempt, lease_id, by.name, why[0] if why else None,
+            why = list(await conn.execute_fetchall(jobs.WHY, params))
+        raise jobs.refusal(task_id, attempt, lease_id, by.name, why[0] if why else None,
                       params["now"])
-
-
-def refusal(task_id: str, attempt: int, lease_id: str, user: str, row: Any,
-            now: float) -> Exception:
-    """Why a worker's report on a job was refused: the worker must drop the job."""
-    if row is None:
-        return NotFound(f"no task with id {task_id!r}")
-    status = Status(row["status"])
-    drop = "drop this job"
-    if status in TERMINAL:
-        return Conflict(f"task {task_id} is {status}: {drop}")
-    if row["task_attempt"] != attempt:
-        return Conflict(f"attempt {attempt} of task {task_id} is stale (the task is on "
-                        f"attempt {row['task_attempt']}): {drop}")
-    if status is not Status.RUNNING:
-        return Conflict(f"attempt {attempt} of task {task_id} is no longer being processed "
-                        f"(the task is {status}): {drop}")
-    state = row["state"]
-    if state is None:
-        return Conflict(f"attempt {attempt} of task {task_id} is not external work: {drop}")
-    if state == "done":
-        return Conflict(f"attempt {attempt} of task {task_id} was already completed: {drop}")
-    if state == "failed":
-        return Conflict(f"this try of attempt {attempt} of task {task_id} was already "
-                        f"reported failed: {drop}")
-    if state == "queued":
-        return Conflict(f"the lease of attempt {attempt} of task {task_id} ended; the job "
-                        f"is back in the queue: {drop}")
-    if row["lease_id"] != lease_id or row["worker_user"] != user:
-        return Conflict(f"the lease of attempt {attempt} of task {task_id} was taken over by "
-                        f"another worker ({row['worker']}): {drop}")
-    if row["lease_expires"] < now:
-        return Conflict(f"the lease of attempt {attempt} of task {task_id} expired at "
-                        f"{iso(row['lease_expires'])}; another worker may take it: {drop}")
-    return Conflict(f"attempt {attempt} of task {task_id} changed meanwhile: {drop}")
 
 
 class ExternalPool:

@@ -303,7 +303,7 @@ async def test_an_idempotency_key_expires_after_its_window(actions: ReviewAction
     first = (await actions.http.post("/submit", json={"data": "x"}, headers=key)).json()
     await until(lambda: _is(actions.http, first["task_id"], "waiting_for_review"), "waiting")
     store = live_server.app.extensions["store"]
-    async with store._transaction() as conn:  # a day and a second ago
+    async with store.transaction() as conn:  # a day and a second ago
         await conn.execute("UPDATE idempotency_keys SET created_at = created_at - 86401")
     second = (await actions.http.post("/submit", json={"data": "x"}, headers=key)).json()
     assert second["task_id"] != first["task_id"]

@@ -179,6 +179,81 @@ async def test_twenty_claimers_at_once_take_each_of_five_jobs_once(
     assert len({job["lease_id"] for job in taken}) == 5
 
 
+async def test_one_job_wakes_one_of_many_waiting_claims_not_all(
+        live_server: LiveServer, http: httpx.AsyncClient, actions: ReviewActions) -> None:
+    """A job queued costs one claim statement, however many claims wait (no herd)."""
+    queue = work(live_server)
+    claims = [asyncio.create_task(Worker(http, f"w{n}").claim(wait=3)) for n in range(12)]
+    await until(lambda: queue.asleep == 12, "twelve claims asleep")
+    looks = queue.looks
+    task_id = await actions.submit()
+    done, _ = await within(asyncio.wait(claims, return_when=asyncio.FIRST_COMPLETED), 5,
+                           "a claim to take the job")
+    assert [claim.result().json()["task_id"] for claim in done] == [task_id]
+    await asyncio.sleep(0.3)  # a herd would be running its claim statements now
+    assert queue.looks - looks <= 2, queue.looks - looks
+    assert queue.asleep == 11
+    answers = await within(asyncio.gather(*claims), 10, "the other claims to end")
+    assert sorted(answer.status_code for answer in answers) == [200] + [204] * 11
+
+
+async def test_as_many_jobs_as_waiting_claims_give_every_claim_a_job(
+        live_server: LiveServer, http: httpx.AsyncClient, actions: ReviewActions) -> None:
+    queue = work(live_server)
+    claims = [asyncio.create_task(Worker(http, f"w{n}").claim(wait=10)) for n in range(8)]
+    await until(lambda: queue.asleep == 8, "eight claims asleep")
+    looks = queue.looks
+    ids = set(await asyncio.gather(*(actions.submit(f"job {n}") for n in range(8))))
+    answers = await within(asyncio.gather(*claims), 8, "every claim to get a job")
+    assert [answer.status_code for answer in answers] == [200] * 8
+    assert {answer.json()["task_id"] for answer in answers} == ids
+    assert queue.looks - looks <= 2 * 8, queue.looks - looks
+
+
+async def test_a_claim_woken_as_its_client_leaves_passes_the_wake_on(
+        live_server: LiveServer, actions: ReviewActions, worker: Worker,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from .conftest import OPERATOR
+
+    queue = work(live_server)
+    first = asyncio.create_task(queue.claim("first", wait=20, by=OPERATOR))
+    await until(lambda: queue.asleep == 1, "the first claim asleep")
+    second = asyncio.create_task(worker.claim(wait=20))
+    await until(lambda: queue.asleep == 2, "the second claim asleep behind it")
+    original, left = queue._wake, []
+
+    def wake_then_leave(count: int = 1) -> None:
+        original(count)
+        if not left:  # the first is woken; before it looks, its client goes away
+            left.append(True)
+            first.cancel()
+
+    monkeypatch.setattr(queue, "_wake", wake_then_leave)
+    task_id = await actions.submit()
+    with pytest.raises(asyncio.CancelledError):
+        await within(first, 5, "the first claim to end")
+    response = await within(second, 5, "the second claim, given the wake")
+    assert response.status_code == 200 and response.json()["task_id"] == task_id
+    assert queue.asleep == 0
+
+
+async def test_a_claim_that_takes_an_expired_lease_over_is_counted(
+        worker: Worker, http: httpx.AsyncClient, actions: ReviewActions) -> None:
+    from .test_metrics import scrape, value
+
+    def taken_over(samples: dict[Any, float]) -> float:
+        return value(samples, "hitl_leases_taken_over_total", kind="job")
+
+    before = taken_over(await scrape(http))
+    await actions.submit()
+    await worker.job(lease=1)
+    await within(Worker(http, "w2").job(wait=10), 10, "the take-over")
+    assert taken_over(await scrape(http)) - before == 1
+    await actions.submit()  # a queued job claimed: not a take-over
+    await Worker(http, "w3").job(wait=5)
+    assert taken_over(await scrape(http)) - before == 1
+
+
 async def test_an_expired_lease_puts_the_job_back_for_another_worker(
         worker: Worker, http: httpx.AsyncClient, actions: ReviewActions) -> None:
     task_id = await actions.submit()
