@@ -38,23 +38,35 @@ JOB_STATE = """SELECT state, tries, output, error FROM jobs
 _OPEN = "jobs.state IN ('queued', 'claimed')"  # as the partial index jobs_open: a claim
 # reads the open jobs alone, however many done ones the table keeps
 _TAKEABLE = f"""{_OPEN}
-               AND (jobs.state = 'queued' OR jobs.lease_expires < :now)
+               AND (jobs.state = 'queued'
+                    OR (jobs.lease_expires < :now AND jobs.tries < :retries))
                AND EXISTS (SELECT 1 FROM tasks WHERE tasks.task_id = jobs.task_id
                               AND tasks.attempt = jobs.attempt AND tasks.status = 'running')"""
 _TASK = "FROM tasks WHERE tasks.task_id = jobs.task_id"
 # The claim, and what its worker gets of the task, in one statement. ``taken_over`` is set
-# from the job's old state: 1 when it was still claimed (under a lease that had expired).
+# from the job's old state: 1 when it was still claimed (under a lease that had expired),
+# and then the claim is the job's next try.
 CLAIM = f"""
     UPDATE jobs SET state = 'claimed', worker = :worker, worker_user = :user,
                     lease_id = :lease_id, lease_seconds = :lease,
                     lease_expires = :now + :lease, claimed_at = :now,
-                    taken_over = (jobs.state = 'claimed')
+                    taken_over = (jobs.state = 'claimed'),
+                    tries = jobs.tries + (jobs.state = 'claimed')
      WHERE rowid = (SELECT rowid FROM jobs WHERE {_TAKEABLE}
                      ORDER BY queued_at, task_id, attempt LIMIT 1)
        AND {_TAKEABLE}
     RETURNING task_id, attempt, lease_expires, taken_over,
               (SELECT task_input {_TASK}) AS task_input, (SELECT title {_TASK}) AS title,
               (SELECT metadata {_TASK}) AS metadata
+"""
+# A job whose every try ended with its worker gone (the lease expired, taken over up to
+# --retries tries): it fails, as a try that raised would, and is not handed out again.
+GIVE_UP = f"""
+    UPDATE jobs SET state = 'failed',
+                    error = 'its worker stopped reporting (the lease expired) on each of '
+                            || tries || ' tries'
+     WHERE {_OPEN} AND state = 'claimed' AND lease_expires < :now AND tries >= :retries
+    RETURNING task_id, attempt, error
 """
 # When the next lease that could be taken over expires (a waiting claim wakes then).
 SOONEST_EXPIRY = f"""
@@ -102,11 +114,13 @@ class ClaimedJob:
     title: str
     metadata: dict[str, Any] | None
     reviews: list[dict[str, Any]]
+    previous_output: str | None  # the attempt before's output: what the reviews are about
 
     def to_json(self) -> dict[str, Any]:
         return {"task_id": self.task_id, "attempt": self.attempt, "lease_id": self.lease_id,
                 "lease_expires": iso(self.lease_expires), "task_input": self.task_input,
-                "title": self.title, "metadata": self.metadata, "reviews": self.reviews}
+                "title": self.title, "metadata": self.metadata, "reviews": self.reviews,
+                "previous_output": self.previous_output}
 
 
 def refusal(task_id: str, attempt: int, lease_id: str, user: str, row: Any,

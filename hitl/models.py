@@ -228,6 +228,13 @@ class Task:
             data["reservations"] = [held.to_json() for held in self.reservations]
         return data
 
+    def output_before(self, attempt: int) -> str | None:
+        """The output of the latest attempt before ``attempt`` (the draft its reviewers
+        rejected, or a reviewer's edit of it), if one is known."""
+        earlier = [record for record in self.attempts
+                   if record.attempt < attempt and record.output is not None]
+        return earlier[-1].output if earlier else None
+
     def current_attempt(self) -> Attempt:
         """The record of the attempt the task is on (made if it has none yet)."""
         if not self.attempts or self.attempts[-1].attempt != self.attempt:

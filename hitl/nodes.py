@@ -42,7 +42,8 @@ class ProcessNode(AsyncNode):  # type: ignore[misc]
                              attempt_record={"started_at": time.time(), "finished_at": None,
                                              "output": None, "error": None, "tries": 0})
         return Job(shared["task_input"], attempt, tuple(tracker.task.reviews),
-                   tracker.reporter(attempt), self.delay, tracker.task.task_id)
+                   tracker.reporter(attempt), self.delay, tracker.task.task_id,
+                   tracker.task.output_before(attempt))
 
     async def exec_async(self, job: Job) -> str:
         self.tries += 1

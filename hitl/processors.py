@@ -37,7 +37,7 @@ class Job:
     report: Progress
     delay: float = 0.0  # the configured HITL_PROCESS_DELAY, for simulated processors
     task_id: str = ""  # whose attempt: an external worker's job is keyed by it
-
+    previous_output: str | None = None  # the attempt before's output: what was rejected
 
     @property
     def last_comment(self) -> str:

@@ -318,6 +318,9 @@ class JobOut(BaseModel):
     title: str
     metadata: dict[str, Any] | None
     reviews: list[dict[str, Any]] = Field(description="every review so far, as in a task")
+    previous_output: str | None = Field(description="the output of the attempt before "
+                                                    "(the one the reviews judged); null "
+                                                    "on attempt 1")
 
 
 class LeaseOut(BaseModel):

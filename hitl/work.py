@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import secrets
 import time
@@ -184,13 +185,18 @@ class WorkQueue:
                     ) -> tuple[ClaimedJob | None, float | None]:
         lease_id = secrets.token_urlsafe(18)
         params = {"worker": worker, "user": by.name, "lease_id": lease_id, "lease": lease,
-                  "now": time.time()}
+                  "now": time.time(), "retries": self.config.retries}
         self.looks += 1
         async with self.store.transaction() as conn:
+            spent = list(await conn.execute_fetchall(jobs.GIVE_UP, params))
             rows = list(await conn.execute_fetchall(jobs.CLAIM, params))
             if not rows:
                 soonest = next(iter(await conn.execute_fetchall(jobs.SOONEST_EXPIRY)))[0]
-                return None, soonest
+        for job in spent:  # stored: its flow fails the attempt as if the worker had said so
+            self._settle(job["task_id"], job["attempt"],
+                         functools.partial(fail_with, WorkerError(job["error"])))
+        if not rows:
+            return None, soonest
         row = rows[0]
         if row["taken_over"]:
             metrics.lease_taken_over("job")
@@ -203,15 +209,20 @@ class WorkQueue:
 
     async def _claimed(self, row: Any, lease_id: str) -> ClaimedJob:
         """The claimed job as its worker gets it: the task (from the claim's own row) and
-        every review (from the flow awaiting it here, else the store)."""
+        every review and the output they judged (from the flow awaiting it here, else the
+        store)."""
         waiter = self._waiters.get((row["task_id"], row["attempt"]))
-        reviews = (waiter.job.reviews if waiter is not None
-                   else await self.store.reviews(row["task_id"]))
+        if waiter is not None:
+            reviews, previous = waiter.job.reviews, waiter.job.previous_output
+        else:
+            task = await self.store.get_task(row["task_id"])
+            reviews = tuple(task.reviews) if task is not None else ()
+            previous = task.output_before(row["attempt"]) if task is not None else None
         metadata = row["metadata"]
         return ClaimedJob(row["task_id"], row["attempt"], lease_id, row["lease_expires"],
                           row["task_input"], row["title"],
                           None if metadata is None else json.loads(metadata),
-                          [review.to_json() for review in reviews])
+                          [review.to_json() for review in reviews], previous)
 
     async def _give_back_unanswered(self, task_id: str, attempt: int, lease_id: str,
                                     by: Identity) -> None:
@@ -296,3 +307,7 @@ class ExternalPool:
 
     def shutdown(self) -> None:
         """Nothing to stop: a claimed job stays its worker's, a queued one queued."""
+
+
+def fail_with(error: Exception, result: asyncio.Future[str]) -> None:
+    result.set_exception(error)

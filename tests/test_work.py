@@ -131,7 +131,8 @@ async def test_the_job_carries_title_metadata_and_every_review_with_its_comment(
                                                 "metadata": {"lang": "en"}})
     task_id = response.json()["task_id"]
     first = await worker.job()
-    assert (first["title"], first["metadata"]) == ("T", {"lang": "en"})
+    assert (first["title"], first["metadata"], first["previous_output"]) == (
+        "T", {"lang": "en"}, None)
     assert (await worker.report("complete", first, output="one")).status_code == 200
     await reach(http, task_id, "waiting_for_review")
     assert (await actions.reject(task_id, "too long", attempt=1)).status_code == 200
@@ -141,6 +142,16 @@ async def test_the_job_carries_title_metadata_and_every_review_with_its_comment(
     assert (review["decision"], review["attempt"], review["comment"]) == (
         "rejected", 1, "too long")
     assert review["created_at"] and "display_name" in review and "edited_output" in review
+    assert second["previous_output"] == "one"  # what "too long" is about
+
+
+async def test_a_review_only_task_s_next_job_carries_the_rejected_draft(
+        worker: Worker, http: httpx.AsyncClient, actions: ReviewActions) -> None:
+    response = await http.post("/submit", json={"data": "reply", "output": "Dear Sir"})
+    task_id = response.json()["task_id"]
+    assert (await actions.reject(task_id, "less formal")).status_code == 200
+    job = await worker.job()
+    assert (job["attempt"], job["previous_output"]) == (2, "Dear Sir")
 
 
 async def test_a_claim_waits_for_a_job_then_answers_204(worker: Worker,
@@ -269,6 +280,20 @@ async def test_an_expired_lease_puts_the_job_back_for_another_worker(
     assert "taken over by another worker (w2)" in late.json()["error"]
     assert (await other.report("complete", taken, output="in time")).status_code == 200
     assert (await reach(http, task_id, "waiting_for_review"))["processed_output"] == "in time"
+
+
+async def test_a_job_whose_workers_all_vanish_fails_after_its_tries(
+        worker: Worker, http: httpx.AsyncClient, actions: ReviewActions) -> None:
+    """A take-over is the job's next try: a job that kills its workers (retries=3 here)
+    fails the task instead of going round for ever."""
+    task_id = await actions.submit("poison")
+    for number in (1, 2, 3):  # three workers take it in turn, and vanish
+        job = await worker.job(wait=5, lease=1)
+        assert (job["task_id"], job["attempt"]) == (task_id, 1), number
+    assert (await worker.claim(wait=3)).status_code == 204  # its third lease ends meanwhile
+    body = await reach(http, task_id, "failed")
+    assert "stopped reporting (the lease expired) on each of 3 tries" in body["error"]
+    assert body["attempts"][-1]["tries"] == 3
 
 
 async def test_an_expired_lease_not_yet_taken_refuses_reports(

@@ -100,7 +100,7 @@ class Rig:
 @pytest.fixture
 def rig(tmp_path: Path) -> Iterator[Rig]:
     server = ServerProcess(tmp_path / "hitl.db", extra=["--processor", "external"],
-                           env={"HITL_LEASE": str(LEASE), "HITL_RETRIES": "1"}).start()
+                           env={"HITL_LEASE": str(LEASE), "HITL_RETRIES": "2"}).start()
     rig = Rig(tmp_path, server)
     try:
         yield rig
