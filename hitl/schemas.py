@@ -12,14 +12,21 @@ from werkzeug.datastructures import Headers
 
 from .accounts import MAX_NAME, checked_login, checked_name
 from .errors import Invalid
+from .limits import (
+    MAX_ERROR,
+    MAX_INTEGER,
+    MAX_LEASE,
+    MAX_LEASE_ID,
+    MAX_TEXT,
+    MAX_WAIT,
+    MAX_WORKER,
+)
 from .models import Status
 from .store import View
 
-MAX_TEXT = 200_000
 MAX_ID_LENGTH = 64
 MAX_KEY_LENGTH = 255
 MAX_LIMIT = 200  # tasks one list answers at most
-MAX_INTEGER = 2**63 - 1  # SQLite's largest: beyond it a query cannot even be asked
 MAX_SEARCH = 200  # characters of a search
 MAX_REVIEWERS = 50  # entries a task's reviewers list may have
 GROUP = "group:"
@@ -253,13 +260,6 @@ class NextQuery(BaseModel):
 
 
 # The external-work API (hitl.work): a worker claims a job under a lease, then reports on it.
-MAX_WORKER = 100  # characters of a worker's name
-MAX_LEASE = 3600  # seconds
-MAX_WAIT = 60  # seconds a claim may wait for a job (a long poll)
-MAX_LEASE_ID = 100
-MAX_ERROR = 20_000  # characters of a worker's error
-
-
 class ClaimIn(BaseModel):
     worker: str = Field(min_length=1, max_length=MAX_WORKER,
                         description="the worker's name, shown with the job")
