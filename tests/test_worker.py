@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -27,7 +30,7 @@ from tests.conftest import (
     until,
     within,
 )
-from tests.serverproc import run_cli
+from tests.serverproc import ROOT, run_cli
 
 
 @pytest.fixture
@@ -370,3 +373,13 @@ async def test_claims_wait_while_too_many_abandoned_threads_run() -> None:
     release.set()
     await within(room, 10, "room once the abandoned thread ends")
     assert (runner.abandoned, runner.busy) == (0, 0)
+
+
+def test_the_worker_loads_nothing_of_the_server() -> None:
+    """A worker host needs httpx and the processor, not Quart, pydantic or the store."""
+    probe = ("import sys, hitl.worker; "
+             "print(sorted(m for m in ('quart', 'hypercorn', 'aiosqlite', 'pocketflow', "
+             "'pydantic', 'hitl.app', 'hitl.store', 'hitl.schemas') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True,
+                            text=True, timeout=15, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert (result.returncode, result.stdout.strip()) == (0, "[]"), result.stderr
