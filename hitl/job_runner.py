@@ -27,7 +27,7 @@ Outcome = tuple[object, BaseException | None]
 
 
 class JobRunner:
-    """Runs ``processor`` on one job at a time per caller; see the module's docstring."""
+    """Runs ``processor`` on jobs, each in a thread of its own if it blocks (see the module)."""
 
     def __init__(self, processor: Processor, limit: int) -> None:
         self.processor = processor
@@ -93,9 +93,10 @@ class JobRunner:
     def _abandon(self, job: Job, ended: asyncio.Future[Outcome]) -> None:
         self.abandoned += 1
         ended.add_done_callback(self._thread_ended)
-        log.warning("task %s attempt %d: dropped while its processor runs in a thread, which "
-                    "cannot be stopped: abandoned, its result will be ignored (%d abandoned "
-                    "thread(s) running)", job.task_id, job.attempt, self.abandoned)
+        log.warning("task %s attempt %d: left while its processor runs in a thread, which "
+                    "cannot be stopped: the thread is abandoned, its result will be ignored "
+                    "(%d abandoned thread(s) running)", job.task_id, job.attempt,
+                    self.abandoned)
 
     def _thread_ended(self, _: asyncio.Future[Outcome]) -> None:
         self.abandoned -= 1

@@ -207,11 +207,13 @@ class Worker:
             return True
         log.warning("worker %s: %d abandoned threads still run: claiming waits until one "
                     "ends", self.settings.name, self.runner.abandoned)
-        room = asyncio.ensure_future(self.runner.room())
-        stopping = asyncio.ensure_future(self.stopping.wait())
-        await asyncio.wait([room, stopping], return_when=asyncio.FIRST_COMPLETED)
-        room.cancel()
-        stopping.cancel()
+        either = [asyncio.ensure_future(self.runner.room()),
+                  asyncio.ensure_future(self.stopping.wait())]
+        try:
+            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiting in either:
+                waiting.cancel()
         return not self.stopping.is_set()
 
     async def pause(self, seconds: float) -> None:
