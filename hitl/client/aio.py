@@ -82,7 +82,7 @@ class AsyncClient:
         task = await self.get(task_id)
         if task.finished:
             return task
-        try:  # the watch's deadline, on a read a heartbeat keeps going as on every other
+        try:  # the deadline also cuts off a read that heartbeats keep going (Client: cut_off_at)
             async with asyncio.timeout(watch.left()) as scope, \
                     aclosing(self._watch(watch)) as events:
                 async for _ in events:
