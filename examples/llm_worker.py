@@ -2,8 +2,10 @@
 
 It calls any OpenAI-compatible chat endpoint (OpenAI, vLLM, llama.cpp's server,
 Ollama's ``/v1``, LiteLLM...) through the ``openai`` package, shows the tokens to the
-task's watchers as they come (``partial_output``), and puts every reviewer's comment on
-the earlier drafts into the next attempt's prompt. From the repository root::
+task's watchers as they come (``partial_output``), and puts what the reviewers said of
+the earlier drafts (their comments, their edits, a rejection without a word) into the next
+attempt's prompt, with the draft they last saw once jobs carry it. From the repository
+root::
 
     OPENAI_BASE_URL=http://127.0.0.1:11434/v1 OPENAI_API_KEY=unused HITL_LLM_MODEL=llama3.2 \\
     python -m hitl worker --url http://127.0.0.1:8000 --token "$WORKER_TOKEN" \\
@@ -21,11 +23,15 @@ import os
 from openai import AsyncOpenAI
 from openai.types.chat import ChatCompletionMessageParam
 
+from hitl.models import Review
 from hitl.processors import Job
 
 SYSTEM = ("You write the text a user asks for. A human reviewer reads each draft and "
           "approves it or sends it back with comments; when there are comments, write a new "
           "draft that addresses every one of them. Answer with the draft only.")
+# A review timeout decides in no one's name: hitl signs it "timeout" (a name no user may
+# take), as the system. It says nothing about the draft, so the prompt leaves it out.
+TIMEOUT_REVIEWER, SYSTEM_METHOD = "timeout", "system"
 
 
 @functools.cache
@@ -36,14 +42,34 @@ def client() -> AsyncOpenAI:
 
 
 def prompt(job: Job) -> list[ChatCompletionMessageParam]:
-    """The task, then every review so far (each attempt's verdicts, oldest first)."""
+    """The task, the draft reviewed last (if the job carries it), then what every review so
+    far said (each attempt's verdicts, oldest first)."""
     request = job.task_input
-    notes = [f"- draft {review.attempt}, {review.decision} by {review.reviewer or 'a reviewer'}:"
-             f" {review.comment}" for review in job.reviews if review.comment]
+    previous = getattr(job, "previous_output", None)  # in jobs from a later hitl
+    if previous:
+        request += f"\n\nYour previous draft, which the reviewers sent back:\n{previous}"
+    notes = [note for review in job.reviews if (note := review_note(review)) is not None]
     if notes:
-        request += ("\n\nReviewers' comments on the earlier drafts (address all of them):\n"
+        request += ("\n\nWhat the reviewers said of the earlier drafts (address all of it):\n"
                     + "\n".join(notes))
     return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": request}]
+
+
+def review_note(review: Review) -> str | None:
+    """One review, for the model; None when it asks for nothing (a review timeout, an
+    approval without a word)."""
+    if review.reviewer == TIMEOUT_REVIEWER and review.auth_method == SYSTEM_METHOD:
+        return None
+    if review.decision == "approved" and not (review.comment or review.edited_output):
+        return None
+    note = f"- draft {review.attempt}, {review.decision} by {review.reviewer or 'a reviewer'}"
+    if review.comment:
+        note += f": {review.comment}"
+    elif review.decision == "rejected":
+        note += " without comment"
+    if review.edited_output:
+        note += f"; they edited it to read:\n{review.edited_output}"
+    return note
 
 
 async def process(job: Job) -> str:

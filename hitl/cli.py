@@ -18,8 +18,8 @@ from . import cli_accounts, cli_client, cli_webhooks, cli_worker, logs, metrics
 from .accounts import Accounts, Role
 from .config import SETTINGS, Config, default_db_path, default_of, env_var
 from .errors import ConfigError, HitlError, Invalid, StartupError
+from .limits import MAX_INTEGER
 from .models import Status, iso
-from .schemas import MAX_INTEGER
 from .store import Store, lock_exclusively
 
 SERVE_SETTINGS = [s for s in SETTINGS if s.name != "db"]

@@ -2,19 +2,22 @@
 :mod:`hitl.client` (``--url`` / ``HITL_URL``, ``--token`` / ``HITL_TOKEN``).
 
 Exit status: 0 done (``wait``: the task completed), 1 refused by the server or, for
-``wait``, the task failed or was cancelled (``next``: none waits), 2 a usage error,
-3 the service unreachable or a ``wait`` that timed out. An error is one line,
-``hitl: <the server's message>``, never a traceback.
+``wait``, the task failed or was cancelled (``next``: none waits), 2 a usage error (a URL
+that is not one, an input that is not UTF-8 text), 3 the service unreachable or a ``wait``
+that timed out. An error is one line, ``hitl: <the server's message>``, never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
+from urllib.parse import urlsplit
 
 from .client import Client, HitlError, Unavailable
 from .config import default_of
@@ -24,7 +27,8 @@ Command = Callable[[Client, argparse.Namespace], int]
 
 
 class UsageError(Exception):
-    """A bad argument found after parsing (standard input named twice): exit status 2."""
+    """A bad argument found after parsing (standard input named twice, a URL that is not
+    one, a file that is not text): exit status 2."""
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -98,6 +102,7 @@ def run_command(run: Command, args: argparse.Namespace) -> int:
     url = args.url or os.environ.get("HITL_URL") or DEFAULT_URL
     token = args.token or os.environ.get("HITL_TOKEN") or None
     try:
+        checked_url(url, "--url" if args.url else "HITL_URL")
         with Client(url, token) as client:
             return run(client, args)
     except UsageError as exc:
@@ -120,21 +125,49 @@ def fail(message: str, status: int) -> int:
     return status
 
 
+def checked_url(url: str, given_by: str) -> None:
+    """An http(s) URL with a host, or a usage error: an unreachable service it is not."""
+    try:
+        parts = urlsplit(url)
+        valid = parts.scheme in ("http", "https") and bool(parts.hostname)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError:
+        valid = False
+    if not valid:
+        raise UsageError(f"{given_by} {url!r} is not an http:// or https:// URL")
+
+
 def read_text(value: str, stdin_taken: bool = False) -> str:
     """A text given on the command line, or ``-``: standard input (which can be read once)."""
     if value != "-":
         return value
     if stdin_taken:
         raise UsageError("standard input (-) can be read only once")
-    return sys.stdin.read()
+    return read_stdin()
 
 
 def read_file(path: str) -> str:
     """A file's text, or standard input's for ``-``."""
     if path == "-":
-        return sys.stdin.read()
-    with open(path, encoding="utf-8") as file:
+        return read_stdin()
+    with open(path, encoding="utf-8") as file, utf8(path):
         return file.read()
+
+
+def read_stdin() -> str:
+    if isinstance(sys.stdin, io.TextIOWrapper):  # UTF-8 whatever the locale, as the API's
+        sys.stdin.reconfigure(encoding="utf-8", errors="strict")
+    with utf8("standard input"):
+        return sys.stdin.read()
+
+
+@contextmanager
+def utf8(name: str) -> Iterator[None]:
+    """Text that does not decode as UTF-8 is a usage error naming where it came from."""
+    try:
+        yield
+    except UnicodeDecodeError:
+        raise UsageError(f"{name}: not UTF-8 text") from None
 
 
 def submit_command(client: Client, args: argparse.Namespace) -> int:

@@ -10,6 +10,7 @@ import socket
 from typing import Any
 
 from .errors import ConfigError
+from .limits import MAX_LEASE
 from .processors import load_processor
 from .worker import Settings, Worker
 
@@ -33,7 +34,8 @@ def add_command(commands: Any) -> None:
                         help="this worker's name, shown in the service's records "
                              "(default host-pid)")
     worker.add_argument("--lease", type=positive(float), metavar="SECONDS",
-                        help="lease asked for each job, 1 to 3600 (default: the service's)")
+                        help=f"lease asked for each job, 1 to {MAX_LEASE} (default: the "
+                        "service's)")
     worker.add_argument("--grace", type=positive(float), default=25.0, metavar="SECONDS",
                         help="on SIGTERM, how long running jobs may take to finish "
                              "(default 25)")
@@ -64,17 +66,18 @@ def run(args: argparse.Namespace) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request
     if not 1 <= len(args.name) <= 100:
         raise ConfigError(f"--name must be 1 to 100 characters, not {len(args.name)}")
-    if args.lease is not None and not 1 <= args.lease <= 3600:
-        raise ConfigError(f"--lease must be between 1 and 3600 seconds, not {args.lease:g}")
+    if args.lease is not None and not 1 <= args.lease <= MAX_LEASE:
+        raise ConfigError(f"--lease must be between 1 and {MAX_LEASE} seconds, "
+                          f"not {args.lease:g}")
     if not args.url.startswith(("http://", "https://")):
         raise ConfigError(f"--url {args.url!r} must start with http:// or https://")
     worker = Worker(load_processor(args.processor), Settings(
         url=args.url, token=args.token or None, name=args.name, concurrency=args.concurrency,
         lease=args.lease, grace=args.grace))
     status = asyncio.run(worker.run())
-    if worker.pool.busy:  # a synchronous processor still blocking in its thread: leave it
+    if worker.runner.busy:  # a synchronous processor still blocking in its thread: leave it
         logging.getLogger("hitl.worker").warning("abandoning %d running processor(s)",
-                                                 worker.pool.busy)
+                                                 worker.runner.busy)
         logging.shutdown()
         os._exit(status)
     return status

@@ -11,7 +11,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from .schemas import MAX_TEXT, FeedbackIn
+from .limits import MAX_TEXT
+from .schemas import FeedbackIn
 
 
 class CsrfForm(BaseModel):

@@ -12,14 +12,21 @@ from werkzeug.datastructures import Headers
 
 from .accounts import MAX_NAME, checked_login, checked_name
 from .errors import Invalid
+from .limits import (
+    MAX_ERROR,
+    MAX_INTEGER,
+    MAX_LEASE,
+    MAX_LEASE_ID,
+    MAX_TEXT,
+    MAX_WAIT,
+    MAX_WORKER,
+)
 from .models import Status
 from .store import View
 
-MAX_TEXT = 200_000
 MAX_ID_LENGTH = 64
 MAX_KEY_LENGTH = 255
 MAX_LIMIT = 200  # tasks one list answers at most
-MAX_INTEGER = 2**63 - 1  # SQLite's largest: beyond it a query cannot even be asked
 MAX_SEARCH = 200  # characters of a search
 MAX_REVIEWERS = 50  # entries a task's reviewers list may have
 GROUP = "group:"
@@ -47,6 +54,28 @@ def idempotency_key(headers: Headers) -> str | None:
     return key
 
 
+def not_blank(value: str) -> str:
+    """A text that must say something: not empty, not only white space."""
+    if not value.strip():
+        raise ValueError("must not be empty")
+    return value
+
+
+def one_line(value: str) -> str:
+    """Shown to people: one line, no control or formatting characters (stripped, NFC)."""
+    value = unicodedata.normalize("NFC", value.strip())
+    if any(unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp") for ch in value):
+        raise ValueError("must be one line, without control or formatting characters")
+    return value
+
+
+NonBlank = AfterValidator(not_blank)
+OneLine = AfterValidator(one_line)
+# A task's input or an output: at most MAX_TEXT characters, and not blank (the length is
+# checked first, inside the type, so an optional one keeps the plain "at most" message).
+Text = Annotated[str, Field(max_length=MAX_TEXT), NonBlank]
+
+
 def reviewer_entry(entry: str) -> str:
     """A user name or ``group:NAME``, as sign-in names are written (lower-case, plain)."""
     name = entry.removeprefix(GROUP)
@@ -65,14 +94,15 @@ class SubmitHeaders(BaseModel):
 
 
 class SubmitIn(BaseModel):
-    data: str = Field(max_length=MAX_TEXT, description="the task input")
+    data: Text = Field(description="the task input")
     reviewers: list[str] = Field(
         default_factory=list, max_length=MAX_REVIEWERS,
         description="who may decide it: user names and group:NAME entries (none: any "
                     "reviewer)")
     allow_self_review: bool = Field(False, description="may its submitter decide it too")
     # The options: each None takes the server's default (a setting of the same name).
-    title: str = Field("", max_length=MAX_TITLE, description="a short title, plain text")
+    title: Annotated[str, OneLine] = Field("", max_length=MAX_TITLE,
+                                           description="a short title, plain text")
     metadata: dict[str, Any] | None = Field(
         None, description=f"any JSON object (at most {MAX_METADATA} bytes), returned as given")
     quorum: int | None = Field(None, ge=1, le=MAX_QUORUM,
@@ -88,38 +118,14 @@ class SubmitIn(BaseModel):
         description="with on_timeout escalate: the users and group:NAME who review next")
     max_attempts: int | None = Field(None, ge=1, le=MAX_ATTEMPTS,
                                      description="attempts before the task fails unapproved")
-    output: str | None = Field(
-        None, max_length=MAX_TEXT,
-        description="a review-only task: this text is attempt 1's output, up for review at "
+    output: Text | None = Field(
+        None, description="a review-only task: this text is attempt 1's output, up for review at "
                     "once (a rejection's next attempt is the processor's)")
-
-    @field_validator("data")
-    @classmethod
-    def not_blank(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("must not be empty")
-        return value
-
-    @field_validator("output")
-    @classmethod
-    def some_output(cls, value: str | None) -> str | None:
-        if value is not None and not value.strip():
-            raise ValueError("must not be empty")
-        return value
 
     @field_validator("reviewers", "escalate_to")
     @classmethod
     def plain_names(cls, value: list[str]) -> list[str]:
         return list(dict.fromkeys(reviewer_entry(entry) for entry in value))
-
-    @field_validator("title")
-    @classmethod
-    def plain_title(cls, value: str) -> str:
-        """Shown to people: one line, no control or formatting characters."""
-        value = unicodedata.normalize("NFC", value.strip())
-        if any(unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp") for ch in value):
-            raise ValueError("must be one line, without control or formatting characters")
-        return value
 
     @field_validator("metadata")
     @classmethod
@@ -172,16 +178,9 @@ class FeedbackIn(BaseModel):
     reviewer: str = Field("", max_length=MAX_NAME, description="with --auth none only: who "
                                                                "decides (signed in: the user)")
     attempt: int | None = Field(None, ge=1, description="the attempt the decision was made on")
-    edited_output: str | None = Field(
-        None, max_length=MAX_TEXT, description="with an approval: the output as edited by "
-                                               "the reviewer, approved in its place")
-
-    @field_validator("edited_output")
-    @classmethod
-    def not_blank(cls, value: str | None) -> str | None:
-        if value is not None and not value.strip():
-            raise ValueError("must not be empty")
-        return value
+    edited_output: Text | None = Field(
+        None, description="with an approval: the output as edited by the reviewer, "
+                          "approved in its place")
 
     @field_validator("reviewer")
     @classmethod
@@ -253,33 +252,16 @@ class NextQuery(BaseModel):
 
 
 # The external-work API (hitl.work): a worker claims a job under a lease, then reports on it.
-MAX_WORKER = 100  # characters of a worker's name
-MAX_LEASE = 3600  # seconds
-MAX_WAIT = 60  # seconds a claim may wait for a job (a long poll)
-MAX_LEASE_ID = 100
-MAX_ERROR = 20_000  # characters of a worker's error
-
-
 class ClaimIn(BaseModel):
-    worker: str = Field(min_length=1, max_length=MAX_WORKER,
-                        description="the worker's name, shown with the job")
+    # one line, then not blank: a name of spaces is stripped to nothing
+    worker: Annotated[str, OneLine, NonBlank] = Field(
+        min_length=1, max_length=MAX_WORKER, description="the worker's name, shown with the job")
     # strict: a JSON number alone (lax pydantic reads false as 0 and "5" as 5)
     wait: float = Field(0, ge=0, le=MAX_WAIT, allow_inf_nan=False, strict=True,
                         description="seconds to wait for a job when none is queued (long poll)")
     lease: float | None = Field(None, ge=1, le=MAX_LEASE, allow_inf_nan=False, strict=True,
                                 description="seconds the job is the worker's without a "
                                             "heartbeat (default: the server's --lease)")
-
-    @field_validator("worker")
-    @classmethod
-    def plain_worker(cls, value: str) -> str:
-        """Shown to people: one line, no control or formatting characters."""
-        value = value.strip()
-        if not value:
-            raise ValueError("must not be empty")
-        if any(unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp") for ch in value):
-            raise ValueError("must be one line, without control or formatting characters")
-        return value
 
 
 class LeaseIn(BaseModel):
@@ -302,7 +284,7 @@ class ProgressIn(LeaseIn):
 
 
 class CompleteIn(LeaseIn):
-    output: str = Field(max_length=MAX_TEXT, description="the attempt's output, for review")
+    output: Text = Field(description="the attempt's output, for review")
 
 
 class FailIn(LeaseIn):

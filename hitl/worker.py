@@ -8,8 +8,9 @@ Each of ``concurrency`` slots long-polls ``/api/work/claim``, runs the job, and 
 ``/complete`` (or ``/fail`` with the processor's error). While it runs, the latest
 ``report`` goes out as ``/progress`` (a few a second at most: later reports replace an
 unsent one) and a heartbeat renews the lease when a third of it has passed. A 409 drops
-the job: an async processor is cancelled; a thread cannot be stopped, so its result is
-ignored.
+the job: an async processor is cancelled; a thread cannot be stopped, so it is abandoned
+(logged) and its result ignored, and the slot's next job runs in a fresh thread of its own
+(:mod:`hitl.job_runner`): it never waits behind the abandoned one.
 
 On SIGTERM or SIGINT the worker stops claiming and gives its jobs ``grace`` seconds to
 finish. A job still running then is given back (``/release``): queued again at once for
@@ -31,14 +32,16 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-from .processors import Job, Processor, ProcessorPool
-from .schemas import MAX_ERROR, MAX_TEXT
+from .job_runner import JobRunner
+from .limits import MAX_ERROR, MAX_TEXT
+from .processors import Job, Processor
 from .work_client import Away, Backoff, Claimed, Lost, Refused, WorkClient
 
 log = logging.getLogger("hitl.worker")
 
 PROGRESS_EVERY = 0.25  # seconds between one job's progress requests: at most 4 a second
 MIN_RENEW = 0.2  # never renew more often than this, however short the lease
+ABANDONED_PER_SLOT = 4  # threads of dropped jobs running on, per slot, before claims wait
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,7 +109,7 @@ class Worker:
 
     def __init__(self, processor: Processor, settings: Settings) -> None:
         self.settings = settings
-        self.pool = ProcessorPool(processor, threads=settings.concurrency)  # one per slot
+        self.runner = JobRunner(processor, limit=ABANDONED_PER_SLOT * settings.concurrency)
         self.client = WorkClient(settings.url, settings.token, settings.concurrency)
         self.stopping = asyncio.Event()
         self.now = asyncio.Event()  # a second signal: give back without waiting
@@ -132,7 +135,6 @@ class Worker:
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(signum)
             await self.client.close()
-            self.pool.shutdown()
         return 2 if self.fatal else 0
 
     def stop(self, reason: str = "signal") -> None:
@@ -161,6 +163,8 @@ class Worker:
         """Claim, run, repeat, until stopping."""
         backoff = Backoff()
         while not self.stopping.is_set():
+            if not await self.room():
+                return
             claim = asyncio.create_task(self.client.claim(
                 self.settings.name, self.settings.wait, self.settings.lease))
             self.claims.add(claim)
@@ -197,6 +201,21 @@ class Worker:
                 finally:
                     self.jobs.discard(held)
 
+    async def room(self) -> bool:
+        """Wait, before a claim, while too many abandoned threads run; False if stopping."""
+        if self.runner.abandoned < self.runner.limit:
+            return True
+        log.warning("worker %s: %d abandoned threads still run: claiming waits until one "
+                    "ends", self.settings.name, self.runner.abandoned)
+        either = [asyncio.ensure_future(self.runner.room()),
+                  asyncio.ensure_future(self.stopping.wait())]
+        try:
+            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiting in either:
+                waiting.cancel()
+        return not self.stopping.is_set()
+
     async def pause(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(seconds):
@@ -208,7 +227,7 @@ class Worker:
         report = LatestReport(asyncio.get_running_loop())
         job = Job(claimed.task_input, claimed.attempt, claimed.reviews, report,
                   task_id=claimed.task_id)
-        running = asyncio.ensure_future(self.pool.run(job))
+        running = asyncio.ensure_future(self.runner.run(job))
         keeper = asyncio.create_task(self.keep(held, report))
         try:
             await asyncio.wait([running, keeper], return_when=asyncio.FIRST_COMPLETED)
@@ -231,7 +250,7 @@ class Worker:
             if await self.finish(held, "complete", {"output": output}) is not None:
                 log.info("%s: completed in %.2f s", claimed.label, time.monotonic() - started)
         finally:
-            running.cancel()  # an async processor stops; a thread's result is ignored
+            running.cancel()  # an async processor stops; a thread is abandoned (logged)
             keeper.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await keeper

@@ -246,3 +246,29 @@ def test_every_command_the_readme_shows_parses() -> None:
         command = line[line.index("hitl ") + len("hitl "):].removesuffix(")")
         parser.parse_args(shlex.split(command.replace('"$id"', "ID")))  # else: exit 2
     assert len(lines) == 7
+
+
+def test_input_that_is_not_utf8_is_a_usage_error_naming_it(server: ServerProcess,
+                                                           tmp_path: Path) -> None:
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"\xff\xfe")
+    command = [sys.executable, "-m", "hitl"]
+    with bad.open("rb") as stdin:
+        piped = subprocess.run([*command, "submit", "-", "--url", server.url], stdin=stdin,
+                               cwd=ROOT, capture_output=True, text=True, timeout=BOUND,
+                               env=environment())
+    assert (piped.returncode, one_error_line(piped)) == (
+        2, "hitl: standard input: not UTF-8 text")
+    edited = hitl("approve", "a" * 32, "--edit", str(bad), url=server.url)
+    assert (edited.returncode, one_error_line(edited)) == (2, f"hitl: {bad}: not UTF-8 text")
+
+
+@pytest.mark.parametrize(("flag", "variables"), [
+    ([], {"HITL_URL": "notaurl"}), (["--url", "ftp://example.com"], {}),
+    (["--url", "http://"], {}), (["--url", "http://host:port"], {})])
+def test_a_url_that_is_not_one_is_a_usage_error_not_unreachable(
+        flag: list[str], variables: dict[str, str]) -> None:
+    result = hitl("next", *flag, **variables)
+    given = "HITL_URL 'notaurl'" if variables else f"--url {flag[1]!r}"
+    assert (result.returncode, one_error_line(result)) == (
+        2, f"hitl: {given} is not an http:// or https:// URL")

@@ -174,6 +174,26 @@ async def test_wait_past_its_timeout_raises_timeout_error_on_time(hitl: Both) ->
     await hitl.cancel(task.task_id)
 
 
+@pytest.mark.parametrize("timeout", [0, 0.001])
+async def test_wait_on_a_finished_task_returns_it_at_once_however_small_the_timeout(
+        hitl: Both, timeout: float) -> None:
+    """Both clients alike: the task is read first, outside the timeout."""
+    task = await hitl.submit("x", output="draft")
+    await hitl.approve(task.task_id, reviewer="bob")
+    await within(until_finished(hitl, task.task_id), BOUND, "the task to finish")
+    done = await within(hitl.wait(task.task_id, timeout=timeout), BOUND, "wait")
+    assert (done.status, done.final_result) == ("completed", "draft")
+    running = await waiting(hitl)
+    with pytest.raises(TimeoutError, match=f"task {running.task_id} did not finish within"):
+        await within(hitl.wait(running.task_id, timeout=timeout), BOUND, "wait to time out")
+    await hitl.cancel(running.task_id)
+
+
+async def until_finished(hitl: Both, task_id: str) -> None:
+    while not (await hitl.get(task_id)).finished:
+        await asyncio.sleep(0.02)
+
+
 async def test_next_review_hands_out_each_waiting_task_then_none(hitl: Both) -> None:
     mine = await waiting(hitl, "for the queue")
     seen: set[str] = set()

@@ -9,13 +9,17 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from examples import llm_worker
 from hitl import Config
+from hitl.models import Review
+from hitl.processors import Job
 from tests.conftest import LiveServer, ReviewActions
 from tests.serverproc import ROOT
 
@@ -123,3 +127,34 @@ async def test_streams_tokens_and_puts_every_comment_in_the_next_prompt(
     assert "Say which bug." not in prompts[0]
     assert "Say which bug." in prompts[1] and "ann" in prompts[1]
     assert "Say which bug." in prompts[2] and "Shorter, please." in prompts[2]  # all of them
+
+
+@dataclass(frozen=True)
+class LaterJob(Job):
+    """A job as a later hitl makes it: with the draft the reviewers last saw."""
+
+    previous_output: str | None = None
+
+
+def test_the_prompt_says_what_each_review_asked_and_leaves_out_timeouts() -> None:
+    reviews = (
+        Review("rejected", 1, "Say which bug.", reviewer="ann"),
+        Review("rejected", 2, "review timed out", reviewer="timeout", auth_method="system"),
+        Review("rejected", 3, reviewer="bob"),
+        Review("approved", 4, edited_output="Dear team, Friday.", reviewer="cy"),
+        Review("approved", 4, reviewer="dee"),
+        Review("rejected", 4, "Too short.", reviewer="eve"))
+    job = Job("Tell the team.", 5, reviews, lambda fraction, partial_output="": None)
+    request = llm_worker.prompt(job)[-1]["content"]
+    assert isinstance(request, str)
+    assert "draft 1, rejected by ann: Say which bug." in request
+    assert "timed out" not in request and "timeout" not in request  # no one's comment
+    assert "draft 3, rejected by bob without comment" in request
+    assert "draft 4, approved by cy; they edited it to read:\nDear team, Friday." in request
+    assert "dee" not in request  # an approval without a word asks nothing
+    assert "draft 4, rejected by eve: Too short." in request
+    assert "previous draft" not in request  # today's jobs do not carry it
+    later = LaterJob(job.task_input, 5, reviews, job.report, previous_output="Dear Sir")
+    later_request = llm_worker.prompt(later)[-1]["content"]
+    assert isinstance(later_request, str)
+    assert "Your previous draft, which the reviewers sent back:\nDear Sir" in later_request

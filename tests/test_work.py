@@ -473,12 +473,24 @@ async def test_a_bad_claim_is_a_400_that_names_it(worker: Worker, body: dict[str
     ("progress", {"attempt": 1, "lease_id": "x", "progress": 1.5}, "progress: must be at most 1"),
     ("progress", {"attempt": 1, "lease_id": "x"}, "progress: is required"),
     ("complete", {"attempt": 1, "lease_id": "x"}, "output: is required"),
+    ("complete", {"attempt": 1, "lease_id": "x", "output": ""}, "output: must not be empty"),
+    ("complete", {"attempt": 1, "lease_id": "x", "output": " \n"}, "output: must not be empty"),
     ("fail", {"attempt": 1, "lease_id": "x", "error": 3}, "error: must be a string"),
 ])
 async def test_a_bad_report_is_a_400_that_names_it(worker: Worker, what: str,
                                                    body: dict[str, Any], error: str) -> None:
     response = await worker.http.post(f"/api/work/{'0' * 32}/{what}", json=body)
     assert (response.status_code, response.json()["error"]) == (400, error)
+
+
+async def test_a_blank_output_is_refused_and_the_job_stays_the_workers(
+        worker: Worker, http: httpx.AsyncClient, actions: ReviewActions) -> None:
+    task_id = await actions.submit("x")
+    job = await worker.job()
+    response = await worker.report("complete", job, output="   ")
+    assert (response.status_code, response.json()["error"]) == (400, "output: must not be empty")
+    assert (await worker.report("complete", job, output="a draft")).status_code == 200
+    await reach(http, task_id, "waiting_for_review")
 
 
 async def test_a_report_that_is_not_json_or_names_no_task_is_a_4xx(worker: Worker) -> None:

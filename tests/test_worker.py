@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -15,6 +18,7 @@ from typing import Any
 import pytest
 
 from hitl import Config
+from hitl.job_runner import JobRunner
 from hitl.models import Review
 from hitl.processors import Job, Processor
 from hitl.worker import Settings, Worker
@@ -26,7 +30,7 @@ from tests.conftest import (
     until,
     within,
 )
-from tests.serverproc import run_cli
+from tests.serverproc import ROOT, run_cli
 
 
 @pytest.fixture
@@ -319,3 +323,63 @@ async def test_a_second_stop_gives_back_without_waiting_out_the_grace(
         assert worker.sent["release"] == 1 and worker.sent["complete"] == 0
     finally:
         release.set()
+
+
+async def test_a_dropped_jobs_thread_does_not_hold_up_the_next_job(
+        live_server: LiveServer, actions: ReviewActions, caplog: pytest.LogCaptureFixture
+        ) -> None:
+    started, release = threading.Event(), threading.Event()
+
+    def processor(job: Job) -> str:
+        if job.task_input == "slow":
+            started.set()
+            release.wait(8)  # a thread cannot be stopped: it runs on after its job is dropped
+            return "slow"
+        time.sleep(0.1)
+        return "quick"
+
+    caplog.set_level(logging.INFO, logger="hitl.worker")
+    try:
+        async with working(live_server, processor, lease=2.0, concurrency=1) as worker:
+            slow = await actions.submit("slow")
+            await within(asyncio.to_thread(started.wait, 10), 11, "the slow job to start")
+            assert (await actions.http.post(f"/api/tasks/{slow}/cancel")).status_code == 200
+            await until(lambda: not worker.jobs, "the worker to drop the slow job")
+            heartbeats, t0 = worker.sent["heartbeat"], time.monotonic()
+            quick = await actions.submit("quick")
+            watcher = actions.watch(quick, last_id=0)
+            done = await watcher.wait_for("waiting_for_review", timeout=15)
+            took = time.monotonic() - t0
+            assert worker.runner.abandoned == 1 and not release.is_set()
+    finally:
+        release.set()
+    assert done.data["output_to_review"] == "quick"
+    assert took < 3, f"the next job waited {took:.1f} s behind the abandoned thread"
+    assert worker.sent["heartbeat"] == heartbeats, "a lease kept on a job not running"
+    assert any("abandoned" in r.getMessage() for r in caplog.records), caplog.text
+
+
+async def test_claims_wait_while_too_many_abandoned_threads_run() -> None:
+    release = threading.Event()
+    runner = JobRunner(lambda job: release.wait(10) and "late", limit=1)
+    job = Job("x", 1, (), lambda fraction, partial_output="": None, task_id="t")
+    running = asyncio.ensure_future(runner.run(job))
+    await until(lambda: runner.busy == 1, "the thread to start")
+    running.cancel()
+    await until(lambda: runner.abandoned == 1, "the thread to be abandoned")
+    room = asyncio.ensure_future(runner.room())
+    await asyncio.sleep(0.2)
+    assert not room.done(), "room while the limit of abandoned threads runs"
+    release.set()
+    await within(room, 10, "room once the abandoned thread ends")
+    assert (runner.abandoned, runner.busy) == (0, 0)
+
+
+def test_the_worker_loads_nothing_of_the_server() -> None:
+    """A worker host needs httpx and the processor, not Quart, pydantic or the store."""
+    probe = ("import sys, hitl.worker; "
+             "print(sorted(m for m in ('quart', 'hypercorn', 'aiosqlite', 'pocketflow', "
+             "'pydantic', 'hitl.app', 'hitl.store', 'hitl.schemas') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True,
+                            text=True, timeout=15, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert (result.returncode, result.stdout.strip()) == (0, "[]"), result.stderr

@@ -9,13 +9,13 @@ from types import TracebackType
 from typing import TypeVar, Unpack, cast
 
 import httpx
-from httpx_sse import SSEError, aconnect_sse
+from httpx_sse import aconnect_sse
 
 from . import calls
-from .calls import Call, Request, Settings, SubmitOptions
-from .errors import HitlError, Unavailable, unreachable
+from .calls import Call, Request, Settings, SubmitOptions, no_answer_is_unavailable
+from .errors import HitlError
 from .models import Event, Task, TaskPage
-from .watching import Watch, ended, timed_out
+from .watching import Watch, ended
 
 T = TypeVar("T")
 
@@ -69,29 +69,27 @@ class AsyncClient:
                     ) -> AsyncGenerator[Event, None]:
         """The task's events as they happen, until its terminal one (see
         :meth:`Client.watch`): reconnected by itself, none twice, none lost."""
-        watch = Watch(task_id, last_event_id, self.settings.give_up_after)
-        while not watch.done:
-            try:
-                async with aclosing(self._follow(watch)) as events:
-                    async for event in events:
-                        yield event
-            except HitlError as error:
-                await asyncio.sleep(watch.delay(error))
+        async with aclosing(self._watch(Watch(task_id, last_event_id,
+                                              self.settings.give_up_after))) as events:
+            async for event in events:
+                yield event
 
     async def wait(self, task_id: str, timeout: float | None = None) -> Task:
         """The task once it is finished, read from the store; TimeoutError if it is not
-        within ``timeout`` seconds (read first, as in :meth:`Client.wait`)."""
-        try:
-            async with asyncio.timeout(timeout) as scope:
-                task = await self.get(task_id)
-                if task.finished:
-                    return task
-                async with aclosing(self.watch(task_id)) as events:
-                    async for _ in events:
-                        pass
+        within ``timeout`` seconds (read first, whatever the timeout, as in
+        :meth:`Client.wait`)."""
+        watch = Watch(task_id, None, self.settings.give_up_after, timeout=timeout)
+        task = await self.get(task_id)
+        if task.finished:
+            return task
+        try:  # the deadline also cuts off a read that heartbeats keep going (Client: cut_off_at)
+            async with asyncio.timeout(watch.left()) as scope, \
+                    aclosing(self._watch(watch)) as events:
+                async for _ in events:
+                    pass
         except TimeoutError:
             if scope.expired():
-                raise TimeoutError(timed_out(task_id, timeout)) from None
+                raise watch.timed_out() from None
             raise
         return await self.get(task_id)
 
@@ -115,31 +113,35 @@ class AsyncClient:
             return cast(T, done.value)
 
     async def _send(self, request: Request) -> httpx.Response:
-        try:
+        with no_answer_is_unavailable(self.settings.url):
             response = await self._http.request(request.method, request.path,
                                                 json=request.json, params=request.params,
                                                 headers=request.headers)
-        except httpx.TransportError as error:
-            raise unreachable(self.settings.url, error) from error
         return calls.checked(response)
+
+    async def _watch(self, watch: Watch) -> AsyncGenerator[Event, None]:
+        while not watch.done:
+            watch.check_deadline()
+            try:
+                async with aclosing(self._follow(watch)) as events:
+                    async for event in events:
+                        yield event
+            except HitlError as error:
+                await asyncio.sleep(watch.delay(error))
 
     async def _follow(self, watch: Watch) -> AsyncGenerator[Event, None]:
         """One connection's events; raises Unavailable if it ends before the task does."""
-        try:
+        with no_answer_is_unavailable(self.settings.url, watch.task_id):
             async with aconnect_sse(self._http, "GET", watch.path, headers=watch.headers(),
-                                    timeout=self.settings.stream_timeouts()) as source:
+                                    timeout=self.settings.stream_timeouts(watch.left())
+                                    ) as source:
                 if not source.response.is_success:
                     await source.response.aread()
-                calls.opened(source.response)
-                watch.connected()
+                watch.opened(source.response)
                 async for sse in source.aiter_sse():
                     event = watch.event(sse)
                     if event is not None:
                         yield event
                     if watch.done:
                         return
-        except httpx.TransportError as error:
-            raise unreachable(self.settings.url, error) from error
-        except SSEError as error:
-            raise Unavailable(f"the stream of task {watch.task_id} broke: {error}") from error
         raise ended(watch.task_id)

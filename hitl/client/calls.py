@@ -9,14 +9,16 @@ answer itself, so the two cannot drift apart.
 
 from __future__ import annotations
 
-from collections.abc import Generator, Mapping, Sequence
+from collections.abc import Generator, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal, TypedDict, TypeVar
 from urllib.parse import quote
 
 import httpx
+from httpx_sse import SSEError
 
-from .errors import HitlError, error_of
+from .errors import HitlError, Unavailable, error_of, unreachable
 from .models import Task, TaskPage
 
 T = TypeVar("T")
@@ -58,6 +60,18 @@ def checked(response: httpx.Response) -> httpx.Response:
     if not response.is_success:
         raise error_of(response)
     return response
+
+
+@contextmanager
+def no_answer_is_unavailable(url: str, task_id: str | None = None) -> Iterator[None]:
+    """httpx's failures to get an answer (or, ``task_id``'s stream, a whole one), as
+    :class:`Unavailable`: the same for both clients, requests and streams."""
+    try:
+        yield
+    except httpx.TransportError as error:
+        raise unreachable(url, error) from error
+    except SSEError as error:
+        raise Unavailable(f"the stream of task {task_id} broke: {error}") from error
 
 
 def task_path(task_id: str, *rest: str) -> str:

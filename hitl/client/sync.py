@@ -11,11 +11,11 @@ from types import TracebackType
 from typing import TypeVar, Unpack, cast
 
 import httpx
-from httpx_sse import SSEError, connect_sse
+from httpx_sse import connect_sse
 
 from . import calls
-from .calls import Call, Request, Settings, SubmitOptions
-from .errors import HitlError, Unavailable, unreachable
+from .calls import Call, Request, Settings, SubmitOptions, no_answer_is_unavailable
+from .errors import HitlError
 from .models import Event, Task, TaskPage
 from .watching import Watch, ended
 
@@ -80,9 +80,9 @@ class Client:
         """The task once it is finished (completed, failed or cancelled), read from the
         store; TimeoutError if it is not within ``timeout`` seconds.
 
-        It is read first, so a finished task needs no stream and an unreachable service or
-        an unknown task fails at once; the stream after that is reconnected as in
-        :meth:`watch`."""
+        It is read first, whatever the timeout, so a finished task is returned at once and
+        an unreachable service or an unknown task fails at once; the stream after that is
+        reconnected as in :meth:`watch`, within the timeout (counted from the call)."""
         watch = Watch(task_id, None, self.settings.give_up_after, timeout=timeout)
         task = self.get(task_id)
         if task.finished:
@@ -111,11 +111,9 @@ class Client:
             return cast(T, done.value)
 
     def _send(self, request: Request) -> httpx.Response:
-        try:
+        with no_answer_is_unavailable(self.settings.url):
             response = self._http.request(request.method, request.path, json=request.json,
                                           params=request.params, headers=request.headers)
-        except httpx.TransportError as error:
-            raise unreachable(self.settings.url, error) from error
         return calls.checked(response)
 
     def _watch(self, watch: Watch) -> Iterator[Event]:
@@ -128,24 +126,19 @@ class Client:
 
     def _follow(self, watch: Watch) -> Iterator[Event]:
         """One connection's events; raises Unavailable if it ends before the task does."""
-        try:
-            with connect_sse(self._http, "GET", watch.path, headers=watch.headers(),
-                             timeout=self.settings.stream_timeouts(watch.left())) as source:
-                if not source.response.is_success:
-                    source.response.read()
-                calls.opened(source.response)
-                watch.connected()
-                with cut_off_at(source.response, watch.left()):
-                    for sse in source.iter_sse():
-                        event = watch.event(sse)
-                        if event is not None:
-                            yield event
-                        if watch.done:
-                            return
-        except httpx.TransportError as error:
-            raise unreachable(self.settings.url, error) from error
-        except SSEError as error:
-            raise Unavailable(f"the stream of task {watch.task_id} broke: {error}") from error
+        with no_answer_is_unavailable(self.settings.url, watch.task_id), connect_sse(
+                self._http, "GET", watch.path, headers=watch.headers(),
+                timeout=self.settings.stream_timeouts(watch.left())) as source:
+            if not source.response.is_success:
+                source.response.read()
+            watch.opened(source.response)
+            with cut_off_at(source.response, watch.left()):
+                for sse in source.iter_sse():
+                    event = watch.event(sse)
+                    if event is not None:
+                        yield event
+                    if watch.done:
+                        return
         raise ended(watch.task_id)
 
 

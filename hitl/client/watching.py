@@ -15,8 +15,10 @@ from types import MappingProxyType
 from typing import Any
 from urllib.parse import quote
 
+import httpx
 from httpx_sse import ServerSentEvent
 
+from . import calls
 from .errors import HitlError, Unavailable
 from .models import Event
 
@@ -26,7 +28,13 @@ STREAM_CLOSED = "stream_closed"
 
 
 class Watch:
-    """Where a watch is (the last id yielded, whether it is over) and what to do next."""
+    """Where a watch is (the last id yielded, whether it is over) and what to do next.
+
+    With a ``timeout`` (``wait``), its deadline is counted from its making, and bounds
+    both clients alike: every stream connection, every read and every reconnect delay.
+    ``wait`` reads the task first, outside the deadline: a finished task is returned at
+    once, however small the timeout.
+    """
 
     def __init__(self, task_id: str, last_id: int | None, give_up_after: float, *,
                  timeout: float | None = None,
@@ -56,7 +64,16 @@ class Watch:
     def check_deadline(self) -> None:
         """Raise TimeoutError once the deadline has passed."""
         if self.left() == 0.0:
-            raise TimeoutError(timed_out(self.task_id, self.timeout))
+            raise self.timed_out()
+
+    def timed_out(self) -> TimeoutError:
+        return TimeoutError(timed_out(self.task_id, self.timeout))
+
+    def opened(self, response: httpx.Response) -> None:
+        """The stream's answer (its body read, if an error): its error raised, or the
+        watch connected."""
+        calls.opened(response)
+        self.connected()
 
     def connected(self) -> None:
         """The stream opened: the service is back, so giving up starts counting anew (the
