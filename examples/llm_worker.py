@@ -45,7 +45,7 @@ def prompt(job: Job) -> list[ChatCompletionMessageParam]:
     """The task, the draft reviewed last (if the job carries it), then what every review so
     far said (each attempt's verdicts, oldest first)."""
     request = job.task_input
-    previous = getattr(job, "previous_output", None)  # in jobs from a later hitl
+    previous = job.previous_output
     if previous:
         request += f"\n\nYour previous draft, which the reviewers sent back:\n{previous}"
     notes = [note for review in job.reviews if (note := review_note(review)) is not None]

@@ -54,6 +54,7 @@ class Claimed:
     metadata: dict[str, Any]
     reviews: tuple[Review, ...]
     lease_left: float  # seconds of lease at the claim, by the service's clock
+    previous_output: str | None = None  # the draft the reviews judged (None: attempt 1)
 
     @classmethod
     def from_response(cls, response: httpx.Response) -> Claimed:
@@ -62,7 +63,7 @@ class Claimed:
                    str(job["task_input"]), str(job.get("title") or ""),
                    dict(job.get("metadata") or {}),
                    tuple(Review.from_json(review) for review in job.get("reviews") or ()),
-                   lease_left(response))
+                   lease_left(response), job.get("previous_output"))
 
     @property
     def label(self) -> str:

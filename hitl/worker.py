@@ -226,7 +226,7 @@ class Worker:
         claimed, started = held.claimed, time.monotonic()
         report = LatestReport(asyncio.get_running_loop())
         job = Job(claimed.task_input, claimed.attempt, claimed.reviews, report,
-                  task_id=claimed.task_id)
+                  task_id=claimed.task_id, previous_output=claimed.previous_output)
         running = asyncio.ensure_future(self.runner.run(job))
         keeper = asyncio.create_task(self.keep(held, report))
         try:

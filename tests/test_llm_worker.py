@@ -9,7 +9,6 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -126,14 +125,8 @@ async def test_streams_tokens_and_puts_every_comment_in_the_next_prompt(
     prompts = [r["messages"][-1]["content"] for r in chat.requests]
     assert "Say which bug." not in prompts[0]
     assert "Say which bug." in prompts[1] and "ann" in prompts[1]
+    assert f"Your previous draft, which the reviewers sent back:\n{draft}" in prompts[1]
     assert "Say which bug." in prompts[2] and "Shorter, please." in prompts[2]  # all of them
-
-
-@dataclass(frozen=True)
-class LaterJob(Job):
-    """A job as a later hitl makes it: with the draft the reviewers last saw."""
-
-    previous_output: str | None = None
 
 
 def test_the_prompt_says_what_each_review_asked_and_leaves_out_timeouts() -> None:
@@ -153,8 +146,8 @@ def test_the_prompt_says_what_each_review_asked_and_leaves_out_timeouts() -> Non
     assert "draft 4, approved by cy; they edited it to read:\nDear team, Friday." in request
     assert "dee" not in request  # an approval without a word asks nothing
     assert "draft 4, rejected by eve: Too short." in request
-    assert "previous draft" not in request  # today's jobs do not carry it
-    later = LaterJob(job.task_input, 5, reviews, job.report, previous_output="Dear Sir")
+    assert "previous draft" not in request  # attempt 1's job has none
+    later = Job(job.task_input, 5, reviews, job.report, previous_output="Dear Sir")
     later_request = llm_worker.prompt(later)[-1]["content"]
     assert isinstance(later_request, str)
     assert "Your previous draft, which the reviewers sent back:\nDear Sir" in later_request
