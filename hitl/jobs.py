@@ -150,7 +150,10 @@ def refusal(task_id: str, attempt: int, lease_id: str, user: str, row: Any,
     if state == "queued":
         return Conflict(f"the lease of attempt {attempt} of task {task_id} ended; the job "
                         f"is back in the queue: {drop}")
-    if row["lease_id"] != lease_id or row["worker_user"] != user:
+    if row["lease_id"] == lease_id and row["worker_user"] != user:
+        return Conflict(f"the lease of attempt {attempt} of task {task_id} is another "
+                        f"user's, not yours: {drop}")
+    if row["lease_id"] != lease_id:
         return Conflict(f"the lease of attempt {attempt} of task {task_id} was taken over by "
                         f"another worker ({row['worker']}): {drop}")
     if row["lease_expires"] < now:

@@ -571,7 +571,9 @@ async def test_another_user_s_lease_is_not_theirs(config: Config) -> None:
             wyn = Worker(http, "wyn", {"Authorization": f"Bearer {tokens['wyn']}"})
             job = await wes.job()
             response = await wyn.report("complete", job, output="not mine")
-            assert response.status_code == 409 and "another worker" in response.json()["error"]
+            assert response.status_code == 409
+            assert "is another user's, not yours" in response.json()["error"]
+            assert "wes" not in response.json()["error"]  # whose it is stays unsaid
             assert (await wes.report("complete", job, output="mine")).status_code == 200
     finally:
         await stop_server(server)
