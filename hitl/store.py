@@ -542,7 +542,7 @@ class Store:
             raise
 
     async def close(self) -> None:
-        """Close both connections; safe to call twice."""
+        """Close every connection; safe to call twice."""
         for conn in {id(c): c for c in (self._who, self._reader, self._writer)
                      if c is not None}.values():
             await conn.close()

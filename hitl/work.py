@@ -25,12 +25,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import json
 import secrets
 import time
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -187,14 +185,14 @@ class WorkQueue:
         params = {"worker": worker, "user": by.name, "lease_id": lease_id, "lease": lease,
                   "now": time.time(), "retries": self.config.retries}
         self.looks += 1
+        soonest = None
         async with self.store.transaction() as conn:
             spent = list(await conn.execute_fetchall(jobs.GIVE_UP, params))
             rows = list(await conn.execute_fetchall(jobs.CLAIM, params))
             if not rows:
                 soonest = next(iter(await conn.execute_fetchall(jobs.SOONEST_EXPIRY)))[0]
         for job in spent:  # stored: its flow fails the attempt as if the worker had said so
-            self._settle(job["task_id"], job["attempt"],
-                         functools.partial(fail_with, WorkerError(job["error"])))
+            self._settle(job["task_id"], job["attempt"], WorkerError(job["error"]))
         if not rows:
             return None, soonest
         row = rows[0]
@@ -253,7 +251,7 @@ class WorkQueue:
         """Store the job's output (done), then hand it to the waiting flow for review."""
         policy.can_work(by).require()
         await self._report(jobs.COMPLETE, task_id, attempt, lease_id, by, output=output)
-        self._settle(task_id, attempt, lambda result: result.set_result(output))
+        self._settle(task_id, attempt, output)
 
     async def fail(self, task_id: str, attempt: int, lease_id: str, error: str, *,
                    by: Identity) -> bool:
@@ -261,7 +259,7 @@ class WorkQueue:
         fails with this error)."""
         policy.can_work(by).require()
         tries = int(await self._report(jobs.FAIL, task_id, attempt, lease_id, by, error=error))
-        self._settle(task_id, attempt, lambda result: result.set_exception(WorkerError(error)))
+        self._settle(task_id, attempt, WorkerError(error))
         return tries < self.config.retries
 
     async def give_back(self, task_id: str, attempt: int, lease_id: str, *,
@@ -272,12 +270,16 @@ class WorkQueue:
         await self._report(jobs.GIVE_BACK, task_id, attempt, lease_id, by)
         self._wake()
 
-    def _settle(self, task_id: str, attempt: int,
-                settle: Callable[[asyncio.Future[str]], None]) -> None:
+    def _settle(self, task_id: str, attempt: int, outcome: str | WorkerError) -> None:
+        """Hand a stored outcome (the output, or the try's failure) to the flow awaiting
+        that attempt in this process, if one does."""
         waiter = self._waiters.get((task_id, attempt))
         if waiter is not None and not waiter.result.done():
             waiter.progress.close()
-            settle(waiter.result)
+            if isinstance(outcome, WorkerError):
+                waiter.result.set_exception(outcome)
+            else:
+                waiter.result.set_result(outcome)
 
     async def _report(self, statement: str, task_id: str, attempt: int, lease_id: str,
                       by: Identity, **values: Any) -> Any:
@@ -291,7 +293,7 @@ class WorkQueue:
                 return rows[0][0]
             why = list(await conn.execute_fetchall(jobs.WHY, params))
         raise jobs.refusal(task_id, attempt, lease_id, by.name, why[0] if why else None,
-                      params["now"])
+                           params["now"])
 
 
 class ExternalPool:
@@ -307,7 +309,3 @@ class ExternalPool:
 
     def shutdown(self) -> None:
         """Nothing to stop: a claimed job stays its worker's, a queued one queued."""
-
-
-def fail_with(error: Exception, result: asyncio.Future[str]) -> None:
-    result.set_exception(error)
