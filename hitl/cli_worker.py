@@ -9,8 +9,10 @@ import os
 import socket
 from typing import Any
 
+from . import logs
+from .cli_client import DEFAULT_URL
 from .errors import ConfigError
-from .limits import MAX_LEASE
+from .limits import MAX_LEASE, MAX_WORKER
 from .processors import load_processor
 from .worker import Settings, Worker
 
@@ -22,8 +24,8 @@ def add_command(commands: Any) -> None:
         description="Claim jobs from hitl serve --processor external over HTTP and run a "
                     "processor on them. SIGTERM or SIGINT: stop claiming, let running jobs "
                     "finish within --grace seconds, give the rest back, exit 0.")
-    worker.add_argument("--url", default=os.environ.get("HITL_URL", "http://127.0.0.1:8000"),
-                        help="the service [HITL_URL, default http://127.0.0.1:8000]")
+    worker.add_argument("--url", default=os.environ.get("HITL_URL", DEFAULT_URL),
+                        help=f"the service [HITL_URL, default {DEFAULT_URL}]")
     worker.add_argument("--token", default=os.environ.get("HITL_TOKEN"),
                         help="API token of a user with role worker [HITL_TOKEN]")
     worker.add_argument("--processor", required=True, metavar="MODULE:CALLABLE",
@@ -54,18 +56,18 @@ def positive(kind: type[float] | type[int]) -> Any:
 
 
 def default_name() -> str:
-    return f"{socket.gethostname()}-{os.getpid()}"[-100:]
+    return f"{socket.gethostname()}-{os.getpid()}"[-MAX_WORKER:]
 
 
 def run(args: argparse.Namespace) -> int:
     """Run the worker until a signal (0), or until the service refuses it (2)."""
     if args.log_level.upper() not in logging.getLevelNamesMapping():
         raise ConfigError(f"--log-level {args.log_level!r} is not a logging level")
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(args.log_level, "text")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request
-    if not 1 <= len(args.name) <= 100:
-        raise ConfigError(f"--name must be 1 to 100 characters, not {len(args.name)}")
+    if not 1 <= len(args.name) <= MAX_WORKER:
+        raise ConfigError(f"--name must be 1 to {MAX_WORKER} characters, "
+                          f"not {len(args.name)}")
     if args.lease is not None and not 1 <= args.lease <= MAX_LEASE:
         raise ConfigError(f"--lease must be between 1 and {MAX_LEASE} seconds, "
                           f"not {args.lease:g}")

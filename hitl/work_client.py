@@ -50,8 +50,6 @@ class Claimed:
     attempt: int
     lease_id: str
     task_input: str
-    title: str
-    metadata: dict[str, Any]
     reviews: tuple[Review, ...]
     lease_left: float  # seconds of lease at the claim, by the service's clock
     previous_output: str | None = None  # the draft the reviews judged (None: attempt 1)
@@ -60,10 +58,9 @@ class Claimed:
     def from_response(cls, response: httpx.Response) -> Claimed:
         job = response.json()
         return cls(str(job["task_id"]), int(job["attempt"]), str(job["lease_id"]),
-                   str(job["task_input"]), str(job.get("title") or ""),
-                   dict(job.get("metadata") or {}),
+                   str(job["task_input"]),
                    tuple(Review.from_json(review) for review in job.get("reviews") or ()),
-                   lease_left(response), job.get("previous_output"))
+                   lease_left(job, response), job.get("previous_output"))
 
     @property
     def label(self) -> str:
@@ -74,13 +71,14 @@ class Claimed:
         return {"attempt": self.attempt, "lease_id": self.lease_id}
 
 
-def lease_left(response: httpx.Response) -> float:
-    """Seconds until the ``lease_expires`` of an answer, by the service's own clock.
+def lease_left(answer: dict[str, Any], response: httpx.Response) -> float:
+    """Seconds until the ``lease_expires`` of an answer (its JSON, parsed once), by the
+    service's own clock.
 
     The ``Date`` header (whole seconds, rounded down) says what time it was there, so
     a worker whose clock is off still renews in time; without it, the local clock.
     """
-    expires = datetime.fromisoformat(response.json()["lease_expires"]).timestamp()
+    expires = datetime.fromisoformat(answer["lease_expires"]).timestamp()
     try:
         now = parsedate_to_datetime(response.headers["date"]).timestamp() + 0.5
     except (KeyError, TypeError, ValueError):
@@ -153,7 +151,7 @@ class WorkClient:
     async def extend(self, job: Claimed, action: str, body: dict[str, Any]) -> float:
         """A ``heartbeat`` or ``progress``; returns the seconds of lease now left."""
         response = await self._post(f"/api/work/{job.task_id}/{action}", {**job.ident(), **body})
-        return lease_left(response)
+        return lease_left(response.json(), response)
 
     async def finish(self, job: Claimed, action: str, body: dict[str, Any]) -> dict[str, Any]:
         """``complete`` or ``fail``: the service's answer."""
@@ -171,8 +169,9 @@ class WorkClient:
             self.reach.away(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
             raise Away(str(exc)) from exc
         if response.status_code >= 500:
-            self.reach.away(f"{response.status_code} {error_of(response)}")
-            raise Away(error_of(response))
+            message = error_of(response)
+            self.reach.away(f"{response.status_code} {message}")
+            raise Away(message)
         self.reach.back(sent)
         if response.status_code in (404, 409):
             raise Lost(error_of(response))
