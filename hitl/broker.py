@@ -25,7 +25,7 @@ from quart import Quart
 
 from . import metrics
 from .lifecycle import attach
-from .models import Message
+from .models import Message, TaskEvent
 from .subscription import (
     GLOBAL,
     HEARTBEAT,
@@ -50,6 +50,8 @@ class Backend(Protocol):
     async def connect(self, deliver: Callable[[str, Message], None]) -> None: ...
     async def disconnect(self) -> None: ...
     def publish(self, topic: str, message: Message) -> None: ...
+    def publish_event(self, event: TaskEvent) -> None:
+        """A committed task change: its task's message and its global one, in gid order."""
 
 
 class MemoryBackend:
@@ -67,6 +69,12 @@ class MemoryBackend:
     def publish(self, topic: str, message: Message) -> None:
         if self._deliver is not None:
             self._deliver(topic, message)
+
+    def publish_event(self, event: TaskEvent) -> None:
+        if self._deliver is not None:
+            task_message, global_message = event.messages()
+            self._deliver(event.task_id, task_message)
+            self._deliver(GLOBAL, global_message)
 
 
 @dataclass(eq=False)
@@ -166,6 +174,11 @@ class Broker:
     def publish(self, topic: str, message: Message) -> None:
         """Hand one encoded message to the backend; never waits on a subscriber."""
         self.backend.publish(topic, message)
+
+    def publish_event(self, event: TaskEvent) -> None:
+        """Hand one committed change (its task's and its global message) to the backend,
+        which brings it to the broker of every process; never waits on a subscriber."""
+        self.backend.publish_event(event)
 
     def signal(self, name: str, message: Message) -> None:
         """Hand a side-band message (id 0: a hint to read the store again, such as a

@@ -24,7 +24,7 @@ from typing import Any
 from quart import Quart
 
 from . import logs, metrics
-from .broker import GLOBAL, Broker
+from .broker import Broker
 from .errors import DuplicateKey, StorageUnavailable, VoteRefused
 from .lifecycle import attach
 from .models import Attempt, Review, Task, TaskEvent
@@ -181,9 +181,7 @@ class Journal:
         for pending in batch:
             event = pending.write.event
             if event is not None:
-                task_message, global_message = event.messages()
-                self.broker.publish(event.task_id, task_message)
-                self.broker.publish(GLOBAL, global_message)
+                self.broker.publish_event(event)
             _settle(pending, None)
         for listener in self.listeners:
             listener()

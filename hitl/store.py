@@ -849,6 +849,13 @@ class Store:
         return HistoryPage([_event(row).for_task() for row in rows],
                            await self.latest_seq(topic))
 
+    async def events_after(self, gid: int, limit: int = 500,
+                           max_bytes: int = 256 * 1024) -> list[TaskEvent]:
+        """Committed changes after global message ``gid``, in order (a page of them): what
+        a process that missed some news (hitl.redis_news) reads to catch up."""
+        rows = await self._page(_GLOBAL_PAGE, {"after": gid, "limit": limit}, max_bytes)
+        return [_event(row) for row in rows]
+
     async def _page(self, query: str, params: dict[str, Any], max_bytes: int
                     ) -> list[sqlite3.Row]:
         """The query's rows up to about ``max_bytes`` of data (one row at least), fetched a
