@@ -44,37 +44,59 @@ PAGE_SIZE: Final = 500  # messages per replay read: a long replay holds one page
 PAGE_BYTES: Final = 256 * 1024  # ... and about this much data
 
 
-class Backend(Protocol):
-    """Carries published messages to the broker of every process."""
+class Receiver(Protocol):
+    """What a backend hands news to: the broker of its process."""
 
-    async def connect(self, deliver: Callable[[str, Message], None]) -> None: ...
+    def receive(self, event: TaskEvent) -> None: ...
+    def deliver(self, topic: str, message: Message) -> None: ...
+    def hint(self, topic: str, message: Message) -> None: ...
+    def notice(self, kind: str, text: str) -> None: ...
+
+
+class Backend(Protocol):
+    """Carries published news to the broker of every process.
+
+    Three kinds: committed changes (:meth:`publish_event`; in gid order, none lost: a
+    backend that misses some reads them from the store), side-band hints to watchers
+    (:meth:`signal`) and notices between the parts of processes (:meth:`notify`, such as
+    "a job was queued"); those two may be lost, costing a delay, never a wrong answer.
+    """
+
+    async def connect(self, receiver: Receiver) -> None: ...
     async def disconnect(self) -> None: ...
     def publish(self, topic: str, message: Message) -> None: ...
-    def publish_event(self, event: TaskEvent) -> None:
-        """A committed task change: its task's message and its global one, in gid order."""
+    def publish_event(self, event: TaskEvent) -> None: ...
+    def signal(self, topic: str, message: Message) -> None: ...
+    def notify(self, kind: str, text: str) -> None: ...
 
 
 class MemoryBackend:
-    """One process: a published message is delivered at once, in publish order."""
+    """One process: published news is handed back at once, in publish order."""
 
     def __init__(self) -> None:
-        self._deliver: Callable[[str, Message], None] | None = None
+        self._receiver: Receiver | None = None
 
-    async def connect(self, deliver: Callable[[str, Message], None]) -> None:
-        self._deliver = deliver
+    async def connect(self, receiver: Receiver) -> None:
+        self._receiver = receiver
 
     async def disconnect(self) -> None:
-        self._deliver = None
+        self._receiver = None
 
     def publish(self, topic: str, message: Message) -> None:
-        if self._deliver is not None:
-            self._deliver(topic, message)
+        if self._receiver is not None:
+            self._receiver.deliver(topic, message)
 
     def publish_event(self, event: TaskEvent) -> None:
-        if self._deliver is not None:
-            task_message, global_message = event.messages()
-            self._deliver(event.task_id, task_message)
-            self._deliver(GLOBAL, global_message)
+        if self._receiver is not None:
+            self._receiver.receive(event)
+
+    def signal(self, topic: str, message: Message) -> None:
+        if self._receiver is not None:
+            self._receiver.hint(topic, message)
+
+    def notify(self, kind: str, text: str) -> None:
+        if self._receiver is not None:
+            self._receiver.notice(kind, text)
 
 
 @dataclass(eq=False)
@@ -148,6 +170,8 @@ class Broker:
             GLOBAL: Topic(history_size * 4, history_bytes * 4)}
         self._ticker: asyncio.Task[None] | None = None
         self._loads: dict[tuple[str, int], asyncio.Future[HistoryPage]] = {}
+        self.listeners: list[Callable[[TaskEvent], None]] = []  # told of each change received
+        self._notices: dict[str, list[Callable[[str], None]]] = {}
         self.closed = False
 
     def init_app(self, app: Quart) -> None:
@@ -155,7 +179,7 @@ class Broker:
 
     async def start(self) -> None:
         self.closed = False
-        await self.backend.connect(self._deliver)
+        await self.backend.connect(self)
         if self.heartbeat > 0 and self._ticker is None:
             self._ticker = asyncio.create_task(self._beat(), name="hitl-heartbeat")
 
@@ -182,12 +206,37 @@ class Broker:
 
     def signal(self, name: str, message: Message) -> None:
         """Hand a side-band message (id 0: a hint to read the store again, such as a
-        reservation taken) to this process's current watchers of a topic: never
+        reservation taken) to the current watchers of a topic, on every process: never
         remembered nor replayed, and missed by a watcher too far behind (it reads anew)."""
+        self.backend.signal(name, message)
+
+    def notify(self, kind: str, text: str) -> None:
+        """Tell the parts of every process listening for ``kind`` (:meth:`on_notice`)."""
+        self.backend.notify(kind, text)
+
+    def on_notice(self, kind: str, callback: Callable[[str], None]) -> None:
+        self._notices.setdefault(kind, []).append(callback)
+
+    # The receiving side, called by the backend (hitl.broker.Receiver).
+
+    def receive(self, event: TaskEvent) -> None:
+        """A committed change, from this process or another: to its watchers, then to the
+        listeners (a flow owner learns here of a decision taken elsewhere)."""
+        task_message, global_message = event.messages()
+        self.deliver(event.task_id, task_message)
+        self.deliver(GLOBAL, global_message)
+        for listener in self.listeners:
+            listener(event)
+
+    def hint(self, name: str, message: Message) -> None:
         topic = self._topics.get(name)
         if topic is not None:
             for sub in topic.subscribers:
                 sub.offer(message)
+
+    def notice(self, kind: str, text: str) -> None:
+        for callback in self._notices.get(kind, ()):
+            callback(text)
 
     def _topic(self, name: str) -> Topic:
         topic = self._topics.get(name)
@@ -195,7 +244,7 @@ class Broker:
             topic = self._topics[name] = Topic(self.history_size, self.history_bytes)
         return topic
 
-    def _deliver(self, name: str, message: Message) -> None:
+    def deliver(self, name: str, message: Message) -> None:
         topic = self._topic(name)
         topic.remember(message)
         laggards = [sub for sub in topic.subscribers if not sub.offer(message)]
