@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import html
+import os
 import json
 import re
 import socket
@@ -26,6 +27,8 @@ from hitl.processors import Processor
 from hitl.runner import Runner
 from hitl.server import serve
 from hitl.store import MIGRATIONS, Store
+
+from .services import SKIP_REASONS, postgres_url, redis_url  # noqa: F401 (fixtures)
 
 T = TypeVar("T")
 
@@ -359,3 +362,16 @@ async def add_people(accounts: Accounts, people: Mapping[str, tuple[Role, tuple[
         await accounts.add_user(name, role, groups=groups, display_name=display(name))
         tokens[name] = (await accounts.create_token(name, "tests"))[1]
     return tokens
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """With ``HITL_REQUIRE_SERVICES=1`` (CI), a test skipped for want of PostgreSQL or Redis
+    fails instead: the shared deployment is tested wherever CI runs, or CI says why not."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and os.environ.get("HITL_REQUIRE_SERVICES") == "1":
+        reason = str(report.longrepr[-1]) if isinstance(report.longrepr, tuple) else ""
+        if any(why in reason for why in SKIP_REASONS):
+            report.outcome = "failed"
+            report.longrepr = f"HITL_REQUIRE_SERVICES=1, but: {reason}"
