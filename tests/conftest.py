@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import html
-import os
 import json
+import os
 import re
 import socket
 import sqlite3
