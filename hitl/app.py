@@ -34,7 +34,7 @@ from .queue import ReviewQueue
 from .routes import api
 from .runner import Runner
 from .sse_asgi import answer_refused
-from .store import Store
+from .store import open_store
 from .ui_streams import FragmentCache
 from .webhook_routes import hooks
 from .work import WorkQueue
@@ -59,7 +59,7 @@ def create_app(config: Config | None = None, *, processor: Processor | None = No
     app.config.update(MAX_CONTENT_LENGTH=config.max_body, RESPONSE_TIMEOUT=None, HITL=config)
     openapi.init_app(app, config)
 
-    store = Store(config.db)
+    store = open_store(config.db)
     broker = Broker(queue_size=config.queue_size, queue_bytes=config.queue_bytes,
                     history_size=config.history_size, history_bytes=config.history_bytes,
                     heartbeat=config.heartbeat)

@@ -20,7 +20,7 @@ from .config import SETTINGS, Config, default_db_path, default_of, env_var
 from .errors import ConfigError, HitlError, Invalid, StartupError
 from .limits import MAX_INTEGER
 from .models import Status, iso
-from .store import Store, lock_exclusively
+from .store import Store, lock_exclusively, open_store
 
 SERVE_SETTINGS = [s for s in SETTINGS if s.name != "db"]
 
@@ -162,7 +162,7 @@ async def first_start(store: Store, config: Config) -> None:
 async def with_store(path: str, command: Callable[[Store, argparse.Namespace | None],
                                                   Awaitable[object]],
                      args: argparse.Namespace | None) -> int:
-    store = Store(path)
+    store = open_store(path)
     await store.open()
     try:
         result = await command(store, args)

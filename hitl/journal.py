@@ -166,22 +166,23 @@ class Journal:
 
     async def _store_and_publish(self, batch: list[Pending]) -> None:
         gid = self._next_gid
-        for pending in batch:  # numbered in commit order, so committed ids are contiguous
-            event = pending.write.event
-            if event is not None:
-                pending.write = replace(pending.write, event=replace(event, gid=gid))
-                gid += 1
+        if not self.store.numbers_messages:  # else the store numbers them as it commits
+            for pending in batch:  # numbered in commit order: committed ids are contiguous
+                event = pending.write.event
+                if event is not None:
+                    pending.write = replace(pending.write, event=replace(event, gid=gid))
+                    gid += 1
         started = time.perf_counter()
         try:
-            await self.store.write([pending.write for pending in batch])
+            written = await self.store.write([pending.write for pending in batch])
         finally:
             metrics.store_written(time.perf_counter() - started)
         self._next_gid = gid
         self.failure = None
-        for pending in batch:
-            event = pending.write.event
-            if event is not None:
-                self.broker.publish_event(event)
+        for pending, write in zip(batch, written, strict=True):
+            pending.write = write
+            if write.event is not None:
+                self.broker.publish_event(write.event)
             _settle(pending, None)
         for listener in self.listeners:
             listener()

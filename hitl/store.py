@@ -369,7 +369,7 @@ LIVE_RESERVATIONS = f"""
       FROM (SELECT * FROM reservations AS held
              WHERE held.task_id = tasks.task_id AND held.attempt = tasks.attempt
                AND tasks.status = 'waiting_for_review' AND held.expires_at > {NOW}
-             ORDER BY created_at)
+             ORDER BY created_at) AS live
 """
 # A list's columns: each text cut in SQL, so a list never reads a whole text. (SQLite's
 # text functions stop at a NUL character: such a text is cut and measured up to it.)
@@ -471,7 +471,11 @@ class Write:
 
 
 class Store:
-    """The database of one hitl service (or of the CLI reading it)."""
+    """The database of one hitl service (or of the CLI reading it): SQLite, one process."""
+
+    dialect = "sqlite"
+    shared = False  # several processes may share it (hitl.pg_store: PostgreSQL)
+    numbers_messages = False  # the journal gives gids (one writer); a shared store, itself
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -568,8 +572,9 @@ class Store:
             raise RuntimeError("store is not open")
         return self._reader
 
-    async def write(self, batch: Sequence[Write]) -> None:
-        """Apply a batch of changes in one transaction: all of them or none.
+    async def write(self, batch: Sequence[Write]) -> Sequence[Write]:
+        """Apply a batch of changes in one transaction: all of them or none; the batch as
+        stored (a store that :attr:`numbers_messages` gives each event its gid).
 
         Raises :class:`StorageUnavailable` when the database cannot take writes, and
         :class:`DuplicateKey` when a change breaks a uniqueness rule.
@@ -600,6 +605,7 @@ class Store:
             for key in keys:  # a key older than its window may be used again
                 await conn.execute(_FORGET_EXPIRED_KEY, key)
                 await conn.execute(_INSERT_KEY, key)
+        return batch
 
     async def probe(self) -> None:
         """A tiny real write: raises :class:`StorageUnavailable` while writes still fail."""
@@ -921,12 +927,22 @@ async def _rollback(conn: aiosqlite.Connection) -> None:
             await conn.execute("ROLLBACK")
 
 
+def open_store(target: str, **options: Any) -> Store:
+    """The store of ``--db``: a SQLite file (or ``:memory:``), or a ``postgresql://`` URL
+    (hitl.pg_store, shared by several processes; ``options`` are its)."""
+    if target.startswith(("postgresql://", "postgres://")):
+        from .pg_store import PostgresStore  # asyncpg only where it is used
+
+        return PostgresStore(target, **options)
+    return Store(target)
+
+
 def lock_exclusively(path: str) -> int | None:
     """Hold ``<path>.lock`` for this process (its file descriptor; None for ``:memory:``):
     a second server on one file would fail every write. The lock ends with the process,
     however it ends, or when the descriptor is closed."""
-    if path == ":memory:" or path.startswith("file::memory:"):
-        return None
+    if path == ":memory:" or path.startswith(("file::memory:", "postgresql://", "postgres://")):
+        return None  # nothing to lock, or a database made to be shared
     lock_path = os.path.realpath(path.removeprefix("file:").split("?", 1)[0]) + ".lock"
     try:
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)

@@ -26,9 +26,15 @@ from hitl.models import Status
 from hitl.processors import Processor
 from hitl.runner import Runner
 from hitl.server import serve
-from hitl.store import MIGRATIONS, Store
+from hitl.store import MIGRATIONS, Store, open_store
 
-from .services import SKIP_REASONS, postgres_url, redis_url  # noqa: F401 (fixtures)
+from .services import (  # noqa: F401 (fixtures)
+    SKIP_REASONS,
+    create_database,
+    drop_database,
+    postgres_url,
+    redis_url,
+)
 
 T = TypeVar("T")
 
@@ -65,19 +71,38 @@ def assert_contiguous(ids: Sequence[int], start: int | None = None) -> None:
 OPERATOR = Identity(ANONYMOUS, "none")
 
 
+# HITL_TEST_ENGINE=postgresql runs the tests that use these fixtures on a throwaway
+# PostgreSQL database each (tests/services.py) instead of a SQLite file.
+ENGINE = os.environ.get("HITL_TEST_ENGINE", "sqlite")
+
+
 @pytest.fixture
-def config(tmp_path: Path) -> Config:
+async def database(tmp_path: Path) -> AsyncIterator[str]:
+    """The app's ``--db``: a SQLite file, or a PostgreSQL database of this test's own."""
+    if ENGINE != "postgresql":
+        yield str(tmp_path / "hitl.db")
+        return
+    url = await create_database()
+    yield url
+    await drop_database(url)
+
+
+@pytest.fixture
+def config(database: str) -> Config:
     """Sign-in off (``--auth none``): the tests of identity and access turn it on."""
-    return Config(db=str(tmp_path / "hitl.db"), process_delay=0, retry_wait=0, auth="none")
+    return Config(db=database, process_delay=0, retry_wait=0, auth="none")
 
 
 @pytest.fixture
 async def store(tmp_path: Path) -> AsyncIterator[Store]:
     """An open store of its own (not the app's database), for tests of the store alone."""
-    store = Store(str(tmp_path / "store.db"))
+    url = await create_database() if ENGINE == "postgresql" else str(tmp_path / "store.db")
+    store = open_store(url)
     await store.open()
     yield store
     await store.close()
+    if ENGINE == "postgresql":
+        await drop_database(url)
 
 
 def old_database(db: Path) -> None:
