@@ -59,7 +59,7 @@ def create_app(config: Config | None = None, *, processor: Processor | None = No
     app.config.update(MAX_CONTENT_LENGTH=config.max_body, RESPONSE_TIMEOUT=None, HITL=config)
     openapi.init_app(app, config)
 
-    store = open_store(config.db)
+    store = open_store(config.db, lease=config.flow_lease)
     broker = Broker(queue_size=config.queue_size, queue_bytes=config.queue_bytes,
                     history_size=config.history_size, history_bytes=config.history_bytes,
                     heartbeat=config.heartbeat)

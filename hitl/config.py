@@ -144,6 +144,9 @@ SETTINGS: tuple[Setting, ...] = (
             "text"),
     Setting("lease", _lease, "external work: seconds a claimed job stays its worker's "
             "without a heartbeat, when the claim gives no lease", "number"),
+    Setting("flow_lease", _lease, "a shared database: seconds a task's flow stays its "
+            "process's without renewal; a dead process's tasks move on within about this "
+            "and a third", "number"),
     Setting("max_attempts", _positive_int, "attempts before a task fails unapproved (a task's "
             "max_attempts overrides it)", "integer"),
     Setting("quorum", _positive_int, "distinct approvals an attempt needs, when its task "
@@ -213,6 +216,7 @@ class Config:
     process_delay: float = 2.0
     processor: str = "hitl.processors:simulate"
     lease: float = 30.0
+    flow_lease: float = 10.0
     max_attempts: int = 5
     quorum: int = 1
     review_timeout: float | None = None

@@ -14,12 +14,13 @@ import json
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from pocketflow import AsyncFlow
 from quart import Quart
 
-from . import deadlines, logs, policy
+from . import deadlines, logs, metrics, policy
 from .accounts import SYSTEM_NAMES, Identity
 from .broker import Broker
 from .config import Config
@@ -36,7 +37,16 @@ from .errors import (
 from .flow import Step, build_flow
 from .journal import Journal
 from .lifecycle import attach
-from .models import Decision, Review, Status, Task, TaskRow, new_task_id, options_row
+from .models import (
+    Decision,
+    Review,
+    Status,
+    Task,
+    TaskEvent,
+    TaskRow,
+    new_task_id,
+    options_row,
+)
 from .nodes import check_attempts_left, up_for_review
 from .processors import EXTERNAL, Pool, Processor, ProcessorPool, load_processor
 from .store import IdempotencyKey, Store, TaskPage, TaskState, View
@@ -73,22 +83,29 @@ class Runner:
         self._submitting: dict[str, asyncio.Future[Task]] = {}  # by Idempotency-Key
         self._stranded: set[str] = set()  # unfinished tasks whose flow stopped on a failure
         self._finished: OrderedDict[str, TaskState] = OrderedDict()
+        self._leases: asyncio.Task[None] | None = None  # a shared store: renew, take over
         journal.on_refused = self._strand
 
     def init_app(self, app: Quart) -> None:
         attach(app, "runner", self, self.start, self.close)
 
     async def start(self) -> None:
-        """Resume every unfinished task, then take new work."""
-        for task in await self.store.unfinished_tasks():
-            self._resume(task)
+        """Resume every unfinished task (a shared store: those no live process owns), then
+        take new work."""
+        if self.store.shared:
+            await self._take_over()
+            self.broker.listeners.append(self._changed)
+            self._leases = asyncio.create_task(self._keep_leases(), name="hitl-leases")
+        else:
+            for task in await self.store.unfinished_tasks():
+                self._resume(task)
         self._janitor = asyncio.create_task(self._tidy_every_hour(), name="hitl-tidy")
         self.accepting = True
 
     async def close(self) -> None:
         """Stop taking work and stop every flow without marking it failed."""
         self.accepting = False
-        for job in (self._janitor, self._recovery):
+        for job in (self._janitor, self._recovery, self._leases):
             if job is not None:
                 job.cancel()
         flows = [t.flow for t in self.trackers.values() if t.flow is not None]
@@ -97,6 +114,68 @@ class Runner:
         if flows:
             await asyncio.wait(flows, timeout=self.config.shutdown_timeout)
         self.pool.shutdown()
+        if self.store.shared:  # stopped in order: the other processes take over at once
+            try:
+                await self.store.let_go()
+            except Exception as exc:
+                log.warning("could not let go of this process's tasks (they are taken over "
+                            "once their leases lapse): %s", exc)
+
+    # A shared store (hitl.pg_store): each unfinished task's flow runs on the one process
+    # that holds its lease; the others decide and cancel through the store (_detached).
+
+    async def _keep_leases(self) -> None:
+        """Renew this process's leases and take over lapsed ones, every third of a lease."""
+        every = self.store.lease / 3
+        while True:
+            await asyncio.sleep(every)
+            try:
+                running = {task_id for task_id, tracker in self.trackers.items()
+                           if tracker.started and tracker.flow is not None}
+                owned = await self.store.renew()
+                for task_id in running - owned:
+                    self._lost(task_id)
+                await self._take_over()
+            except Exception as exc:
+                log.warning("flow leases not renewed: %s", exc)
+
+    async def _take_over(self) -> None:
+        """Resume the unfinished tasks no live process owns (their owner stopped, or died)."""
+        while True:
+            taken = await self.store.take_over()
+            for task, lapsed in taken:
+                if task.task_id in self.trackers:
+                    continue  # ours all along: renewed late
+                if lapsed:
+                    metrics.lease_taken_over("flow")
+                    log.info("taking over task %s", task.task_id, extra=logs.task(task.task_id))
+                if not task.status.terminal:
+                    self._resume(task)
+            if len(taken) < 100:
+                return
+
+    def _lost(self, task_id: str) -> None:
+        """Another process owns the task now (this one was too slow to renew): stop its
+        flow here without writing; the owner runs it on."""
+        tracker = self.trackers.get(task_id)
+        if tracker is None or tracker.flow is None or tracker.finishing:
+            return
+        log.warning("task %s: flow lease lost to another process", task_id,
+                    extra=logs.task(task_id))
+        tracker.lost = True
+        tracker.flow.cancel()
+
+    def _changed(self, event: TaskEvent) -> None:
+        """A change was committed: one this process did not make, to a task whose flow runs
+        here (a decision or cancel taken by another process), means the flow works from
+        an outdated copy. Stop it; it resumes from the store, as after a restart."""
+        tracker = self.trackers.get(event.task_id)
+        if (tracker is None or event.seq <= tracker.task.last_seq or tracker.flow is None
+                or tracker.flow.done() or tracker.finishing):
+            return
+        log.info("task %s changed by another process; resuming from the store",
+                 event.task_id, extra=logs.task(event.task_id))
+        tracker.flow.cancel()
 
     async def _tidy_every_hour(self) -> None:
         """Forget expired Idempotency-Keys and, with retention on, delete finished tasks
@@ -228,14 +307,40 @@ class Runner:
                            f"or reject attempt {task.attempt}")
         review = Review(decision, attempt or task.attempt, comment,
                         **signature(by, reviewer, verdict), edited_output=edited_output)
+        if tracker.flow is None:  # the flow runs on another process: the store decides
+            return await self._detached(tracker, lambda: self._vote_detached(tracker, review))
         stored = tracker.vote(review)  # checks and Event.set(), no await between
         await asyncio.shield(stored)
         return task
+
+    @staticmethod
+    def _vote_detached(tracker: Tracker, review: Review) -> asyncio.Future[None]:
+        stored = tracker.vote(review)
+        if tracker.task.status is Status.PROCESSING_FEEDBACK and not tracker.decision_recorded:
+            tracker.record_decision(review)  # what the review step does where a flow runs
+        return stored
+
+    async def _detached(self, tracker: Tracker,
+                        change: Callable[[], Awaitable[None]]) -> Task:
+        """Make a change to a task whose flow runs on another process, from the store's copy:
+        the store takes it only over that copy (a change made there meanwhile refuses it),
+        and the flow's owner, told of the change, resumes from the store."""
+        task_id = tracker.task.task_id
+        try:
+            await asyncio.shield(change())
+        finally:
+            if task_id not in self.trackers:
+                self.journal.forgive(task_id)  # a refusal here is no reason to refuse more
+        return tracker.task
 
     async def cancel(self, task_id: str, *, by: Identity) -> Task:
         """Cancel an unfinished task; its flow stops and the task ends as cancelled."""
         policy.can_cancel(by, await self._visible(task_id, by)).require()
         tracker = await self._live(task_id)
+        if tracker.flow is None and self.store.shared and not tracker.task.status.terminal:
+            return await self._detached(tracker, lambda: tracker.update(
+                Status.CANCELLED, error="cancelled by request",
+                event={"error": "cancelled by request"}))
         if tracker.flow is None or tracker.task.status.terminal:
             raise Conflict(f"task {task_id} is already {tracker.task.status}")
         if tracker.cancel_requested:
@@ -344,7 +449,8 @@ class Runner:
         return task
 
     async def _live(self, task_id: str) -> Tracker:
-        """The tracker of a task whose flow runs, or the reason a change cannot be made."""
+        """The tracker of a task whose flow runs, or the reason a change cannot be made; on a
+        shared store, one with no flow for a task whose flow runs elsewhere."""
         tracker = self.trackers.get(task_id)
         if tracker is None:
             task = await self._stored(task_id)  # NotFound, or finished
@@ -352,6 +458,8 @@ class Runner:
                 raise Conflict(f"task {task_id} is already {task.status}")
             if not self.accepting:
                 raise Unavailable("the service is shutting down; send it again shortly")
+            if self.store.shared:  # its flow runs elsewhere (or is resuming): no flow here
+                return Tracker(task, self.journal)
             self._stranded.add(task_id)  # unfinished with no flow: its flow stopped on a
             self._recover_soon()  # failed write; it resumes once writes succeed
             raise StorageUnavailable(self.journal.failure or "the task is being reloaded; "
@@ -424,6 +532,8 @@ class Runner:
             self._finished[task.task_id] = task_state(task)
             if len(self._finished) > RECENTLY_FINISHED:
                 self._finished.popitem(last=False)
+        elif tracker.lost:  # another process runs it now
+            self.journal.forgive(task.task_id)
         elif self.accepting:  # not shutting down: bring it back from the store
             self._stranded.add(task.task_id)
             self._recover_soon()
@@ -485,6 +595,9 @@ class Runner:
                 if task_id in self.trackers or not self.accepting:
                     continue
                 self._stranded.discard(task_id)
+                if task is not None and self.store.shared and not await self.store.owns(task_id):
+                    self.journal.forgive(task_id)  # taken over meanwhile: its owner runs it
+                    continue
                 if task is not None and not task.status.terminal:
                     self._resume(task)
                 else:

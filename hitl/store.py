@@ -898,6 +898,21 @@ class Store:
         )
         return next(iter(rows))[0] if rows else 0
 
+    # Flow leases: with one process (SQLite) it owns every task; hitl.pg_store shares them.
+    lease = 0.0
+
+    async def take_over(self, limit: int = 100) -> list[tuple[Task, bool]]:
+        return []
+
+    async def renew(self) -> set[str]:
+        return set()
+
+    async def owns(self, task_id: str) -> bool:
+        return True
+
+    async def let_go(self) -> None:
+        return None
+
     async def forget_expired_keys(self) -> int:
         """Delete Idempotency-Keys past their window; how many went."""
         async with self.transaction() as conn:

@@ -30,6 +30,7 @@ class ServerProcess:
     env: dict[str, str] = field(default_factory=dict)
     extra: list[str] = field(default_factory=list)
     stderr: Path | None = None  # where its stderr goes alone (else into the log, with stdout)
+    database: str | None = None  # --db, when not the file ``db`` (a postgresql:// URL)
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -38,7 +39,7 @@ class ServerProcess:
 
     def command(self) -> list[str]:
         return [self.python, "-m", "hitl", "serve", "--port", str(self.port),
-                "--db", str(self.db), *self.extra]
+                "--db", self.database or str(self.db), *self.extra]
 
     def start(self) -> ServerProcess:
         env = {**os.environ, "PYTHONPATH": str(ROOT), "HITL_PROCESS_DELAY": "0",
