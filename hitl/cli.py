@@ -16,7 +16,7 @@ from typing import TextIO
 
 from . import cli_accounts, cli_client, cli_webhooks, cli_worker, logs, metrics
 from .accounts import Accounts, Role
-from .config import SETTINGS, Config, default_db_path, default_of, env_var
+from .config import SETTINGS, Config, default_db_path, default_of, env_var, is_postgres, is_shared
 from .errors import ConfigError, HitlError, Invalid, StartupError
 from .limits import MAX_INTEGER
 from .models import Status, iso
@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
                            metavar=setting.kind.split()[0].upper(),
                            help=f"{setting.help} [{env_var(setting.name)}, "
                                 f"default {shown_default(setting.name)}]")
+    # Set by `hitl serve --workers N` for its children: serve this inherited listening socket.
+    serve.add_argument("--listen-fd", type=int, help=argparse.SUPPRESS)
     tasks = commands.add_parser("tasks", help="read tasks from the database")
     task_commands = tasks.add_subparsers(dest="tasks_command", metavar="ACTION", required=True)
     listing = task_commands.add_parser("list", help="list tasks, newest first")
@@ -86,8 +88,8 @@ def count(text: str) -> int:
 
 
 def add_db_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--db", help=f"SQLite database file, or :memory: [HITL_DB, default "
-                                     f"{default_db_path()}]")
+    parser.add_argument("--db", help=f"SQLite database file (':memory:' keeps nothing) or a "
+                                     f"postgresql:// URL [HITL_DB, default {default_db_path()}]")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -100,8 +102,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if hasattr(args, "run"):  # a client of a service: no database, no server settings
             return int(args.run(args))
         config = load_config(args)
+        if args.command == "serve" and config.workers > 1 and args.listen_fd is None:
+            from . import supervisor
+
+            return supervisor.run(config, raw_flags(args))
         if args.command == "serve":
-            return run_server(config)
+            return run_server(config, listen_fd=args.listen_fd)
         action = getattr(args, f"{args.command}_command", None)
         return asyncio.run(with_store(config.db, COMMANDS[args.command, action], args))
     except (ConfigError, StartupError) as exc:
@@ -114,34 +120,69 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def raw_flags(args: argparse.Namespace) -> dict[str, str | None]:
+    """The settings given as flags, as typed (None: not given)."""
+    return {setting.name: getattr(args, setting.name, None) for setting in SETTINGS}
+
+
 def load_config(args: argparse.Namespace) -> Config:
-    flags = {setting.name: getattr(args, setting.name, None) for setting in SETTINGS}
-    config = Config.load(flags, db=default_db_path())
+    config = Config.load(raw_flags(args), db=default_db_path())
     if config.db == default_db_path() and config.db != ":memory:":
         Path(config.db).parent.mkdir(parents=True, exist_ok=True)
     return config
 
 
-def run_server(config: Config) -> int:
+def check_workers(config: Config) -> None:
+    """``--workers N`` (N > 1) is one service only on a shared database and broker."""
+    if config.workers > 1 and not is_shared(config):
+        raise ConfigError(f"--workers {config.workers} needs a shared database and broker: "
+                          "--db postgresql://... --broker redis://...")
+
+
+def prepare_server(config: Config) -> None:
+    """What start-up checks before serving, each failure one line: the metrics directory,
+    the database (SQLite: its lock, held until this process ends, so a second server on
+    the file stops here; PostgreSQL: reachable, migrated), and the first admin."""
+    metrics.check_multiprocess_dir()
+    if not is_postgres(config.db):  # many processes share a PostgreSQL database
+        lock_exclusively(config.db)  # its descriptor stays open: held until the process ends
+    asyncio.run(with_store(config.db, lambda store, _: first_start(store, config), None))
+
+
+def run_server(config: Config, *, listen_fd: int | None = None) -> int:
+    """Serve in this process; on ``listen_fd``, a socket already listening (a child of
+    ``--workers``), else on ``--host``/``--port``."""
     from .app import create_app
     from .server import serve
 
     logs.configure(config.log_level, config.log_format)
-    metrics.check_multiprocess_dir()
-    # Fail early, with one line: another server on the file (its lock is held until this
-    # process ends), an unusable file, or a full disk.
-    lock_exclusively(config.db)  # its descriptor stays open: held until the process ends
-    asyncio.run(with_store(config.db, lambda store, _: first_start(store, config), None))
+    check_workers(config)
+    prepare_server(config)
     app = create_app(config)
     logging.getLogger(__name__).info("hitl on http://%s:%s (database %s, pid %d)",
-                                     config.host, config.port, config.db, os.getpid())
-    asyncio.run(serve(app, config))
+                                     config.host, config.port, safe_url(config.db),
+                                     os.getpid())
+    if listen_fd is None:
+        asyncio.run(serve(app, config))
+    else:  # the parent and the terminal may both pass on one Ctrl-C
+        asyncio.run(serve(app, config, bind=[f"fd://{listen_fd}"], same_signal_within=1.0))
     abandoned = app.extensions["runner"].pool.busy
     if abandoned:  # a synchronous processor still blocking in its thread: do not wait for it
         logging.getLogger(__name__).warning("abandoning %d running processor(s)", abandoned)
         logging.shutdown()
         os._exit(0)
     return 0
+
+
+def safe_url(text: str) -> str:
+    """A database or broker address for a log line: a URL's password left out."""
+    from urllib.parse import urlsplit
+
+    url = urlsplit(text)
+    if not url.scheme or url.password is None:
+        return text
+    netloc = url.netloc.rsplit("@", 1)[1]
+    return url._replace(netloc=f"{url.username or ''}:***@{netloc}").geturl()
 
 
 async def first_start(store: Store, config: Config) -> None:

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, urlsplit
 
 from .errors import ConfigError
 
@@ -132,12 +134,63 @@ def _networks(text: str) -> tuple[str, ...]:
                  for part in text.split(",") if part.strip())
 
 
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+REDIS_SCHEMES = ("redis", "rediss")
+_PREFIX = re.compile(r"[A-Za-z0-9_.:-]{1,100}")
+
+
+def _broker(text: str) -> str:
+    """``memory`` or ``redis[s]://[user:password@]HOST[:PORT][/DB][?prefix=NAME]``, checked
+    now, so a mistyped URL stops start-up with one line rather than a Redis error later."""
+    if text == "memory":
+        return text
+    try:
+        url = urlsplit(text)
+        port = url.port  # ValueError when not a number in range
+    except ValueError as exc:
+        raise ValueError(f"not a URL: {exc}") from None
+    if url.scheme not in REDIS_SCHEMES:
+        raise ValueError("must be 'memory' or a redis://HOST:PORT/DB URL (rediss:// for TLS)")
+    if not url.hostname:
+        raise ValueError("a redis:// URL needs a host: redis://HOST:PORT/DB")
+    del port
+    database = url.path.strip("/")
+    if database and not database.isdigit():
+        raise ValueError(f"the database is a number (redis://HOST:PORT/0), not {database!r}")
+    if url.fragment:
+        raise ValueError("a redis:// URL has no #fragment")
+    for key, value in parse_qsl(url.query, keep_blank_values=True):
+        if key != "prefix":
+            raise ValueError(f"unknown parameter {key!r} (only ?prefix=NAME)")
+        if not _PREFIX.fullmatch(value):
+            raise ValueError("prefix must be 1 to 100 letters, digits or . _ : -")
+    return text
+
+
+def is_postgres(db: str) -> bool:
+    """Whether ``--db`` names a PostgreSQL database (a URL) rather than an SQLite file."""
+    return db.startswith(POSTGRES_SCHEMES)
+
+
+def is_shared(config: Config) -> bool:
+    """Whether several processes can serve this configuration as one service: the state in
+    PostgreSQL and the news between processes on a broker that crosses them (Redis).
+    SQLite is one process's file, and the memory broker reaches only its own watchers."""
+    return is_postgres(config.db) and config.broker != "memory"
+
+
 SETTINGS: tuple[Setting, ...] = (
     Setting("host", str, "interface to listen on", "text"),
     Setting("port", _port, "TCP port to listen on", "port number"),
     Setting("allowed_hosts", _hosts, "Host header values served, comma-separated ('*': any); "
             "default: the listen host, localhost, 127.0.0.1, [::1]", "list of hosts"),
-    Setting("db", str, "SQLite database file; ':memory:' keeps nothing", "path"),
+    Setting("db", str, "SQLite database file (':memory:' keeps nothing) or a postgresql:// URL",
+            "path"),
+    Setting("broker", _broker, "how processes tell each other of changes: memory (this "
+            "process alone) or redis://HOST:PORT/DB[?prefix=NAME] (rediss:// for TLS)",
+            "broker URL"),
+    Setting("workers", _positive_int, "processes serving one port; more than 1 needs a "
+            "postgresql:// --db and a redis:// --broker", "integer"),
     Setting("process_delay", _number, "seconds the built-in simulated processor takes", "number"),
     Setting("processor", str, "processor as 'package.module:callable' (sync or async), or "
             "'external': each attempt is a job for an external worker (POST /api/work/claim)",
@@ -213,6 +266,8 @@ class Config:
     port: int = 8000
     allowed_hosts: tuple[str, ...] = ()  # () is the default list, derived from ``host``
     db: str = ":memory:"
+    broker: str = "memory"
+    workers: int = 1
     process_delay: float = 2.0
     processor: str = "hitl.processors:simulate"
     lease: float = 30.0

@@ -14,8 +14,8 @@ that has run since the directory was emptied, and the open-streams gauge over th
 ones only (``livesum``; a process that ends is forgotten by :func:`process_exited`, or
 at the next start-up by :func:`forget_dead_processes`).
 
-With ``--workers`` (issue 14) the parent should empty the directory before it starts
-its workers, and call :func:`process_exited` for each worker that ends.
+With ``--workers`` (:mod:`hitl.supervisor`) the parent makes a fresh directory for its
+children when none is set, and calls :func:`process_exited` for each child that ends.
 """
 
 from __future__ import annotations
@@ -196,10 +196,13 @@ def check_multiprocess_dir() -> None:
                            f"directory: {MULTIPROCESS_PROBLEM}")
 
 
-def process_exited(pid: int) -> None:
-    """A process of this host's fleet has ended: its live gauges stop counting."""
-    if MULTIPROCESS_DIR is not None:
-        multiprocess.mark_process_dead(pid, MULTIPROCESS_DIR)  # type: ignore[no-untyped-call]
+def process_exited(pid: int, directory: str | None = None) -> None:
+    """A process of this host's fleet has ended: its live gauges stop counting.
+    ``directory``: the fleet's, when it is not this process's own (the parent of
+    ``hitl serve --workers`` makes one for its children)."""
+    directory = directory or MULTIPROCESS_DIR
+    if directory is not None:
+        multiprocess.mark_process_dead(pid, directory)  # type: ignore[no-untyped-call]
 
 
 _LIVE_FILE = re.compile(r"gauge_live\w*?_(\d+)\.db$")

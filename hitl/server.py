@@ -68,15 +68,17 @@ def hypercorn_config(config: Config) -> HypercornConfig:
 
 
 async def serve(app: Quart, config: Config, *, stop: asyncio.Event | None = None,
-                bind: list[str] | None = None) -> None:
+                bind: list[str] | None = None, same_signal_within: float = 0.0) -> None:
     """Serve until ``stop`` is set (by default: on SIGTERM or SIGINT), then shut down in order.
 
     Streams end first, then hypercorn drains connections, then the app's parts close
-    (flows stop unfailed, queued writes commit, the database closes).
+    (flows stop unfailed, queued writes commit, the database closes). ``bind``: hypercorn
+    binds instead of ``--host``/``--port`` (``fd://N``: a socket already listening).
+    ``same_signal_within``: see :func:`stop_on_signals`.
     """
     if stop is None:
         stop = asyncio.Event()
-        stop_on_signals(stop)
+        stop_on_signals(stop, same_signal_within)
     settings = hypercorn_config(config)
     if bind:
         settings.bind = bind
@@ -108,15 +110,26 @@ def tune_gc() -> None:
     gc.set_threshold(10_000, 20, 100)
 
 
-def stop_on_signals(stop: asyncio.Event) -> None:
-    """First SIGTERM/SIGINT sets ``stop``; a second one exits at once."""
+def stop_on_signals(stop: asyncio.Event, same_signal_within: float = 0.0) -> None:
+    """First SIGTERM/SIGINT sets ``stop``; a second one exits at once.
+
+    A child of ``hitl serve --workers`` takes a second signal that comes within
+    ``same_signal_within`` seconds of the first as the same request: Ctrl-C in a terminal
+    (or systemd's stop) signals every process of the group, and the parent passes the
+    signal on as well, which must not turn a graceful shutdown into an abrupt one.
+    """
     loop = asyncio.get_running_loop()
+    first: list[float] = []
 
     def on_signal(signum: int) -> None:
+        if stop.is_set() and loop.time() - first[0] < same_signal_within:
+            log.debug("signal %s again at once: the same request", signal.Signals(signum).name)
+            return
         if stop.is_set():
             log.warning("second signal: exiting at once")
             os._exit(128 + signum)
         log.info("signal %s: shutting down", signal.Signals(signum).name)
+        first.append(loop.time())
         stop.set()
 
     for signum in (signal.SIGINT, signal.SIGTERM):
