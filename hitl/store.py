@@ -410,7 +410,7 @@ class ReviewScope(NamedTuple):
 # The tasks a ReviewScope may decide: not their own (unless allowed), naming them or no one,
 # and whose attempt under review they have not voted on yet (quorum above 1).
 _DECIDABLE = """
-    AND (submitted_by IS NOT :me OR allow_self_review)
+    AND (submitted_by IS NOT :me OR allow_self_review <> 0)
     AND (:any_named OR reviewers = '[]'
          OR EXISTS (SELECT 1 FROM json_each(tasks.reviewers)
                      WHERE value IN (SELECT value FROM json_each(:names))))
