@@ -42,6 +42,7 @@ class Pending:
     write: Write
     done: asyncio.Future[None]
     generation: int  # of its task: a change made before the task was reloaded is stale
+    detached: bool = False  # made from a fresh read, not by a flow here (hitl.runner)
 
 
 class Journal:
@@ -78,16 +79,21 @@ class Journal:
 
     def record(self, task: Task, payload: dict[str, Any] | None = None,
                review: Review | None = None, idempotency: IdempotencyKey | None = None,
-               attempt: Attempt | None = None, *, touch: bool = True) -> asyncio.Future[None]:
+               attempt: Attempt | None = None, *, touch: bool = True,
+               detached: bool = False) -> asyncio.Future[None]:
         """Queue the task's current row (and an event, a review, an attempt's record);
         done once committed.
 
         The task's message number is given here, synchronously, so a task's messages
         follow the order of the calls. ``touch`` False keeps ``updated_at`` (a quorum's
         vote: the task still waits since its attempt came up for review).
+
+        A ``detached`` change (a shared store: one made from a fresh read of a task whose
+        flow runs elsewhere) is never refused for this process's copy of the task, and its
+        failure refuses nothing: the store takes it only over the copy it was made from.
         """
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        if task.task_id in self.refused:
+        if task.task_id in self.refused and not detached:
             done.set_exception(self._refusal())
             return done
         if touch:
@@ -100,7 +106,7 @@ class Journal:
         attempt_row = attempt.row(task.task_id) if attempt is not None else None
         self._queue.put_nowait(Pending(Write(task.row(), event, review, idempotency,
                                              attempt_row), done,
-                                       self._generations.get(task.task_id, 0)))
+                                       self._generations.get(task.task_id, 0), detached))
         return done
 
     def check_writable(self, task_id: str) -> None:
@@ -193,14 +199,17 @@ class Journal:
             if self.failure is None:
                 log.error("storage unavailable: %s", exc.reason, extra=logs.task(task_id))
             self.failure = exc.reason
+        if pending.detached:
+            _settle(pending, exc)
+            return
         self.refused.add(task_id)
         _settle(pending, exc)
         self.on_refused(task_id)
 
     def _refuse_if_failed(self, pending: Pending) -> bool:
         task_id = pending.write.task_id
-        if (task_id not in self.refused
-                and pending.generation == self._generations.get(task_id, 0)):
+        if pending.detached or (task_id not in self.refused
+                                and pending.generation == self._generations.get(task_id, 0)):
             return False
         _settle(pending, self._refusal())
         return True

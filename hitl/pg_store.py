@@ -317,7 +317,7 @@ _TAKE_OVER = f"""
 _RENEW = f"""
     UPDATE tasks SET owner_until = {PG_NOW} + $2
      WHERE owner = $1 AND status NOT IN ({_TERMINAL})
-    RETURNING task_id
+    RETURNING task_id, last_seq
 """
 
 
@@ -493,11 +493,12 @@ class PostgresStore(Store):
                 taken.append((task, bool(row["lapsed"])))
         return taken
 
-    async def renew(self) -> set[str]:
-        """Extend this process's leases; the ids of the unfinished tasks it still owns."""
+    async def renew(self) -> dict[str, int]:
+        """Extend this process's leases; the unfinished tasks it still owns, each with its
+        last message number as stored."""
         async with self.pool.acquire() as conn:
             rows = await conn.fetch(_RENEW, self.owner, self.lease)
-        return {row["task_id"] for row in rows}
+        return {row["task_id"]: row["last_seq"] for row in rows}
 
     async def owns(self, task_id: str) -> bool:
         rows = await self.reader.execute_fetchall(

@@ -133,8 +133,11 @@ class Runner:
                 running = {task_id for task_id, tracker in self.trackers.items()
                            if tracker.started and tracker.flow is not None}
                 owned = await self.store.renew()
-                for task_id in running - owned:
-                    self._lost(task_id)
+                for task_id in running:
+                    if task_id not in owned:
+                        self._lost(task_id)
+                    else:  # news of a change made elsewhere may be lost: the store says
+                        self._outdated(task_id, owned[task_id])
                 await self._take_over()
             except Exception as exc:
                 log.warning("flow leases not renewed: %s", exc)
@@ -166,15 +169,19 @@ class Runner:
         tracker.flow.cancel()
 
     def _changed(self, event: TaskEvent) -> None:
-        """A change was committed: one this process did not make, to a task whose flow runs
-        here (a decision or cancel taken by another process), means the flow works from
-        an outdated copy. Stop it; it resumes from the store, as after a restart."""
-        tracker = self.trackers.get(event.task_id)
-        if (tracker is None or event.seq <= tracker.task.last_seq or tracker.flow is None
+        self._outdated(event.task_id, event.seq)
+
+    def _outdated(self, task_id: str, stored_seq: int) -> None:
+        """A change numbered ``stored_seq`` was committed: one this process did not make (a
+        number above its own copy's) to a task whose flow runs here (a decision or cancel
+        taken by another process) means the flow works from an outdated copy. Stop it; it
+        resumes from the store, as after a restart."""
+        tracker = self.trackers.get(task_id)
+        if (tracker is None or stored_seq <= tracker.task.last_seq or tracker.flow is None
                 or tracker.flow.done() or tracker.finishing):
             return
-        log.info("task %s changed by another process; resuming from the store",
-                 event.task_id, extra=logs.task(event.task_id))
+        log.info("task %s changed by another process; resuming from the store", task_id,
+                 extra=logs.task(task_id))
         tracker.flow.cancel()
 
     async def _tidy_every_hour(self) -> None:
@@ -307,7 +314,7 @@ class Runner:
                            f"or reject attempt {task.attempt}")
         review = Review(decision, attempt or task.attempt, comment,
                         **signature(by, reviewer, verdict), edited_output=edited_output)
-        if tracker.flow is None:  # the flow runs on another process: the store decides
+        if tracker.detached:  # the flow runs on another process: the store decides
             return await self._detached(tracker, lambda: self._vote_detached(tracker, review))
         stored = tracker.vote(review)  # checks and Event.set(), no await between
         await asyncio.shield(stored)
@@ -325,19 +332,14 @@ class Runner:
         """Make a change to a task whose flow runs on another process, from the store's copy:
         the store takes it only over that copy (a change made there meanwhile refuses it),
         and the flow's owner, told of the change, resumes from the store."""
-        task_id = tracker.task.task_id
-        try:
-            await asyncio.shield(change())
-        finally:
-            if task_id not in self.trackers:
-                self.journal.forgive(task_id)  # a refusal here is no reason to refuse more
+        await asyncio.shield(change())
         return tracker.task
 
     async def cancel(self, task_id: str, *, by: Identity) -> Task:
         """Cancel an unfinished task; its flow stops and the task ends as cancelled."""
         policy.can_cancel(by, await self._visible(task_id, by)).require()
         tracker = await self._live(task_id)
-        if tracker.flow is None and self.store.shared and not tracker.task.status.terminal:
+        if tracker.detached:
             return await self._detached(tracker, lambda: tracker.update(
                 Status.CANCELLED, error="cancelled by request",
                 event={"error": "cancelled by request"}))
@@ -452,14 +454,22 @@ class Runner:
         """The tracker of a task whose flow runs, or the reason a change cannot be made; on a
         shared store, one with no flow for a task whose flow runs elsewhere."""
         tracker = self.trackers.get(task_id)
+        if self.store.shared and (tracker is None or not tracker.started
+                                  or task_id in self.journal.refused):
+            # Its flow runs on another process, or is being reloaded here: the change is
+            # made from the store's copy, and taken only over that copy.
+            task = await self._stored(task_id)  # NotFound, or finished
+            if task.status.terminal:
+                raise Conflict(f"task {task_id} is already {task.status}")
+            if not self.accepting:
+                raise Unavailable("the service is shutting down; send it again shortly")
+            return Tracker(task, self.journal, detached=True)
         if tracker is None:
             task = await self._stored(task_id)  # NotFound, or finished
             if task.status.terminal:
                 raise Conflict(f"task {task_id} is already {task.status}")
             if not self.accepting:
                 raise Unavailable("the service is shutting down; send it again shortly")
-            if self.store.shared:  # its flow runs elsewhere (or is resuming): no flow here
-                return Tracker(task, self.journal)
             self._stranded.add(task_id)  # unfinished with no flow: its flow stopped on a
             self._recover_soon()  # failed write; it resumes once writes succeed
             raise StorageUnavailable(self.journal.failure or "the task is being reloaded; "

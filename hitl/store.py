@@ -904,8 +904,8 @@ class Store:
     async def take_over(self, limit: int = 100) -> list[tuple[Task, bool]]:
         return []
 
-    async def renew(self) -> set[str]:
-        return set()
+    async def renew(self) -> dict[str, int]:
+        return {}
 
     async def owns(self, task_id: str) -> bool:
         return True

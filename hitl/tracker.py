@@ -41,9 +41,10 @@ class SharedStore(TypedDict):
 class Tracker:
     """Runtime handles of one task, kept apart from its storable record."""
 
-    def __init__(self, task: Task, journal: Journal) -> None:
+    def __init__(self, task: Task, journal: Journal, *, detached: bool = False) -> None:
         self.task = task
         self.journal = journal
+        self.detached = detached  # a fresh read of a task whose flow runs elsewhere
         self.loop = asyncio.get_running_loop()
         self.flow: asyncio.Task[None] | None = None
         self.started = False  # its flow has taken its first step
@@ -79,12 +80,12 @@ class Tracker:
         for name, value in changes.items():
             setattr(self.task, name, value)
         self.task.status = status
-        await self.journal.record(self.task, {"status": status.value, **(event or {})},
+        await self._record(self.task, {"status": status.value, **(event or {})},
                                   idempotency=idempotency, attempt=self._attempt(attempt_record))
 
     async def record_attempt(self, **changes: Any) -> None:
         """Store a change to the current attempt's record alone (no status, no message)."""
-        await self.journal.record(self.task, attempt=self._attempt(changes))
+        await self._record(self.task, attempt=self._attempt(changes))
 
     def _attempt(self, changes: dict[str, Any] | None) -> Attempt | None:
         if changes is None:
@@ -93,6 +94,13 @@ class Tracker:
         for name, value in changes.items():
             setattr(record, name, value)
         return record
+
+    def _record(self, task: Task, payload: dict[str, Any] | None = None,
+                review: Review | None = None, *, touch: bool = True,
+                idempotency: IdempotencyKey | None = None,
+                attempt: Attempt | None = None) -> asyncio.Future[None]:
+        return self.journal.record(task, payload, review, idempotency, attempt, touch=touch,
+                                   detached=self.detached)
 
     def reporter(self, attempt: int) -> Progress:
         """A progress callback for one attempt: callable from any thread, never blocks."""
@@ -116,7 +124,7 @@ class Tracker:
         payload = {"status": Status.RUNNING.value, "attempt": attempt,
                    "progress": round(min(max(float(fraction), 0.0), 1.0), 4),
                    "partial_output": str(partial_output)}
-        self.journal.record(self.task, payload).add_done_callback(_log_failure)
+        self._record(self.task, payload).add_done_callback(_log_failure)
 
     def vote(self, review: Review) -> asyncio.Future[None]:
         """Take a reviewer's vote, or raise Conflict. Synchronous: no await, no race.
@@ -143,7 +151,7 @@ class Tracker:
             return self.claim_decision(review)
         task.reviews.append(review)
         # Still waiting since the attempt came up: the review queue keeps its place.
-        return self.journal.record(task, self._waiting(), review, touch=False)
+        return self._record(task, self._waiting(), review, touch=False)
 
     def _waiting(self, **extra: Any) -> dict[str, Any]:
         task = self.task
@@ -166,7 +174,7 @@ class Tracker:
                                 "finished_at": now, "tries": 0, "error": None,
                                 "edited_by": review.reviewer})
         task.reviews.append(review)
-        return self.journal.record(task, self._waiting(edited_by=review.reviewer,
+        return self._record(task, self._waiting(edited_by=review.reviewer,
                                                        edited_from=edited_from),
                                    review, attempt=record)
 
@@ -218,7 +226,7 @@ class Tracker:
         if self.task.quorum > 1:
             event |= self.task.tally()
         since = self._up_for_review_since()
-        stored = self.journal.record(
+        stored = self._record(
             self.task, {"status": Status.PROCESSING_FEEDBACK.value, **event}, review
         )
         stored.add_done_callback(lambda done: self._decision_stored(done, review, since))

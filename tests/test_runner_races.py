@@ -186,12 +186,12 @@ async def test_recovery_does_not_drop_a_task_stranded_while_it_runs(runner: Runn
     write = runner.store.write
     armed = [True]
 
-    async def failing_write(batch: list[object]) -> None:  # the victim's RUNNING write
+    async def failing_write(batch: list[object]) -> object:  # the victim's RUNNING write
         if armed[0] and any(w.task["task_input"] == "victim"  # type: ignore[attr-defined]
                             and w.task["status"] == "running" for w in batch):  # type: ignore[attr-defined]
             armed[0] = False
             raise StorageUnavailable("injected: disk full")
-        await write(batch)  # type: ignore[arg-type]
+        return await write(batch)  # type: ignore[arg-type]
 
     runner._stranded.add("ghost")  # a recovery is under way
     runner._recover_soon()

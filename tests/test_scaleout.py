@@ -81,7 +81,7 @@ async def stop_watching(*watchers: Watcher) -> None:
 
 
 async def status_of(client: httpx.AsyncClient, task_id: str) -> dict[str, Any]:
-    response = await client.get(f"/tasks/{task_id}")
+    response = await client.get(f"/api/tasks/{task_id}")
     assert response.status_code == 200, response.text
     return dict(response.json())
 
@@ -138,7 +138,7 @@ async def test_watchers_on_every_process_get_every_message_with_the_same_ids(
             assert response.status_code == 200, response.text
         await reach(clients[n % 3], task_id, "completed")
     # Every message of those tasks, on each process's dashboard, with the same ids.
-    total = sum(len((await clients[0].get(f"/tasks/{t}")).json()["reviews"]) for t in task_ids)
+    total = sum(len((await clients[0].get(f"/api/tasks/{t}")).json()["reviews"]) for t in task_ids)
     assert total == 9
     expected = await history_of(clients[2], task_ids)
     await until_seen(dashboards, len(expected))
