@@ -148,7 +148,7 @@ async def test_watchers_on_every_process_get_every_message_with_the_same_ids(
     for dashboard in dashboards[1:]:
         assert as_sent(dashboard) == first
     # A task's stream, read from each process, is the same too, and ends.
-    streams = [watch(client, f"/stream/{task_ids[1]}") for client in clients]
+    streams = [watch(client, f"/stream/{task_ids[1]}", last_id=0) for client in clients]
     for stream in streams:
         await stream.ended()
     assert as_sent(streams[0]) == as_sent(streams[1]) == as_sent(streams[2])
@@ -159,7 +159,7 @@ async def test_watchers_on_every_process_get_every_message_with_the_same_ids(
 async def history_of(client: httpx.AsyncClient, task_ids: list[str]) -> list[Any]:
     messages: list[Any] = []
     for task_id in task_ids:
-        watcher = watch(client, f"/stream/{task_id}")
+        watcher = watch(client, f"/stream/{task_id}", last_id=0)
         await watcher.ended()
         messages += [event for event in watcher.events if event.id is not None]
     return messages
@@ -188,7 +188,7 @@ async def test_a_killed_owner_s_waiting_task_is_decided_and_completed_elsewhere(
     servers, clients = three
     task_id = await submit(clients[0])
     await reach(clients[1], task_id, "waiting_for_review")
-    watcher = watch(clients[2], f"/stream/{task_id}")
+    watcher = watch(clients[2], f"/stream/{task_id}", last_id=0)  # all of it, from the start
     await watcher.wait_for("waiting_for_review")
     servers[0].signal(signal.SIGKILL)
     servers[0].wait(5)
@@ -199,8 +199,9 @@ async def test_a_killed_owner_s_waiting_task_is_decided_and_completed_elsewhere(
     taken_over = time.monotonic() - killed
     assert taken_over < 15, taken_over
     await watcher.ended()
-    assert watcher.statuses()[-3:] == ["processing_feedback", "completed", "stream_closed"]
-    assert watcher.ids() == list(range(1, len(watcher.ids()) + 1))
+    assert watcher.statuses()[-3:] == ["processing_feedback", "completed", "stream_closed"], \
+        as_sent(watcher)
+    assert watcher.ids() == list(range(1, len(watcher.ids()) + 1)), as_sent(watcher)
 
 
 async def test_a_killed_owner_s_running_task_is_processed_again_for_the_same_attempt(
