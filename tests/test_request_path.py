@@ -380,4 +380,7 @@ async def test_quart_answers_a_request_with_one_task_of_its_own(
     finally:
         loop.set_task_factory(factory)
     assert request.done() and request.exception() is None
-    assert len(created) == 1, created
+    # asyncpg hands a connection back to its pool in a task of its own (a shielded release):
+    # the pool's cost, not the request path's.
+    ours = [coro for coro in created if "PoolConnectionHolder" not in repr(coro)]
+    assert len(ours) == 1, created
