@@ -318,3 +318,24 @@ async def test_streams_pause_while_redis_is_down_and_catch_up_from_the_database(
             assert ids == list(range(ids[0] or 0, (ids[0] or 0) + len(ids)))
             assert as_sent(dashboards[1]) == first == as_sent(dashboards[2])
             await stop_watching(*dashboards)
+
+
+async def test_a_review_deadline_fires_once_across_processes_and_after_a_kill(
+        three: tuple[list[ServerProcess], list[httpx.AsyncClient]]) -> None:
+    servers, clients = three
+    options = {"review_timeout": 2, "on_timeout": "approve"}
+    survivor = await submit_with(clients[1], options)
+    victim = await submit_with(clients[0], options)
+    await reach(clients[2], victim, "waiting_for_review")
+    servers[0].signal(signal.SIGKILL)  # its deadline is due while nobody owns it
+    servers[0].wait(5)
+    for task_id in (survivor, victim):
+        task = await reach(clients[2], task_id, "completed", timeout=15)
+        assert [(r["reviewer"], r["decision"]) for r in task["reviews"]] == [
+            ("timeout", "approved")], task["reviews"]
+
+
+async def submit_with(client: httpx.AsyncClient, options: dict[str, Any]) -> str:
+    response = await client.post("/submit", json={"data": "draft", **options})
+    assert response.status_code in (200, 201, 202), response.text
+    return str(response.json()["task_id"])
