@@ -71,15 +71,24 @@ def assert_contiguous(ids: Sequence[int], start: int | None = None) -> None:
 OPERATOR = Identity(ANONYMOUS, "none")
 
 
-# HITL_TEST_ENGINE=postgresql runs the tests that use these fixtures on a throwaway
-# PostgreSQL database each (tests/services.py) instead of a SQLite file.
+# The database engines a test runs on. A module that sets ``ON_POSTGRESQL = True`` runs
+# its tests that use these fixtures on a throwaway PostgreSQL database each too
+# (tests/services.py); HITL_TEST_ENGINE=postgresql runs every such test on PostgreSQL alone.
 ENGINE = os.environ.get("HITL_TEST_ENGINE", "sqlite")
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "engine" not in metafunc.fixturenames:
+        return
+    engines = ["sqlite", "postgresql"] if getattr(metafunc.module, "ON_POSTGRESQL", False) \
+        else ["sqlite"]
+    metafunc.parametrize("engine", ["postgresql"] if ENGINE == "postgresql" else engines)
+
+
 @pytest.fixture
-async def database(tmp_path: Path) -> AsyncIterator[str]:
+async def database(tmp_path: Path, engine: str) -> AsyncIterator[str]:
     """The app's ``--db``: a SQLite file, or a PostgreSQL database of this test's own."""
-    if ENGINE != "postgresql":
+    if engine != "postgresql":
         yield str(tmp_path / "hitl.db")
         return
     url = await create_database()
@@ -94,14 +103,14 @@ def config(database: str) -> Config:
 
 
 @pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
+async def store(tmp_path: Path, engine: str) -> AsyncIterator[Store]:
     """An open store of its own (not the app's database), for tests of the store alone."""
-    url = await create_database() if ENGINE == "postgresql" else str(tmp_path / "store.db")
+    url = await create_database() if engine == "postgresql" else str(tmp_path / "store.db")
     store = open_store(url)
     await store.open()
     yield store
     await store.close()
-    if ENGINE == "postgresql":
+    if engine == "postgresql":
         await drop_database(url)
 
 

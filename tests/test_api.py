@@ -13,6 +13,8 @@ from hitl import Config
 
 from .conftest import within
 
+ON_POSTGRESQL = True  # and on SQLite (tests/conftest.py)
+
 
 async def submit(client: Client, data: str = "write a haiku") -> str:
     response = await client.post("/submit", json={"data": data})
