@@ -38,6 +38,27 @@ def test_more_than_one_worker_on_the_memory_broker_is_refused() -> None:
     assert "--workers 2 needs a shared database and broker" in result.stderr
 
 
+def test_workers_on_a_database_that_cannot_be_reached_stop_with_one_line() -> None:
+    result = run_cli("serve", "--workers", "2", "--db", "postgresql://nobody@127.0.0.1:1/x",
+                     "--broker", "redis://127.0.0.1:1/0")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("hitl: error: cannot use database"), result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr  # no child was started
+
+
+def test_workers_on_a_port_in_use_stop_with_one_line(postgres_url: str, redis_url: str) -> None:
+    pytest.importorskip("hitl.pg_store")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_cli("serve", "--workers", "2", "--db", postgres_url, "--broker", redis_url,
+                         "--auth", "none", "--port", str(port))
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == (f"hitl: error: cannot listen on 127.0.0.1:{port}: "
+                                     "Address already in use"), result.stderr
+
+
 def test_a_bad_broker_url_stops_start_up_with_one_line() -> None:
     result = run_cli("serve", "--broker", "redis://127.0.0.1:6379/zero")
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
