@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import quorum, scenarios, webhooks, workers
+from . import quorum, scaleout, scenarios, webhooks, workers
 from .client import raise_nofile
 from .scenarios import METRICS, Metrics
 from .servers import REPO, SPECS, Server, ServerSpec, hitl_available
@@ -304,8 +304,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("-c", "--concurrency", type=int, default=4, help="slots per worker")
     p.add_argument("-p", "--processes", type=int, nargs="+", default=[1, 2],
                    help="numbers of worker processes, one run each (default 1 2)")
+    p = sub.add_parser("scaleout", help="hitl on PostgreSQL + Redis with 1, 2, 3 processes "
+                       "beside SQLite x1: fan-out, throughput, take-over after a SIGKILL")
+    scaleout.add_arguments(p)
     args = parser.parse_args(argv)
 
+    if args.command == "scaleout":  # its own configurations and table
+        return scaleout.run_main(args)
     if args.command == "compare":
         jobs = compare_jobs(args.quick)
     elif args.command == "fanout":

@@ -190,7 +190,7 @@ SETTINGS: tuple[Setting, ...] = (
             "process alone) or redis://HOST:PORT/DB[?prefix=NAME] (rediss:// for TLS)",
             "broker URL"),
     Setting("workers", _positive_int, "processes serving one port; more than 1 needs a "
-            "postgresql:// --db and a redis:// --broker", "integer"),
+            "shared database and broker (a postgresql:// and a redis:// URL)", "integer"),
     Setting("process_delay", _number, "seconds the built-in simulated processor takes", "number"),
     Setting("processor", str, "processor as 'package.module:callable' (sync or async), or "
             "'external': each attempt is a job for an external worker (POST /api/work/claim)",

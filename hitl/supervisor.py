@@ -64,9 +64,8 @@ def run(config: Config, flags: Mapping[str, str | None]) -> int:
     """
     logs.configure(config.log_level, config.log_format)
     cli.check_workers(config)
-    metrics.check_multiprocess_dir()
-    sock = listen(config)
     cli.prepare_server(config)  # once, before the children: migration, the first admin
+    sock = listen(config)  # (as one process alone: the database first, then the port)
     directory, made = metrics.MULTIPROCESS_DIR, False
     if directory is None:
         directory, made = tempfile.mkdtemp(prefix="hitl-metrics-"), True

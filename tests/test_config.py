@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from hitl.cli import build_parser, load_config
-from hitl.config import SETTINGS, Config, Setting, default_of, env_var
+from hitl.config import SETTINGS, Config, Setting, default_of, env_var, is_shared
 from hitl.errors import ConfigError
 
 from .serverproc import run_cli
@@ -33,6 +33,9 @@ SAMPLES: dict[str, tuple[tuple[str, Any], tuple[str, Any]]] = {
     "log format": (("json", "json"), ("text", "text")),
     "token": (("flag-token-0123456789", "flag-token-0123456789"),
               ("env-token-0123456789", "env-token-0123456789")),
+    "broker URL": (("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
+                   ("rediss://:pw@cache.example:6380/2?prefix=hitl-eu.1",
+                    "rediss://:pw@cache.example:6380/2?prefix=hitl-eu.1")),
 }
 BAD: dict[str, list[str]] = {
     "text": [], "path": [],
@@ -46,6 +49,9 @@ BAD: dict[str, list[str]] = {
     "outcome": ["x", "Fail", "escalate"],
     "log format": ["x", "JSON", "logfmt"],
     "token": ["short", "a" * 257, "has a space 0123456789", "\u00e9" * 20],
+    "broker URL": ["redis", "Memory", "http://127.0.0.1:6379/0", "redis://", "redis://h:x/0",
+                   "redis://h:70000/0", "redis://h:6379/zero", "redis://h/0?db=1",
+                   "redis://h/0?prefix=", "redis://h/0?prefix=a b", "redis://h/0#x"],
 }
 
 
@@ -150,6 +156,24 @@ def test_serve_help_lists_every_flag() -> None:
     assert result.returncode == 0, result.stderr
     for setting in SETTINGS:
         assert re.search(rf"(?<![\w-]){flag(setting)}(?![\w-])", result.stdout), flag(setting)
+
+
+@pytest.mark.parametrize("raw", ["memory", "redis://127.0.0.1", "redis://h:6379",
+                                 "redis://h:6379/15?prefix=t-1", "redis://u:p@[::1]:6379/0"])
+def test_a_broker_is_memory_or_a_redis_url(raw: str) -> None:
+    assert Config.load({}, {"HITL_BROKER": raw}).broker == raw
+
+
+@pytest.mark.parametrize(("db", "broker", "shared"), [
+    ("postgresql://h/hitl", "redis://h:6379/0", True),
+    ("postgres://h/hitl", "rediss://h:6379/0", True),
+    ("postgresql://h/hitl", "memory", False),  # news would reach one process's watchers
+    ("/var/lib/hitl/hitl.db", "redis://h:6379/0", False),  # one process's file
+    (":memory:", "memory", False),
+])
+def test_shared_means_postgresql_and_a_broker_between_processes(db: str, broker: str,
+                                                                  shared: bool) -> None:
+    assert is_shared(Config(db=db, broker=broker)) is shared
 
 
 @pytest.mark.parametrize("raw", ["0", "0.5", "3601"])
