@@ -84,6 +84,7 @@ class Runner:
         self._stranded: set[str] = set()  # unfinished tasks whose flow stopped on a failure
         self._finished: OrderedDict[str, TaskState] = OrderedDict()
         self._leases: asyncio.Task[None] | None = None  # a shared store: renew, take over
+        self._reloads: set[asyncio.Task[None]] = set()
         journal.on_refused = self._strand
 
     def init_app(self, app: Quart) -> None:
@@ -182,7 +183,28 @@ class Runner:
             return
         log.info("task %s changed by another process; resuming from the store", task_id,
                  extra=logs.task(task_id))
+        tracker.outdated = True
         tracker.flow.cancel()
+
+    async def _reload(self, task_id: str) -> None:
+        """Resume a task whose flow stopped for a change made elsewhere, from a fresh read."""
+        try:
+            task = await self.store.get_task(task_id)
+            ours = task is not None and await self.store.owns(task_id)
+        except Exception as exc:
+            log.warning("could not reload task %s: %s", task_id, exc, extra=logs.task(task_id))
+            self._stranded.add(task_id)  # the recovery tries again once the store answers
+            self._recover_soon()
+            return
+        if task_id in self.trackers or not self.accepting:
+            return
+        if task is None or task.status.terminal or not ours:
+            self.journal.forgive(task_id)  # ended, or another process runs it now
+            if task is not None and task.status.terminal:
+                self.broker.release(task_id)
+                self._finished[task_id] = task_state(task)
+            return
+        self._resume(task)
 
     async def _tidy_every_hour(self) -> None:
         """Forget expired Idempotency-Keys and, with retention on, delete finished tasks
@@ -544,6 +566,11 @@ class Runner:
                 self._finished.popitem(last=False)
         elif tracker.lost:  # another process runs it now
             self.journal.forgive(task.task_id)
+        elif tracker.outdated and self.accepting:  # changed elsewhere: reload it at once
+            reload = asyncio.create_task(self._reload(task.task_id),
+                                         name=f"hitl-reload-{task.task_id}")
+            self._reloads.add(reload)
+            reload.add_done_callback(self._reloads.discard)
         elif self.accepting:  # not shutting down: bring it back from the store
             self._stranded.add(task.task_id)
             self._recover_soon()
