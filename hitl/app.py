@@ -31,6 +31,7 @@ from .journal import Journal
 from .pages import error_page, pages, wants_html
 from .processors import Processor
 from .queue import ReviewQueue
+from .redis_news import make_backend
 from .routes import api
 from .runner import Runner
 from .sse_asgi import answer_refused
@@ -60,9 +61,9 @@ def create_app(config: Config | None = None, *, processor: Processor | None = No
     openapi.init_app(app, config)
 
     store = open_store(config.db, lease=config.flow_lease)
-    broker = Broker(queue_size=config.queue_size, queue_bytes=config.queue_bytes,
-                    history_size=config.history_size, history_bytes=config.history_bytes,
-                    heartbeat=config.heartbeat)
+    broker = Broker(make_backend(config.broker, store), queue_size=config.queue_size,
+                    queue_bytes=config.queue_bytes, history_size=config.history_size,
+                    history_bytes=config.history_bytes, heartbeat=config.heartbeat)
     journal = Journal(store, broker)
     work = WorkQueue(config, store)
     runner = Runner(config, store, journal, broker, processor, work)
