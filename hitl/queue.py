@@ -5,9 +5,10 @@ on: a claim is one ``INSERT ... SELECT`` that picks the oldest waiting task the 
 decide and has not voted on, and only while fewer others hold it than it still needs
 votes (its quorum less its approvals on that attempt). It runs in a write transaction
 (``BEGIN IMMEDIATE`` on SQLite; on PostgreSQL, under a lock the claims of every process
-take in turn), so two processes sharing the database cannot both take a task's last place. A reservation ends when it expires, when its reviewer decides (in the
-decision's own commit: :meth:`hitl.store.Store.write`), on release, or when its reviewer
-takes the next one (one at a time). It never stops anyone from deciding directly.
+take in turn), so two processes sharing the database cannot both take a task's last
+place. A reservation ends when it expires, when its reviewer decides (in the decision's
+own commit: :meth:`hitl.store.Store.write`), on release, or when its reviewer takes the
+next one (one at a time). It never stops anyone from deciding directly.
 
 Pages show reservations live: after each change, watchers of the task and of the
 dashboard get a signal (:meth:`hitl.broker.Broker.signal`) and read the store again.
