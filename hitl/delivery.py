@@ -43,7 +43,7 @@ from . import logs, metrics
 from .config import Config
 from .journal import Journal
 from .lifecycle import attach
-from .models import iso
+from .models import TaskEvent, iso
 from .store import Store
 from .webhooks import AttemptRecord, Endpoint, Pending, Webhooks, secret_key, sign
 
@@ -83,6 +83,8 @@ class Dispatcher:
 
     async def start(self) -> None:
         self.journal.listeners.append(self.wake)
+        if self.shared:  # and after each commit of another process, as its news comes
+            self.journal.broker.listeners.append(self._changed)
         await self.sync()
         self._supervisor = asyncio.create_task(self._look_every_poll(), name="hitl-webhooks")
         if self.shared:
@@ -93,6 +95,8 @@ class Dispatcher:
         """Stop every worker; an attempt cut short is made again after a restart."""
         with contextlib.suppress(ValueError):
             self.journal.listeners.remove(self.wake)
+        with contextlib.suppress(ValueError):
+            self.journal.broker.listeners.remove(self._changed)
         jobs = [job for job in (self._supervisor, self._renewer, *self._workers.values())
                 if job is not None]
         for job in jobs:
@@ -114,6 +118,9 @@ class Dispatcher:
         """New messages are stored: each worker looks (cheap: it sets an Event)."""
         for waker in self._wakers.values():
             waker.set()
+
+    def _changed(self, event: TaskEvent) -> None:
+        self.wake()
 
     async def sync(self) -> None:
         """Start a worker for each stored endpoint that has none; stop those removed."""

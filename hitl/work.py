@@ -60,6 +60,8 @@ log = logging.getLogger(__name__)
 
 QUEUED = "work.queued"  # a notice: a job was queued or given back (text: by which process)
 ENDED = "work.ended"  # a notice: a job's try ended (text: JSON [task_id, attempt])
+PROGRESS = "work.progress"  # a notice: a worker's progress (JSON [task_id, attempt,
+# fraction, partial output]), for the flow on another process to pass on
 RECHECK = 1.0  # seconds between looks in a shared store, in case a notice was lost
 # The jobs of the given tasks whose try ended while their task still runs that attempt (a
 # job failed because its task ended is the runner's to stop, not a try to retry).
@@ -101,6 +103,7 @@ class WorkQueue:
         if broker is not None:
             broker.on_notice(QUEUED, self._on_queued)
             broker.on_notice(ENDED, self._on_ended)
+            broker.on_notice(PROGRESS, self._on_progress)
         self.waiting = 0  # claims waiting for a job now (a gauge; tests check it drains)
         self.looks = 0  # claim statements run, ever (tests count them)
         self.closing = False
@@ -170,6 +173,15 @@ class WorkQueue:
             read = asyncio.get_running_loop().create_task(self._read_ended([(task_id, attempt)]))
             self._reads.add(read)
             read.add_done_callback(self._reads.discard)
+
+    def _on_progress(self, text: str) -> None:
+        try:
+            task_id, attempt, fraction, partial_output = json.loads(text)
+        except (ValueError, TypeError):
+            return
+        waiter = self._waiters.get((task_id, attempt))
+        if waiter is not None and not waiter.result.done():
+            waiter.progress(float(fraction), str(partial_output))
 
     async def _read_ended(self, keys: list[tuple[str, int]]) -> None:
         """Hand the flows waiting here for ``keys`` the tries that ended, as stored."""
@@ -353,6 +365,9 @@ class WorkQueue:
         waiter = self._waiters.get((task_id, attempt))
         if waiter is not None:
             waiter.progress(fraction, partial_output)
+        elif self.shared and self.broker is not None:  # its flow may wait on another process
+            self.broker.notify(PROGRESS, json.dumps([task_id, attempt, fraction,
+                                                     partial_output]))
         return until
 
     async def complete(self, task_id: str, attempt: int, lease_id: str, output: str, *,

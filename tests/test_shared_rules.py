@@ -24,6 +24,7 @@ from hitl.models import Message, TaskEvent
 from hitl.processors import Job
 from hitl.queue import ReviewQueue
 from hitl.store import Store, open_store
+from hitl.webhooks import Webhooks
 from hitl.work import WorkerError, WorkQueue
 
 from . import receiver as hooks
@@ -61,8 +62,12 @@ async def add_tasks(store: Store, count: int, status: str) -> list[str]:
     return ids
 
 
-def job_of(task_id: str) -> Job:
-    return Job("x", 1, (), lambda fraction, partial: None, task_id=task_id)
+def job_of(task_id: str, reports: list[tuple[float, str]] | None = None) -> Job:
+    def report(fraction: float, partial: str) -> None:
+        if reports is not None:
+            reports.append((fraction, partial))
+
+    return Job("x", 1, (), report, task_id=task_id)
 
 
 class Linked:
@@ -131,8 +136,9 @@ async def test_an_expired_lease_is_taken_over_by_one_of_two_processes(
 async def test_a_job_queued_on_one_process_and_done_on_another_reaches_its_flow(
         two: list[Store], news: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The flow on process A queues the job; a claim waiting on process B takes it; B's
-    worker completes it; A's flow gets the output. With notices carried between the two,
-    and with every notice lost (the second-by-second look finds it)."""
+    worker completes it; A's flow gets the output. With notices carried between the two
+    (B's worker's progress reaches A's flow too), and with every notice lost (the
+    second-by-second look finds the job, and its output)."""
     import hitl.work
 
     await add_tasks(two[0], 1, "completed")
@@ -153,9 +159,13 @@ async def test_a_job_queued_on_one_process_and_done_on_another_reaches_its_flow(
     try:
         claim = asyncio.create_task(queues[1].claim("w", wait=15, by=OPERATOR))
         await until(lambda: queues[1].asleep == 1, "the claim on B asleep")
-        flow = asyncio.create_task(queues[0].process(job_of("t0")))
+        reports: list[tuple[float, str]] = []
+        flow = asyncio.create_task(queues[0].process(job_of("t0", reports)))
         claimed = await within(claim, 5, "B's claim to take the job queued on A")
         assert claimed is not None and claimed.task_id == "t0"
+        if news == "notices":
+            await queues[1].progress("t0", 1, claimed.lease_id, 0.5, "half", by=OPERATOR)
+            await until(lambda: reports == [(0.5, "half")], "B's progress passed on by A")
         started = time.monotonic()
         await queues[1].complete("t0", 1, claimed.lease_id, "done on B", by=OPERATOR)
         assert await within(flow, 5, "A's flow to get the output") == "done on B"
@@ -260,8 +270,6 @@ def delivered(receiver: hooks.Receiver) -> list[Any]:
 async def test_two_dispatchers_on_one_endpoint_deliver_each_event_once(
         two: list[Store], postgres_url: str) -> None:
     async with hooks.Receiver() as receiver:
-        from hitl.webhooks import Webhooks
-
         await Webhooks(two[0]).add(receiver.url)
         workers = dispatchers(two, postgres_url)
         for worker in workers:
@@ -280,18 +288,24 @@ async def test_two_dispatchers_on_one_endpoint_deliver_each_event_once(
                 await worker.close()
 
 
+async def stored_cursor(store: Store, endpoint_id: str, gid: int) -> None:
+    while (endpoint := await Webhooks(store).get(endpoint_id)) is None or (
+            endpoint.cursor < gid):
+        await asyncio.sleep(0.02)
+
+
 async def test_a_dead_holder_s_endpoint_is_taken_over_after_its_lease(
         two: list[Store], postgres_url: str) -> None:
     """The holder dies (stops without letting go): the other process takes the endpoint
     once its lease lapses and delivers what came after, each event once."""
     async with hooks.Receiver() as receiver:
-        from hitl.webhooks import Webhooks
-
-        await Webhooks(two[0]).add(receiver.url)
+        endpoint = await Webhooks(two[0]).add(receiver.url)
         first, second = dispatchers(two, postgres_url)
         await first.start()
-        await store_events(two[0], 5)
+        gids = await store_events(two[0], 5)
         await until(lambda: len(receiver.taken) >= 5, "five deliveries by the first")
+        await within(stored_cursor(two[0], endpoint.id, gids[-1]), 5,
+                     "the first to store its cursor")  # else a crash sends them again
         await second.start()
         first._held = set()  # dies: it will not let the endpoint go as it stops
         await first.close()
@@ -312,13 +326,12 @@ async def test_a_dead_holder_s_endpoint_is_taken_over_after_its_lease(
 async def test_a_holder_that_stops_lets_its_endpoint_go_at_once(
         two: list[Store], postgres_url: str) -> None:
     async with hooks.Receiver() as receiver:
-        from hitl.webhooks import Webhooks
-
-        await Webhooks(two[0]).add(receiver.url)
+        endpoint = await Webhooks(two[0]).add(receiver.url)
         first, second = dispatchers(two, postgres_url)
         await first.start()
-        await store_events(two[0], 1)
+        gids = await store_events(two[0], 1)
         await until(lambda: len(receiver.taken) >= 1, "a delivery by the first")
+        await within(stored_cursor(two[0], endpoint.id, gids[-1]), 5, "its cursor stored")
         await second.start()
         await first.close()  # lets go
         stopped = time.monotonic()
@@ -326,5 +339,6 @@ async def test_a_holder_that_stops_lets_its_endpoint_go_at_once(
         try:
             await until(lambda: len(receiver.taken) >= 2, "the second to deliver")
             assert time.monotonic() - stopped < 0.9  # before a lease (1 s) could lapse
+            assert delivered(receiver) == ["e0", "e1"]
         finally:
             await second.close()
