@@ -65,7 +65,7 @@ def create_app(config: Config | None = None, *, processor: Processor | None = No
                     queue_bytes=config.queue_bytes, history_size=config.history_size,
                     history_bytes=config.history_bytes, heartbeat=config.heartbeat)
     journal = Journal(store, broker)
-    work = WorkQueue(config, store)
+    work = WorkQueue(config, store, broker)
     runner = Runner(config, store, journal, broker, processor, work)
     broker.loader = store.load_history
     authenticator = Authenticator(config, store)

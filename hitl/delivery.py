@@ -12,6 +12,15 @@ least once (a crash between a receiver's 2xx and the cursor's UPDATE sends it ag
 with the same ``webhook-id``). The journal wakes the workers after each commit; they
 also look every ``--webhook-poll`` seconds, which is how endpoints added with the CLI,
 or events stored by another process, are found.
+
+On a shared store (several processes) every event is still delivered once, not once per
+process: each endpoint is delivered to by one process at a time, its holder, under a
+lease kept in its row (``holder``, ``holder_until``) that the holder renews every third
+of ``--flow-lease``. The others' workers for it wait, trying every ``--webhook-poll``
+seconds to take it, which succeeds once the lease lapses (its holder died) or is let go
+(its holder stopped). Every move of the cursor is conditional on still holding it, and a
+holder that lost its lease stops before its next try, so the one that took over goes on
+from the stored cursor: an event is sent at least once, as after a crash.
 """
 
 from __future__ import annotations
@@ -20,8 +29,11 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import random
+import socket
 import time
+import uuid
 from dataclasses import replace
 
 import httpx
@@ -31,7 +43,7 @@ from . import logs, metrics
 from .config import Config
 from .journal import Journal
 from .lifecycle import attach
-from .models import iso
+from .models import TaskEvent, iso
 from .store import Store
 from .webhooks import AttemptRecord, Endpoint, Pending, Webhooks, secret_key, sign
 
@@ -51,9 +63,16 @@ class Dispatcher:
         self.webhooks = Webhooks(store)
         self.journal = journal
         self.base_url = (config.public_url or _own_url(config)).rstrip("/")
+        self.shared = store.shared
+        # This process, as an endpoint's holder (None: one process, which holds them all).
+        self.me = (f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+                   if self.shared else None)
+        self.lease = config.flow_lease
+        self._held: set[str] = set()  # endpoints this process holds (a shared store)
         self._workers: dict[str, asyncio.Task[None]] = {}
         self._wakers: dict[str, asyncio.Event] = {}
         self._supervisor: asyncio.Task[None] | None = None
+        self._renewer: asyncio.Task[None] | None = None
 
     @property
     def poll(self) -> float:
@@ -64,27 +83,44 @@ class Dispatcher:
 
     async def start(self) -> None:
         self.journal.listeners.append(self.wake)
+        if self.shared:  # and after each commit of another process, as its news comes
+            self.journal.broker.listeners.append(self._changed)
         await self.sync()
         self._supervisor = asyncio.create_task(self._look_every_poll(), name="hitl-webhooks")
+        if self.shared:
+            self._renewer = asyncio.create_task(self._renew_every_third(),
+                                                name="hitl-webhook-leases")
 
     async def close(self) -> None:
         """Stop every worker; an attempt cut short is made again after a restart."""
         with contextlib.suppress(ValueError):
             self.journal.listeners.remove(self.wake)
-        jobs = [job for job in (self._supervisor, *self._workers.values()) if job is not None]
+        with contextlib.suppress(ValueError):
+            self.journal.broker.listeners.remove(self._changed)
+        jobs = [job for job in (self._supervisor, self._renewer, *self._workers.values())
+                if job is not None]
         for job in jobs:
             job.cancel()
         for job in jobs:
             with contextlib.suppress(asyncio.CancelledError):
                 await job
-        self._supervisor = None
+        self._supervisor = self._renewer = None
         self._workers.clear()
         self._wakers.clear()
+        if self.me is not None and self._held:  # another process may go on at once
+            self._held.clear()
+            try:
+                await self.webhooks.let_go(self.me)
+            except Exception:  # the store failing: the leases lapse instead
+                log.exception("cannot let the webhook endpoints go")
 
     def wake(self) -> None:
         """New messages are stored: each worker looks (cheap: it sets an Event)."""
         for waker in self._wakers.values():
             waker.set()
+
+    def _changed(self, event: TaskEvent) -> None:
+        self.wake()
 
     async def sync(self) -> None:
         """Start a worker for each stored endpoint that has none; stop those removed."""
@@ -105,6 +141,30 @@ class Dispatcher:
             except Exception:  # the store is failing: look again later
                 log.exception("cannot read the webhook endpoints")
 
+    async def _renew_every_third(self) -> None:
+        """Keep this process's endpoints while it lives (a shared store)."""
+        assert self.me is not None
+        while True:
+            await asyncio.sleep(self.lease / 3)
+            try:
+                self._held = await self.webhooks.renew(self.me, self.lease)
+            except Exception:  # the store failing: the cursor's conditions still hold
+                log.exception("cannot renew the webhook leases")
+
+    def holds(self, endpoint_id: str) -> bool:
+        """Whether this process delivers to the endpoint now (always, with one process)."""
+        return self.me is None or endpoint_id in self._held
+
+    async def _hold(self, endpoint_id: str) -> bool:
+        """Hold the endpoint, taking it if it is free or its holder's lease lapsed."""
+        if self.holds(endpoint_id):
+            return True
+        assert self.me is not None
+        if await self.webhooks.hold(endpoint_id, self.me, self.lease):
+            self._held.add(endpoint_id)
+            return True
+        return False
+
     async def _work(self, endpoint_id: str, waker: asyncio.Event) -> None:
         async with httpx.AsyncClient(follow_redirects=False,
                                      headers={"user-agent": "hitl-webhooks"}) as http:
@@ -117,6 +177,7 @@ class Dispatcher:
                     await asyncio.sleep(self.poll)
         self._workers.pop(endpoint_id, None)
         self._wakers.pop(endpoint_id, None)
+        self._held.discard(endpoint_id)
 
     async def _deliver_all(self, endpoint_id: str, waker: asyncio.Event,
                            http: httpx.AsyncClient) -> None:
@@ -126,6 +187,9 @@ class Dispatcher:
             endpoint = await self.webhooks.get(endpoint_id)
             if endpoint is None:
                 return
+            if not await self._hold(endpoint_id):  # another process delivers to it
+                await asyncio.sleep(self.poll)
+                continue
             horizon = await self.webhooks.horizon()
             if horizon <= endpoint.cursor:
                 with contextlib.suppress(TimeoutError):
@@ -133,7 +197,7 @@ class Dispatcher:
                         await waker.wait()
                 continue
             batch = await self.webhooks.pending(endpoint.cursor, horizon, BATCH)
-            progress = Progress(self.webhooks, endpoint)
+            progress = Progress(self.webhooks, endpoint, self.me)
             for item in batch:
                 if item.type is None or not endpoint.wants(item.type):
                     continue  # passed over: the cursor moves past it with the next one
@@ -158,6 +222,8 @@ class Dispatcher:
         key = secret_key(endpoint.secret)
         give_up = since + self.config.webhook_retry_for
         while True:
+            if not self.holds(endpoint.id):  # taken over: the new holder sends it
+                return False
             tries += 1
             status, error = await self._post(http, endpoint.url, key, message_id, body)
             now = time.time()
@@ -181,7 +247,7 @@ class Dispatcher:
             record = AttemptRecord(message_id, item.gid, item.type, tries, now, status, error,
                                    "failed", next_at)
             if not await progress.store() or not await self.webhooks.retrying(
-                    progress.endpoint, record, since):
+                    progress.endpoint, record, since, holder=self.me):
                 return False
             await asyncio.sleep(max(0.0, next_at - time.time()))
 
@@ -232,9 +298,11 @@ class Progress:
     """Where one endpoint's worker has got to, stored every few deliveries (one commit
     for many under load): a crash sends again at most those since the last store."""
 
-    def __init__(self, webhooks: Webhooks, endpoint: Endpoint) -> None:
+    def __init__(self, webhooks: Webhooks, endpoint: Endpoint,
+                 holder: str | None = None) -> None:
         self.webhooks = webhooks
         self.endpoint = endpoint  # as stored
+        self.holder = holder  # the process delivering (a shared store), whose lease it needs
         self.cursor = endpoint.cursor  # delivered up to here
         self.records: list[AttemptRecord] = []
         self.since = time.monotonic()
@@ -252,7 +320,8 @@ class Progress:
         given); False if it had moved meanwhile, elsewhere."""
         cursor = max(self.cursor, to or 0)
         if cursor > self.endpoint.cursor:
-            if not await self.webhooks.advance(self.endpoint, cursor, self.records):
+            if not await self.webhooks.advance(self.endpoint, cursor, self.records,
+                                               holder=self.holder):
                 return False
             self.endpoint = replace(self.endpoint, cursor=cursor, retry_gid=None,
                                     retry_since=None, retry_tries=0, next_retry=None)

@@ -29,7 +29,7 @@ ENQUEUE = """
         worker_user = NULL, lease_id = NULL, lease_seconds = NULL, lease_expires = NULL,
         claimed_at = NULL, error = NULL
      WHERE jobs.state = 'failed' AND jobs.tries < :retries
-    RETURNING state, output, error
+    RETURNING state, tries, output, error
 """
 JOB_STATE = """SELECT state, tries, output, error FROM jobs
                 WHERE task_id = :task_id AND attempt = :attempt"""
@@ -45,20 +45,26 @@ _TAKEABLE = f"""{_OPEN}
 _TASK = "FROM tasks WHERE tasks.task_id = jobs.task_id"
 # The claim, and what its worker gets of the task, in one statement. ``taken_over`` is set
 # from the job's old state: 1 when it was still claimed (under a lease that had expired),
-# and then the claim is the job's next try.
-CLAIM = f"""
+# and then the claim is the job's next try. Which job is ``{pick}``: SQLite's one writer
+# at a time picks by rowid; PostgreSQL's concurrent claims each lock the job they pick and
+# pass over those locked by another (SKIP LOCKED), so two never take one job, and neither
+# comes back empty while another job is free.
+_CLAIM = f"""
     UPDATE jobs SET state = 'claimed', worker = :worker, worker_user = :user,
                     lease_id = :lease_id, lease_seconds = :lease,
-                    lease_expires = :now + :lease, claimed_at = :now,
-                    taken_over = (jobs.state = 'claimed'),
-                    tries = jobs.tries + (jobs.state = 'claimed')
-     WHERE rowid = (SELECT rowid FROM jobs WHERE {_TAKEABLE}
-                     ORDER BY queued_at, task_id, attempt LIMIT 1)
+                    lease_expires = CAST(:now AS DOUBLE PRECISION) + :lease, claimed_at = :now,
+                    taken_over = CASE WHEN jobs.state = 'claimed' THEN 1 ELSE 0 END,
+                    tries = jobs.tries + CASE WHEN jobs.state = 'claimed' THEN 1 ELSE 0 END
+     WHERE {{pick}}
        AND {_TAKEABLE}
     RETURNING task_id, attempt, lease_expires, taken_over,
               (SELECT task_input {_TASK}) AS task_input, (SELECT title {_TASK}) AS title,
               (SELECT metadata {_TASK}) AS metadata
 """
+_OLDEST = "ORDER BY queued_at, task_id, attempt LIMIT 1"
+CLAIM = _CLAIM.format(pick=f"rowid = (SELECT rowid FROM jobs WHERE {_TAKEABLE} {_OLDEST})")
+CLAIM_PG = _CLAIM.format(pick=f"""(task_id, attempt) IN (
+        SELECT task_id, attempt FROM jobs WHERE {_TAKEABLE} {_OLDEST} FOR UPDATE SKIP LOCKED)""")
 # A job whose every try ended with its worker gone (the lease expired, taken over up to
 # --retries tries): it fails, as a try that raised would, and is not handed out again.
 GIVE_UP = f"""
@@ -82,7 +88,7 @@ HELD = """task_id = :task_id AND attempt = :attempt AND state = 'claimed'
           AND EXISTS (SELECT 1 FROM tasks WHERE tasks.task_id = jobs.task_id
                          AND tasks.attempt = jobs.attempt AND tasks.status = 'running')"""
 EXTEND = f"""
-    UPDATE jobs SET lease_expires = :now + coalesce(:lease, lease_seconds)
+    UPDATE jobs SET lease_expires = CAST(:now AS DOUBLE PRECISION) + coalesce(:lease, lease_seconds)
      WHERE {HELD} RETURNING lease_expires
 """
 COMPLETE = f"UPDATE jobs SET state = 'done', output = :output WHERE {HELD} RETURNING tries"

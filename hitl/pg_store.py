@@ -270,6 +270,11 @@ PG_MIGRATIONS: tuple[str, ...] = (
       FOR EACH ROW WHEN (NEW.status IN ('completed', 'failed', 'cancelled'))
       EXECUTE FUNCTION hitl_end_jobs_with_their_task();
     """,
+    # Webhook leases (hitl.delivery): each endpoint's deliveries are made by one process at
+    # a time, its holder until holder_until (the database's clock), renewed while it lives.
+    """
+    ALTER TABLE webhooks ADD COLUMN holder TEXT, ADD COLUMN holder_until DOUBLE PRECISION;
+    """,
 )
 
 # A task's row, written only over an older one: a process writing from an outdated copy

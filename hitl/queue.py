@@ -4,10 +4,11 @@ A reservation is a row (task, attempt, reviewer, until when) that the store alon
 on: a claim is one ``INSERT ... SELECT`` that picks the oldest waiting task the caller may
 decide and has not voted on, and only while fewer others hold it than it still needs
 votes (its quorum less its approvals on that attempt). It runs in a write transaction
-(``BEGIN IMMEDIATE``), so two processes sharing the database cannot both take a task's
-last place. A reservation ends when it expires, when its reviewer decides (in the
-decision's own commit: :meth:`hitl.store.Store.write`), on release, or when its reviewer
-takes the next one (one at a time). It never stops anyone from deciding directly.
+(``BEGIN IMMEDIATE`` on SQLite; on PostgreSQL, under a lock the claims of every process
+take in turn), so two processes sharing the database cannot both take a task's last
+place. A reservation ends when it expires, when its reviewer decides (in the decision's
+own commit: :meth:`hitl.store.Store.write`), on release, or when its reviewer takes the
+next one (one at a time). It never stops anyone from deciding directly.
 
 Pages show reservations live: after each change, watchers of the task and of the
 dashboard get a signal (:meth:`hitl.broker.Broker.signal`) and read the store again.
@@ -85,6 +86,10 @@ _KEEP = f"""
 """
 _LET_GO = """DELETE FROM reservations WHERE reviewer = :me AND task_id IS NOT :kept
              RETURNING task_id"""
+# PostgreSQL: the claims of every process take turns (a lock held to the commit), so each
+# counts the places the others took, committed, as under SQLite's one writer: two
+# reviewers never both take a task's last place.
+_ONE_CLAIM_AT_A_TIME = "SELECT pg_advisory_xact_lock(1751741548, 1)"  # ("hitl", 1)
 _EXPIRED = "DELETE FROM reservations WHERE expires_at <= :now"
 _RELEASE = """DELETE FROM reservations WHERE task_id = :task_id AND reviewer = :me
               RETURNING task_id"""
@@ -123,6 +128,8 @@ class ReviewQueue:
             "until": now + self.config.reservation, "after": after,
             "any_named": scope.names is None, "names": json.dumps(scope.names or [])}
         async with self.store.transaction() as conn:
+            if self.store.dialect == "postgresql":  # one claim at a time, as SQLite's writer
+                await conn.execute(_ONE_CLAIM_AT_A_TIME)
             await conn.execute(_EXPIRED, params)
             kept = None
             if after is None:

@@ -33,7 +33,7 @@ from . import policy
 from .accounts import Identity
 from .errors import Invalid, NotFound
 from .models import iso
-from .store import Store
+from .store import NOW, Store
 
 EVENTS = ("task.waiting_for_review", "task.vote", "task.completed", "task.failed",
           "task.cancelled", "task.timed_out")
@@ -47,14 +47,50 @@ RECENT_ATTEMPTS = 50  # attempts kept per endpoint, for `hitl webhooks list` and
 _EVENT_STATUSES = "('waiting_for_review', 'completed', 'failed', 'cancelled', " \
                   "'processing_feedback')"
 _EVENT_TYPE = """
-    CASE WHEN json_extract(messages.data, '$.timed_out') THEN 'task.timed_out'
+    CASE WHEN {timed_out} THEN 'task.timed_out'
          WHEN messages.status = 'waiting_for_review' THEN
-              CASE WHEN coalesce(json_array_length(messages.data, '$.votes'), 0) > 0
-                   THEN 'task.vote' ELSE 'task.waiting_for_review' END
+              CASE WHEN {votes} > 0 THEN 'task.vote' ELSE 'task.waiting_for_review' END
          WHEN messages.status IN ('completed', 'failed', 'cancelled')
               THEN 'task.' || messages.status
     END
 """
+_PENDING = """
+    SELECT messages.gid, messages.task_id, messages.status, {type} AS type,
+           coalesce({attempt}, tasks.attempt) AS attempt,
+           tasks.title AS title, tasks.metadata AS metadata
+      FROM messages JOIN tasks USING (task_id)
+     WHERE messages.gid > :after AND messages.gid <= :upto
+       AND messages.status IN """ + _EVENT_STATUSES + """
+     ORDER BY messages.gid LIMIT :limit
+"""
+# The JSON of a message's data, per engine: SQLite's json_extract, PostgreSQL's operators
+# (a text column cast to json; a votes value that is not an array counts as none).
+_PENDING_BY_DIALECT = {
+    "sqlite": _PENDING.format(type=_EVENT_TYPE.format(
+        timed_out="json_extract(messages.data, '$.timed_out')",
+        votes="coalesce(json_array_length(messages.data, '$.votes'), 0)"),
+        attempt="json_extract(messages.data, '$.attempt')"),
+    "postgresql": _PENDING.format(type=_EVENT_TYPE.format(
+        timed_out="coalesce((messages.data::json ->> 'timed_out') = 'true', false)",
+        votes="""CASE WHEN json_typeof(messages.data::json -> 'votes') = 'array'
+                      THEN json_array_length(messages.data::json -> 'votes') ELSE 0 END"""),
+        attempt="(messages.data::json ->> 'attempt')::integer"),
+}
+# The last message numbered, read in the endpoint's own commit: it is told of later ones.
+_LATEST_GID = {
+    "sqlite": "coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'messages'), 0)",
+    "postgresql": "(SELECT value FROM counters WHERE name = 'gid')",
+}
+# An endpoint's lease (a shared store): taken when free, lapsed, or this process's own, and
+# renewed, in one conditional statement each; the database's clock decides.
+_HOLD = f"""
+    UPDATE webhooks SET holder = :me, holder_until = {NOW} + :lease
+     WHERE id = :id AND (holder IS NULL OR holder = :me OR holder_until < {NOW})
+    RETURNING id
+"""
+_RENEW = f"""UPDATE webhooks SET holder_until = {NOW} + :lease WHERE holder = :me
+             RETURNING id"""
+_LET_GO = "UPDATE webhooks SET holder = NULL, holder_until = NULL WHERE holder = :me"
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,11 +223,9 @@ class Webhooks:
                             checked_events(events), secret, 0, time.time())
         async with self.store.transaction() as conn:
             await conn.execute(
-                """INSERT INTO webhooks (id, url, events, secret, cursor, created_at)
-                   VALUES (:id, :url, :events, :secret,
-                           coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'messages'),
-                                    0),
-                           :created_at)""",
+                f"""INSERT INTO webhooks (id, url, events, secret, cursor, created_at)
+                    VALUES (:id, :url, :events, :secret,
+                            {_LATEST_GID[self.store.dialect]}, :created_at)""",
                 {"id": endpoint.id, "url": endpoint.url, "events": json.dumps(endpoint.events),
                  "secret": endpoint.secret, "created_at": endpoint.created_at})
         added = await self.get(endpoint.id)
@@ -244,50 +278,70 @@ class Webhooks:
     async def pending(self, after: int, upto: int, limit: int) -> list[Pending]:
         """The messages after ``after`` up to ``upto`` that may be events, oldest first."""
         rows = await self.store.reader.execute_fetchall(
-            f"""SELECT messages.gid, messages.task_id, messages.status,
-                       {_EVENT_TYPE} AS type,
-                       coalesce(json_extract(messages.data, '$.attempt'), tasks.attempt)
-                           AS attempt,
-                       tasks.title AS title, tasks.metadata AS metadata
-                  FROM messages JOIN tasks USING (task_id)
-                 WHERE messages.gid > :after AND messages.gid <= :upto
-                   AND messages.status IN {_EVENT_STATUSES}
-                 ORDER BY messages.gid LIMIT :limit""",
+            _PENDING_BY_DIALECT[self.store.dialect],
             {"after": after, "upto": upto, "limit": limit})
         return [Pending(row["gid"], row["task_id"], row["status"], row["type"],
                         int(row["attempt"]), row["title"], _json(row["metadata"]))
                 for row in rows]
 
+    def _held(self, holder: str | None) -> str:
+        """The condition that ``holder`` (a process, on a shared store) holds the endpoint."""
+        return "" if holder is None else "AND holder = :holder"
+
     async def advance(self, endpoint: Endpoint, to: int,
-                      attempts: Sequence[AttemptRecord] = ()) -> bool:
+                      attempts: Sequence[AttemptRecord] = (), *,
+                      holder: str | None = None) -> bool:
         """Move the cursor from where ``endpoint`` saw it to ``to`` (ending any retry), and
         log the attempts that did it, in one transaction. False when the cursor had moved
-        meanwhile (another process) or the endpoint is gone: nothing is changed then."""
+        meanwhile (another process), the endpoint is gone, or (given ``holder``) it is no
+        longer that process's: nothing is changed then."""
         async with self.store.transaction() as conn:
             cursor = await conn.execute(
-                """UPDATE webhooks SET cursor = :to, retry_gid = NULL, retry_since = NULL,
-                                       retry_tries = 0, next_retry = NULL
-                    WHERE id = :id AND cursor = :from""",
-                {"id": endpoint.id, "from": endpoint.cursor, "to": to})
+                f"""UPDATE webhooks SET cursor = :to, retry_gid = NULL, retry_since = NULL,
+                                        retry_tries = 0, next_retry = NULL
+                     WHERE id = :id AND cursor = :from {self._held(holder)}""",
+                {"id": endpoint.id, "from": endpoint.cursor, "to": to, "holder": holder})
             if cursor.rowcount == 0:
                 return False
             if attempts:
                 await self._log(conn, endpoint.id, attempts)
             return True
 
-    async def retrying(self, endpoint: Endpoint, attempt: AttemptRecord, since: float) -> bool:
+    async def retrying(self, endpoint: Endpoint, attempt: AttemptRecord, since: float, *,
+                       holder: str | None = None) -> bool:
         """Record a failed attempt and when the next one is due; False as :meth:`advance`."""
         async with self.store.transaction() as conn:
             cursor = await conn.execute(
-                """UPDATE webhooks SET retry_gid = :gid, retry_since = :since,
-                                       retry_tries = :tries, next_retry = :next
-                    WHERE id = :id AND cursor = :from""",
+                f"""UPDATE webhooks SET retry_gid = :gid, retry_since = :since,
+                                        retry_tries = :tries, next_retry = :next
+                     WHERE id = :id AND cursor = :from {self._held(holder)}""",
                 {"id": endpoint.id, "from": endpoint.cursor, "gid": attempt.gid,
-                 "since": since, "tries": attempt.try_number, "next": attempt.next_retry})
+                 "since": since, "tries": attempt.try_number, "next": attempt.next_retry,
+                 "holder": holder})
             if cursor.rowcount == 0:
                 return False
             await self._log(conn, endpoint.id, [attempt])
             return True
+
+    # Leases (a shared store only: SQLite's one process always holds every endpoint).
+
+    async def hold(self, endpoint_id: str, holder: str, lease: float) -> bool:
+        """Take the endpoint for ``holder`` for ``lease`` seconds, or renew it: whether it is
+        ``holder``'s now (not while another's lease runs)."""
+        async with self.store.transaction() as conn:
+            return bool(await conn.execute_fetchall(
+                _HOLD, {"id": endpoint_id, "me": holder, "lease": lease}))
+
+    async def renew(self, holder: str, lease: float) -> set[str]:
+        """Renew every endpoint ``holder`` holds; their ids (one taken over is not there)."""
+        async with self.store.transaction() as conn:
+            rows = await conn.execute_fetchall(_RENEW, {"me": holder, "lease": lease})
+        return {str(row[0]) for row in rows}
+
+    async def let_go(self, holder: str) -> None:
+        """``holder`` is stopping: its endpoints may be taken at once."""
+        async with self.store.transaction() as conn:
+            await conn.execute(_LET_GO, {"me": holder})
 
     @staticmethod
     async def _log(conn: Any, endpoint_id: str, attempts: Sequence[AttemptRecord]) -> None:

@@ -19,6 +19,15 @@ them: each woken claim runs a claim statement, and a herd of them, all but one f
 nothing, would cost a write transaction per idle slot per job. A woken claim that finds
 nothing (another took the job first) sleeps again; one that leaves before it has looked
 (its client went away) passes its wake on to the next.
+
+On a shared store (several processes, hitl.pg_store) the news crosses processes as the
+broker's notices: a job queued or given back on one process wakes a waiting claim on
+each of the others (:data:`QUEUED`), and a job completed or failed on one wakes the flow
+awaiting it on the process that runs its task (:data:`ENDED`; that flow reads the job's
+row, the truth). A notice may be lost, so each process also looks every :data:`RECHECK`
+seconds while it has claims asleep (one read: is any job takeable? then it wakes one)
+or flows waiting (one read of their jobs that ended): a lost notice costs a delay, never
+a hang.
 """
 
 from __future__ import annotations
@@ -26,8 +35,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import secrets
 import time
+import uuid
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +47,7 @@ from quart import Quart
 
 from . import jobs, metrics, policy
 from .accounts import Identity
+from .broker import Broker
 from .config import Config
 from .errors import HitlError
 from .jobs import ClaimedJob
@@ -43,6 +55,24 @@ from .lifecycle import attach
 from .processors import Job
 from .progress import Coalescer
 from .store import Store
+
+log = logging.getLogger(__name__)
+
+QUEUED = "work.queued"  # a notice: a job was queued or given back (text: by which process)
+ENDED = "work.ended"  # a notice: a job's try ended (text: JSON [task_id, attempt])
+PROGRESS = "work.progress"  # a notice: a worker's progress (JSON [task_id, attempt,
+# fraction, partial output]), for the flow on another process to pass on
+RECHECK = 1.0  # seconds between looks in a shared store, in case a notice was lost
+# The jobs of the given tasks whose try ended while their task still runs that attempt (a
+# job failed because its task ended is the runner's to stop, not a try to retry).
+_ENDED_JOBS = """
+    SELECT jobs.task_id AS task_id, jobs.attempt AS attempt, jobs.state AS state,
+           jobs.tries AS tries, jobs.output AS output, jobs.error AS error
+      FROM jobs JOIN tasks ON tasks.task_id = jobs.task_id AND tasks.attempt = jobs.attempt
+     WHERE jobs.state IN ('done', 'failed') AND tasks.status = 'running'
+       AND jobs.task_id IN (SELECT value FROM json_each(:ids))
+"""
+_ANY_TAKEABLE = f"SELECT 1 FROM jobs WHERE {jobs._TAKEABLE} LIMIT 1"
 
 
 class WorkerError(Exception):
@@ -56,15 +86,24 @@ class Waiter:
     job: Job
     result: asyncio.Future[str]
     progress: Coalescer
+    tries: int | None = None  # its job's try, once queued: an ended try older is not its
 
 
 class WorkQueue:
     """``app.extensions["work"]``: the flows' side (:meth:`process`) and the workers'
     (claim, heartbeat, progress, complete, fail, give back), each asking the policy."""
 
-    def __init__(self, config: Config, store: Store) -> None:
+    def __init__(self, config: Config, store: Store, broker: Broker | None = None) -> None:
         self.config = config
         self.store = store
+        self.broker = broker
+        self.me = uuid.uuid4().hex  # this process, as a notice's sender
+        self._recheck: asyncio.Task[None] | None = None
+        self._reads: set[asyncio.Task[None]] = set()  # job rows read on a notice
+        if broker is not None:
+            broker.on_notice(QUEUED, self._on_queued)
+            broker.on_notice(ENDED, self._on_ended)
+            broker.on_notice(PROGRESS, self._on_progress)
         self.waiting = 0  # claims waiting for a job now (a gauge; tests check it drains)
         self.looks = 0  # claim statements run, ever (tests count them)
         self.closing = False
@@ -75,11 +114,26 @@ class WorkQueue:
     def init_app(self, app: Quart) -> None:
         attach(app, "work", self, self.start, self.close)
 
+    @property
+    def shared(self) -> bool:
+        """Whether other processes share the store (and their news comes as notices)."""
+        return self.store.shared
+
     async def start(self) -> None:
         self.closing = False
+        if self.shared and self._recheck is None:
+            self._recheck = asyncio.create_task(self._look_every_recheck(),
+                                                name="hitl-work-recheck")
 
     async def close(self) -> None:
         self.stop_waiting()
+        running = [job for job in (self._recheck, *self._reads) if job is not None]
+        self._recheck = None
+        for job in running:
+            job.cancel()
+        for job in running:
+            with contextlib.suppress(asyncio.CancelledError):
+                await job
 
     def stop_waiting(self) -> None:
         """Shutting down: every waiting claim answers now (204), and no new one waits."""
@@ -98,6 +152,71 @@ class WorkQueue:
             if not sleeper.done():
                 sleeper.set_result(None)
                 count -= 1
+
+    def _queued_here(self) -> None:
+        """A job was queued or given back here: a claim waiting here, or elsewhere, takes it."""
+        self._wake()
+        if self.shared and self.broker is not None:
+            self.broker.notify(QUEUED, self.me)
+
+    def _on_queued(self, sender: str) -> None:
+        if sender != self.me:  # its own were woken at once
+            self._wake()
+
+    def _on_ended(self, text: str) -> None:
+        """A job's try ended on another process: if its flow waits here, it reads the row."""
+        try:
+            task_id, attempt = json.loads(text)
+        except (ValueError, TypeError):
+            return
+        if (task_id, attempt) in self._waiters and not self.closing:
+            read = asyncio.get_running_loop().create_task(self._read_ended([(task_id, attempt)]))
+            self._reads.add(read)
+            read.add_done_callback(self._reads.discard)
+
+    def _on_progress(self, text: str) -> None:
+        try:
+            task_id, attempt, fraction, partial_output = json.loads(text)
+        except (ValueError, TypeError):
+            return
+        waiter = self._waiters.get((task_id, attempt))
+        if waiter is not None and not waiter.result.done():
+            waiter.progress(float(fraction), str(partial_output))
+
+    async def _read_ended(self, keys: list[tuple[str, int]]) -> None:
+        """Hand the flows waiting here for ``keys`` the tries that ended, as stored."""
+        waiting = {key: self._waiters[key] for key in keys
+                   if key in self._waiters and self._waiters[key].tries is not None}
+        if not waiting:
+            return
+        try:
+            rows = await self.store.reader.execute_fetchall(
+                _ENDED_JOBS, {"ids": json.dumps(sorted({key[0] for key in waiting}))})
+        except Exception:  # the store failing: the next look tries again
+            log.exception("cannot read the jobs that flows here await")
+            return
+        for row in rows:
+            waiter = waiting.get((row["task_id"], row["attempt"]))
+            if waiter is None or waiter.tries is None or row["tries"] < waiter.tries:
+                continue
+            outcome = (str(row["output"]) if row["state"] == "done"
+                       else WorkerError(row["error"]))
+            self._settle(row["task_id"], row["attempt"], outcome)
+
+    async def _look_every_recheck(self) -> None:
+        """On a shared store: the looks that make a lost notice cost a delay, not a hang."""
+        while True:
+            await asyncio.sleep(RECHECK)
+            try:
+                if self._waiters:
+                    await self._read_ended(list(self._waiters))
+                if self.asleep:
+                    rows = await self.store.reader.execute_fetchall(
+                        _ANY_TAKEABLE, {"now": time.time(), "retries": self.config.retries})
+                    if rows:
+                        self._wake()
+            except Exception:  # the store failing: look again later
+                log.exception("cannot look for jobs")
 
     # The flow's side ----------------------------------------------------------------
 
@@ -118,7 +237,8 @@ class WorkQueue:
                 return str(row["output"])
             if row["state"] == "failed":  # its last try failed before a restart
                 raise WorkerError(row["error"])
-            self._wake()
+            waiter.tries = int(row["tries"])
+            self._queued_here()
             return await waiter.result
         finally:
             waiter.progress.close()
@@ -188,11 +308,12 @@ class WorkQueue:
         soonest = None
         async with self.store.transaction() as conn:
             spent = list(await conn.execute_fetchall(jobs.GIVE_UP, params))
-            rows = list(await conn.execute_fetchall(jobs.CLAIM, params))
+            rows = list(await conn.execute_fetchall(
+                jobs.CLAIM_PG if self.store.dialect == "postgresql" else jobs.CLAIM, params))
             if not rows:
                 soonest = next(iter(await conn.execute_fetchall(jobs.SOONEST_EXPIRY)))[0]
         for job in spent:  # stored: its flow fails the attempt as if the worker had said so
-            self._settle(job["task_id"], job["attempt"], WorkerError(job["error"]))
+            self._ended(job["task_id"], job["attempt"], WorkerError(job["error"]))
         if not rows:
             return None, soonest
         row = rows[0]
@@ -226,7 +347,7 @@ class WorkQueue:
                                     by: Identity) -> None:
         with contextlib.suppress(HitlError):  # expired or taken meanwhile: nothing to undo
             await self._report(jobs.GIVE_BACK, task_id, attempt, lease_id, by)
-            self._wake()
+            self._queued_here()
 
     async def heartbeat(self, task_id: str, attempt: int, lease_id: str,
                         lease: float | None = None, *, by: Identity) -> float:
@@ -244,6 +365,9 @@ class WorkQueue:
         waiter = self._waiters.get((task_id, attempt))
         if waiter is not None:
             waiter.progress(fraction, partial_output)
+        elif self.shared and self.broker is not None:  # its flow may wait on another process
+            self.broker.notify(PROGRESS, json.dumps([task_id, attempt, fraction,
+                                                     partial_output]))
         return until
 
     async def complete(self, task_id: str, attempt: int, lease_id: str, output: str, *,
@@ -251,7 +375,7 @@ class WorkQueue:
         """Store the job's output (done), then hand it to the waiting flow for review."""
         policy.can_work(by).require()
         await self._report(jobs.COMPLETE, task_id, attempt, lease_id, by, output=output)
-        self._settle(task_id, attempt, output)
+        self._ended(task_id, attempt, output)
 
     async def fail(self, task_id: str, attempt: int, lease_id: str, error: str, *,
                    by: Identity) -> bool:
@@ -259,7 +383,7 @@ class WorkQueue:
         fails with this error)."""
         policy.can_work(by).require()
         tries = int(await self._report(jobs.FAIL, task_id, attempt, lease_id, by, error=error))
-        self._settle(task_id, attempt, WorkerError(error))
+        self._ended(task_id, attempt, WorkerError(error))
         return tries < self.config.retries
 
     async def give_back(self, task_id: str, attempt: int, lease_id: str, *,
@@ -268,18 +392,28 @@ class WorkQueue:
         the same try."""
         policy.can_work(by).require()
         await self._report(jobs.GIVE_BACK, task_id, attempt, lease_id, by)
-        self._wake()
+        self._queued_here()
 
-    def _settle(self, task_id: str, attempt: int, outcome: str | WorkerError) -> None:
+    def _ended(self, task_id: str, attempt: int, outcome: str | WorkerError) -> None:
+        """A try's outcome is stored: to its flow, here if it waits here, else (a shared
+        store) told to every process, where the one whose flow waits reads it."""
+        if not self._settle(task_id, attempt, outcome) and self.shared and (
+                self.broker is not None):
+            self.broker.notify(ENDED, json.dumps([task_id, attempt]))
+
+    def _settle(self, task_id: str, attempt: int, outcome: str | WorkerError) -> bool:
         """Hand a stored outcome (the output, or the try's failure) to the flow awaiting
-        that attempt in this process, if one does."""
+        that attempt in this process, if one does; whether one did."""
         waiter = self._waiters.get((task_id, attempt))
-        if waiter is not None and not waiter.result.done():
+        if waiter is None:
+            return False
+        if not waiter.result.done():
             waiter.progress.close()
             if isinstance(outcome, WorkerError):
                 waiter.result.set_exception(outcome)
             else:
                 waiter.result.set_result(outcome)
+        return True
 
     async def _report(self, statement: str, task_id: str, attempt: int, lease_id: str,
                       by: Identity, **values: Any) -> Any:

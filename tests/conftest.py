@@ -398,6 +398,19 @@ async def add_people(accounts: Accounts, people: Mapping[str, tuple[Role, tuple[
     return tokens
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """With ``HITL_TEST_ENGINE=postgresql`` a test of SQLite itself (``sqlite_only``: its
+    file, its lock, its PRAGMAs) has nothing to test, and is skipped saying why."""
+    if ENGINE != "postgresql":
+        return
+    for item in items:
+        marker = item.get_closest_marker("sqlite_only")
+        if marker is not None:
+            why = marker.kwargs.get("reason") or (marker.args[0] if marker.args else "")
+            item.add_marker(pytest.mark.skip(
+                reason=f"SQLite only (HITL_TEST_ENGINE=postgresql): {why}".rstrip(": ")))
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
     """With ``HITL_REQUIRE_SERVICES=1`` (CI), a test skipped for want of PostgreSQL or Redis

@@ -10,7 +10,6 @@ import html
 import re
 import time
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,7 +20,7 @@ from hitl import Config, create_app
 from hitl.models import Status, Task, iso
 from hitl.pages import DASHBOARD
 from hitl.runner import Runner
-from hitl.store import Store, View, Write
+from hitl.store import Store, View, Write, open_store
 
 from .conftest import OPERATOR, LiveServer, ReviewActions, reach
 from .test_ui_streams import Named, read_named
@@ -45,14 +44,6 @@ QUEUE = [task(1, since=50), task(2, since=20), task(3, since=30),
          task(4, Status.COMPLETED, since=10)]
 
 
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    store = Store(str(tmp_path / "queue.db"))
-    await store.open()
-    yield store
-    await store.close()
-
-
 async def add(store: Store, *tasks: Task) -> None:
     await store.write([Write(task.row()) for task in tasks])
 
@@ -65,7 +56,7 @@ def seed() -> list[Task]:
 @pytest.fixture
 async def app(config: Config, seed: list[Task]) -> AsyncIterator[Quart]:
     """The app on a database that already holds ``seed`` (waiting tasks resume waiting)."""
-    store = Store(config.db)
+    store = open_store(config.db)
     await store.open()
     await add(store, *seed)
     await store.close()

@@ -116,9 +116,9 @@ async def test_release_and_a_decision_end_a_reservation(team: Team) -> None:
     assert decided.status_code == 200
     task = await team.wait(task_id, "waiting_for_review")  # attempt 2 now
     assert task["attempt"] == 2 and task["reservations"] == []
-    db = sqlite3.connect(team.server.app.extensions["store"].path)
-    assert db.execute("SELECT count(*) FROM reservations").fetchone() == (0,)
-    db.close()
+    store = team.server.app.extensions["store"]
+    rows = await store.reader.execute_fetchall("SELECT count(*) FROM reservations")
+    assert [tuple(row) for row in rows] == [(0,)]
 
 
 async def test_a_reservation_never_stops_another_reviewer_deciding(team: Team) -> None:

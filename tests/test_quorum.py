@@ -22,7 +22,7 @@ from hitl import Config
 from hitl.accounts import Role
 from hitl.errors import VoteRefused
 from hitl.models import Review, Task
-from hitl.store import MIGRATIONS, Store, Write
+from hitl.store import MIGRATIONS, Store, Write, open_store
 
 from .conftest import LiveServer, People, Watcher, add_people, read_sse, start_server, stop_server
 
@@ -296,7 +296,7 @@ async def test_a_vote_another_process_took_is_refused_by_the_store(team: Team) -
     bob's completes the quorum."""
     task_id = await team.submit(quorum=2)
     config = team.server.app.extensions["runner"].config
-    other = Store(config.db)
+    other = open_store(config.db)
     await other.open()
     try:
         stored = await other.get_task(task_id)

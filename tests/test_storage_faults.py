@@ -25,6 +25,7 @@ from .conftest import LiveServer, ReviewActions, start_server, stop_server
 from .serverproc import ServerProcess, run_cli
 
 BOUND = 15  # seconds any one wait below may take
+CHATTR = "the fault is a SQLite file made immutable (chattr +i)"
 
 
 def can_chattr(tmp_path: Path) -> bool:
@@ -92,6 +93,7 @@ async def stored_ids(server: LiveServer, task_id: str) -> list[int]:
     return [message.id for message in await store.task_messages(task_id, 0)]
 
 
+@pytest.mark.sqlite_only(CHATTR)
 @pytest.mark.usefixtures("chattr_ok")
 async def test_a_decision_that_cannot_be_stored_gets_503_and_drives_nothing(
         server: LiveServer, config: Config) -> None:
@@ -120,6 +122,7 @@ async def test_a_decision_that_cannot_be_stored_gets_503_and_drives_nothing(
         assert contiguous(await stored_ids(server, task_id))
 
 
+@pytest.mark.sqlite_only(CHATTR)
 @pytest.mark.usefixtures("chattr_ok")
 async def test_a_cancel_that_cannot_be_stored_gets_503_and_the_task_goes_on(
         server: LiveServer, config: Config) -> None:
@@ -138,6 +141,7 @@ async def test_a_cancel_that_cannot_be_stored_gets_503_and_the_task_goes_on(
         assert contiguous(await stored_ids(server, task_id))
 
 
+@pytest.mark.sqlite_only(CHATTR)
 @pytest.mark.usefixtures("chattr_ok")
 async def test_submits_during_a_read_only_spell_get_503_and_leave_nothing(
         server: LiveServer, config: Config) -> None:

@@ -214,9 +214,6 @@ async def test_a_removed_endpoint_gets_nothing_more(live_server: LiveServer,
 async def test_each_stored_message_maps_to_its_event(store: Store) -> None:
     """The outbox's mapping, in SQL: votes (another attempt's count) and a timeout, as
     the quorum and deadline features store them, included."""
-    await store.writer.execute(
-        """INSERT INTO tasks (task_id, task_input, status, attempt, last_seq, created_at,
-                              updated_at) VALUES ('t', 'x', 'completed', 2, 9, 1, 1)""")
     messages = [
         ("pending", {}), ("running", {"attempt": 1, "progress": 0.5}),
         ("waiting_for_review", {"attempt": 1, "output_to_review": "y" * 100_000}),
@@ -230,10 +227,15 @@ async def test_each_stored_message_maps_to_its_event(store: Store) -> None:
         ("waiting_for_review", {"attempt": 1, "escalated_to": ["lead"], "timed_out": True}),
         ("processing_feedback", {"attempt": 1, "reviewer": "timeout"}),
     ]
-    for seq, (status, data) in enumerate(messages, start=1):
-        await store.writer.execute(
-            "INSERT INTO messages (gid, task_id, seq, status, data) VALUES (?, 't', ?, ?, ?)",
-            (seq, seq, status, json.dumps({"status": status, **data})))
+    async with store.transaction() as conn:  # as stored, by hand: either engine
+        await conn.execute(
+            """INSERT INTO tasks (task_id, task_input, status, attempt, last_seq, created_at,
+                                  updated_at) VALUES ('t', 'x', 'completed', 2, 9, 1, 1)""")
+        for seq, (status, data) in enumerate(messages, start=1):
+            await conn.execute(
+                "INSERT INTO messages (gid, task_id, seq, status, data) "
+                "VALUES (?, 't', ?, ?, ?)",
+                (seq, seq, status, json.dumps({"status": status, **data})))
     hooks = Webhooks(store)
     assert await hooks.horizon() == 12
     pending = await hooks.pending(0, 12, 100)
