@@ -330,10 +330,9 @@ class RedisBackend:
 
     def _requeue(self, batch: list[tuple[str, dict[str, str | bytes]]]) -> None:
         """Put back a batch that was not sent, in front; the oldest go past the bound."""
-        keep = self._outbox.maxlen or MAX_QUEUED
-        overflow = len(batch) + len(self._outbox) - keep
-        if overflow > 0:
-            self.dropped += overflow
+        keep = self._outbox.maxlen
+        if keep is not None:
+            self.dropped += max(0, len(batch) + len(self._outbox) - keep)
         self._outbox = deque([*batch, *self._outbox], maxlen=keep)
 
     # Reading.
@@ -408,14 +407,11 @@ class RedisBackend:
             log.warning("redis news: an entry of %s is not a change (%r), skipped",
                         self.messages_key, exc)
             return
-        if event.gid <= self.last_gid:
-            self.duplicates += 1
-            return
         if event.gid > self.last_gid + 1 and not await self._fill(event.gid - 1):
             return  # the store failed: this one comes with the rest once it answers
         if event.gid > self.last_gid:
             self._deliver(event)
-        else:
+        else:  # delivered already: this process's own, or read from the store
             self.duplicates += 1
 
     def _take_signal(self, fields: dict[bytes, bytes]) -> None:

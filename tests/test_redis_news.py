@@ -168,6 +168,18 @@ async def until_each(procs: list[Proc], count: int, what: str, timeout: float = 
     await until(lambda: all(len(proc.got) >= count for proc in procs), what, timeout)
 
 
+async def until_gone(url: str, origin: str) -> None:
+    """Wait until Redis has no connection of the backend ``origin`` (closed, not leaked)."""
+    client = redis.Redis.from_url(parse_broker_url(url)[0])
+    try:
+        async def gone() -> None:
+            while any(c.get("name") == f"hitl-news-{origin}" for c in await client.client_list()):
+                await asyncio.sleep(0.02)
+        await within(gone(), 3, "the backend's connections closed")
+    finally:
+        await client.aclose()
+
+
 def hitl_tasks() -> list[asyncio.Task[Any]]:
     return [task for task in asyncio.all_tasks() if task.get_name().startswith("hitl-redis")]
 
@@ -351,6 +363,7 @@ async def test_disconnect_is_clean_and_safe_twice(redis_url: str, db: Store) -> 
     await within(backend.disconnect(), 3, "a second disconnect")
     assert hitl_tasks() == [] and got == [TaskEvent("t", 1, 1, "pending", "{}")]
     assert backend.sent == 1  # what was queued went before closing
+    await until_gone(redis_url, backend.origin)
     broker.publish_event(TaskEvent("t", 2, 2, "pending", "{}"))  # closed: never raises
     assert got == [TaskEvent("t", 1, 1, "pending", "{}")]
 
