@@ -390,17 +390,21 @@ async def take_over(config: Configuration) -> Metrics:
 # -- the run and its table -------------------------------------------------------------
 
 
+# (part, metric) -> column; each part's figures are kept apart (both count "complete").
 COLUMNS = (
-    ("connect_all_s", "connect all (s)"),
-    ("p50_ms", "fan-out p50 (ms)"),
-    ("p99_ms", "fan-out p99 (ms)"),
-    ("complete", "watchers with every message"),
-    ("tasks_per_s", "tasks/s"),
-    ("tput_p99_ms", "submit to completed p99 (ms)"),
-    ("decided_s", "take-over: decision taken (s)"),
-    ("takeover_s", "take-over: completed (s)"),
+    ("fan-out", "connect_all_s", "connect all (s)"),
+    ("fan-out", "p50_ms", "fan-out p50 (ms)"),
+    ("fan-out", "p99_ms", "fan-out p99 (ms)"),
+    ("fan-out", "complete", "watchers with every message"),
+    ("fan-out", "errors", "fan-out errors"),
+    ("throughput", "tasks_per_s", "tasks/s"),
+    ("throughput", "tput_p99_ms", "submit to completed p99 (ms)"),
+    ("throughput", "errors", "throughput errors"),
+    ("take-over", "decided_s", "take-over: decision taken (s)"),
+    ("take-over", "takeover_s", "take-over: completed (s)"),
 )
-RATIOS = (("p99_ms", "fan-out p99 vs SQLite x1"), ("tasks_per_s", "tasks/s vs SQLite x1"))
+RATIOS = (("fan-out", "p99_ms", "fan-out p99 vs SQLite x1"),
+          ("throughput", "tasks_per_s", "tasks/s vs SQLite x1"))
 
 
 async def measure(config: Configuration, args: argparse.Namespace) -> Metrics:
@@ -424,7 +428,7 @@ async def measure(config: Configuration, args: argparse.Namespace) -> Metrics:
             for server in config.servers:
                 print(server.log_tail(5), file=sys.stderr)
             got = {}
-        metrics |= got
+        metrics |= {f"{label}:{key}": value for key, value in got.items()}
         shown = ", ".join(f"{k}={fmt(v)}" for k, v in got.items())
         print(f"  {config.name} {label} ({time.perf_counter() - t0:.1f}s): {shown}",
               file=sys.stderr)
@@ -440,13 +444,14 @@ def fmt(value: float | None) -> str:
 
 
 def table(rows: list[tuple[str, Metrics]]) -> str:
-    heads = ["configuration", *(label for _, label in COLUMNS), *(label for _, label in RATIOS)]
+    heads = ["configuration", *(head for *_, head in COLUMNS), *(head for *_, head in RATIOS)]
     lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
     base = rows[0][1] if rows and rows[0][0].startswith("SQLite") else {}
     for name, metrics in rows:
-        cells = [fmt(metrics.get(key)) for key, _ in COLUMNS]
-        for key, _ in RATIOS:
-            mine, ref = metrics.get(key, math.nan), base.get(key, math.nan)
+        cells = [fmt(metrics.get(f"{part}:{key}")) for part, key, _ in COLUMNS]
+        for part, key, _ in RATIOS:
+            mine = metrics.get(f"{part}:{key}", math.nan)
+            ref = base.get(f"{part}:{key}", math.nan)
             cells.append(fmt(mine / ref) if ref and not math.isnan(mine + ref) else "n/a")
         lines.append("| " + " | ".join([name, *cells]) + " |")
     return "\n".join(lines)
