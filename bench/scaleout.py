@@ -227,13 +227,18 @@ async def fanout_global(config: Configuration, watchers: int, tasks: int = 10) -
     delivered = Countdown(watchers * tasks)
     submitted_on: dict[str, int] = {}
 
-    def on_driver(_w: Watcher, e: Event) -> None:
-        tid = e.task_id
-        if armed and e.status == "waiting_for_review" and tid in submitted_on \
-                and tid not in approved_at:
+    waiting: set[str] = set()  # asking for review, maybe before its submit has answered
+
+    def decide(tid: str) -> None:
+        if tid in submitted_on and tid in waiting and tid not in approved_at:
             approved_at[tid] = time.perf_counter()
             port = ports[(submitted_on[tid] + 1) % len(ports)]
             background.add(asyncio.ensure_future(approve(port, tid)))
+
+    def on_driver(_w: Watcher, e: Event) -> None:
+        if armed and e.status == "waiting_for_review" and e.task_id:
+            waiting.add(e.task_id)
+            decide(e.task_id)
 
     def on_watch(w: Watcher, e: Event) -> None:
         seen: dict[str, Any] = w.ctx
@@ -267,7 +272,9 @@ async def fanout_global(config: Configuration, watchers: int, tasks: int = 10) -
         await asyncio.sleep(1.0)  # the probes' own messages go by
         armed = True
         for i in range(tasks):
-            submitted_on[await submit(ports[i % len(ports)], f"task {i}")] = i % len(ports)
+            tid = await submit(ports[i % len(ports)], f"task {i}")
+            submitted_on[tid] = i % len(ports)
+            decide(tid)  # its review request may have come before the submit's answer
         await delivered.wait(60 + watchers * tasks / 5000)
         statuses = await asyncio.gather(*background)
     finally:
@@ -277,6 +284,12 @@ async def fanout_global(config: Configuration, watchers: int, tasks: int = 10) -
                  if tid in approved_at]
     wanted = set(submitted_on)
     complete = sum(wanted <= w.ctx["done"].keys() and not w.ctx["gaps"] for w in crowd)
+    if complete < watchers:  # what went wrong, for the log
+        print(f"    global stream: {sum(bool(w.ctx['gaps']) for w in crowd)} watchers saw an id "
+              f"gap, {sum(not wanted <= w.ctx['done'].keys() for w in crowd)} missed a "
+              f"completion, {sum(bool(w.errors) for w in crowd)} had errors, "
+              f"{sum(w.stream_closed for w in crowd)} were closed by the server",
+              file=sys.stderr)
     return {**metrics, **latency_metrics(latencies), "complete": complete / watchers,
             "errors": errors + sum(s != 200 for s in statuses)}
 
@@ -511,8 +524,10 @@ def run_main(args: argparse.Namespace) -> int:
           f"average {load:.1f} before\n")
     print(table(rows))
     if args.json:
-        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
-                                         "rows": rows}, indent=1))
+        meta = {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "cores": os.cpu_count(),
+                "loadavg_before": load, "loadavg_after": os.getloadavg()[0]}
+        args.json.write_text(json.dumps({"meta": meta, "rows": rows, "args": {
+            k: str(v) for k, v in vars(args).items() if k != "func"}}, indent=1))
     return 0
 
 
