@@ -320,9 +320,10 @@ class Runner:
         """
         if edited_output is not None and decision != "approved":
             raise Invalid("edited_output: only an approval carries an edited text")
-        verdict = policy.can_decide(by, await self._visible(task_id, by))
+        visible = await self._visible(task_id, by)
+        verdict = policy.can_decide(by, visible)
         verdict.require()
-        tracker = await self._live(task_id)
+        tracker = await self._live(task_id, visible)
         task = tracker.task
         verdict = policy.can_decide(by, task)  # again, live: an escalation changes reviewers
         verdict.require()
@@ -359,8 +360,9 @@ class Runner:
 
     async def cancel(self, task_id: str, *, by: Identity) -> Task:
         """Cancel an unfinished task; its flow stops and the task ends as cancelled."""
-        policy.can_cancel(by, await self._visible(task_id, by)).require()
-        tracker = await self._live(task_id)
+        visible = await self._visible(task_id, by)
+        policy.can_cancel(by, visible).require()
+        tracker = await self._live(task_id, visible)
         if tracker.detached:
             return await self._detached(tracker, lambda: tracker.update(
                 Status.CANCELLED, error="cancelled by request",
@@ -472,15 +474,18 @@ class Runner:
             raise NotFound(f"no task with id {task_id!r}")
         return task
 
-    async def _live(self, task_id: str) -> Tracker:
+    async def _live(self, task_id: str, read: Task | None = None) -> Tracker:
         """The tracker of a task whose flow runs, or the reason a change cannot be made; on a
-        shared store, one with no flow for a task whose flow runs elsewhere."""
+        shared store, one with no flow for a task whose flow runs elsewhere, made from
+        ``read`` if it is a read of the store made just now (not a live tracker's)."""
         tracker = self.trackers.get(task_id)
         if self.store.shared and (tracker is None or not tracker.started
                                   or task_id in self.journal.refused):
             # Its flow runs on another process, or is being reloaded here: the change is
             # made from the store's copy, and taken only over that copy.
-            task = await self._stored(task_id)  # NotFound, or finished
+            live = tracker.task if tracker is not None else None
+            task = read if read is not None and read is not live else await self._stored(
+                task_id)  # NotFound, or finished
             if task.status.terminal:
                 raise Conflict(f"task {task_id} is already {task.status}")
             if not self.accepting:
