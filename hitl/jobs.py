@@ -65,6 +65,17 @@ _OLDEST = "ORDER BY queued_at, task_id, attempt LIMIT 1"
 CLAIM = _CLAIM.format(pick=f"rowid = (SELECT rowid FROM jobs WHERE {_TAKEABLE} {_OLDEST})")
 CLAIM_PG = _CLAIM.format(pick=f"""(task_id, attempt) IN (
         SELECT task_id, attempt FROM jobs WHERE {_TAKEABLE} {_OLDEST} FOR UPDATE SKIP LOCKED)""")
+# The jobs of the given tasks whose try ended while their task still runs that attempt (a
+# job failed because its task ended is the runner's to stop, not a try to retry).
+ENDED_TRIES = """
+    SELECT jobs.task_id AS task_id, jobs.attempt AS attempt, jobs.state AS state,
+           jobs.tries AS tries, jobs.output AS output, jobs.error AS error
+      FROM jobs JOIN tasks ON tasks.task_id = jobs.task_id AND tasks.attempt = jobs.attempt
+     WHERE jobs.state IN ('done', 'failed') AND tasks.status = 'running'
+       AND jobs.task_id IN (SELECT value FROM json_each(:ids))
+"""
+# Whether any job may be taken now (a shared store's periodic look, before it wakes a claim).
+ANY_TAKEABLE = f"SELECT 1 FROM jobs WHERE {_TAKEABLE} LIMIT 1"
 # A job whose every try ended with its worker gone (the lease expired, taken over up to
 # --retries tries): it fails, as a try that raised would, and is not handed out again.
 GIVE_UP = f"""

@@ -63,16 +63,6 @@ ENDED = "work.ended"  # a notice: a job's try ended (text: JSON [task_id, attemp
 PROGRESS = "work.progress"  # a notice: a worker's progress (JSON [task_id, attempt,
 # fraction, partial output]), for the flow on another process to pass on
 RECHECK = 1.0  # seconds between looks in a shared store, in case a notice was lost
-# The jobs of the given tasks whose try ended while their task still runs that attempt (a
-# job failed because its task ended is the runner's to stop, not a try to retry).
-_ENDED_JOBS = """
-    SELECT jobs.task_id AS task_id, jobs.attempt AS attempt, jobs.state AS state,
-           jobs.tries AS tries, jobs.output AS output, jobs.error AS error
-      FROM jobs JOIN tasks ON tasks.task_id = jobs.task_id AND tasks.attempt = jobs.attempt
-     WHERE jobs.state IN ('done', 'failed') AND tasks.status = 'running'
-       AND jobs.task_id IN (SELECT value FROM json_each(:ids))
-"""
-_ANY_TAKEABLE = f"SELECT 1 FROM jobs WHERE {jobs._TAKEABLE} LIMIT 1"
 
 
 class WorkerError(Exception):
@@ -191,7 +181,7 @@ class WorkQueue:
             return
         try:
             rows = await self.store.reader.execute_fetchall(
-                _ENDED_JOBS, {"ids": json.dumps(sorted({key[0] for key in waiting}))})
+                jobs.ENDED_TRIES, {"ids": json.dumps(sorted({key[0] for key in waiting}))})
         except Exception:  # the store failing: the next look tries again
             log.exception("cannot read the jobs that flows here await")
             return
@@ -212,7 +202,7 @@ class WorkQueue:
                     await self._read_ended(list(self._waiters))
                 if self.asleep:
                     rows = await self.store.reader.execute_fetchall(
-                        _ANY_TAKEABLE, {"now": time.time(), "retries": self.config.retries})
+                        jobs.ANY_TAKEABLE, {"now": time.time(), "retries": self.config.retries})
                     if rows:
                         self._wake()
             except Exception:  # the store failing: look again later
