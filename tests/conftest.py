@@ -80,8 +80,9 @@ ENGINE = os.environ.get("HITL_TEST_ENGINE", "sqlite")
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "engine" not in metafunc.fixturenames:
         return
-    engines = ["sqlite", "postgresql"] if getattr(metafunc.module, "ON_POSTGRESQL", False) \
-        else ["sqlite"]
+    both = (getattr(metafunc.module, "ON_POSTGRESQL", False)
+            and metafunc.definition.get_closest_marker("sqlite_only") is None)
+    engines = ["sqlite", "postgresql"] if both else ["sqlite"]
     metafunc.parametrize("engine", ["postgresql"] if ENGINE == "postgresql" else engines)
 
 

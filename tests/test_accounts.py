@@ -12,6 +12,8 @@ from hitl.accounts import Accounts, Role, checked_name
 from hitl.errors import Conflict, Invalid, NotFound
 from hitl.store import Store
 
+ON_POSTGRESQL = True  # and on SQLite (tests/conftest.py)
+
 
 @pytest.fixture
 async def accounts(tmp_path: Path) -> AsyncIterator[Accounts]:

@@ -16,6 +16,8 @@ from hitl.runner import Runner
 
 from .conftest import OPERATOR, old_database, reach
 
+ON_POSTGRESQL = True  # and on SQLite (tests/conftest.py)
+
 BOUND = 10
 
 

@@ -20,6 +20,8 @@ from hitl.errors import Invalid
 from .conftest import LiveServer, ReviewActions, within
 from .serverproc import ServerProcess, run_cli
 
+ON_POSTGRESQL = True  # and on SQLite (tests/conftest.py)
+
 
 def stamp(text: str) -> float:
     return datetime.fromisoformat(text).timestamp()

@@ -18,6 +18,8 @@ from hitl.models import Review, Status, Task
 from hitl.store import IdempotencyKey, Store, Write, lock_exclusively
 from hitl.tracker import Tracker
 
+ON_POSTGRESQL = True  # and on SQLite (tests/conftest.py)
+
 
 @pytest.fixture
 async def journal(store: Store) -> AsyncIterator[Journal]:

@@ -25,6 +25,8 @@ from hitl.store import Store
 
 from .conftest import LiveServer, People, add_people, within
 
+ON_POSTGRESQL = True  # and on SQLite (tests/conftest.py)
+
 REVIEWERS = [f"r{number:02d}" for number in range(20)]
 
 

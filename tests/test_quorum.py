@@ -26,6 +26,8 @@ from hitl.store import MIGRATIONS, Store, Write, open_store
 
 from .conftest import LiveServer, People, Watcher, add_people, read_sse, start_server, stop_server
 
+ON_POSTGRESQL = True  # and on SQLite (tests/conftest.py)
+
 REVIEWERS = ("ann", "bob", "cat", "dan")
 CROWD = tuple(f"r{n:02d}" for n in range(20))
 

@@ -14,6 +14,8 @@ from hitl.store import Store, Write
 
 from .conftest import Watcher, read_sse, start_server, stop_server
 
+ON_POSTGRESQL = True  # and on SQLite (tests/conftest.py)
+
 
 async def fill(store: Store, count: int, tasks: int = 3, *, age_days: float = 0,
                first_gid: int = 1, prefix: str = "t") -> list[str]:

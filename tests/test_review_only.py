@@ -8,6 +8,8 @@ import pytest
 
 from .conftest import LiveServer, ReviewActions, within
 
+ON_POSTGRESQL = True  # and on SQLite (tests/conftest.py)
+
 DRAFT = "Dear customer, thank you for writing."
 
 

@@ -17,6 +17,8 @@ from hitl.runner import Runner
 
 from .conftest import OPERATOR
 
+ON_POSTGRESQL = True  # and on SQLite (tests/conftest.py)
+
 BOUND = 10
 stop_reporting = threading.Event()
 

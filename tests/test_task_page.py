@@ -20,6 +20,8 @@ from hitl.runner import Runner
 from .conftest import OPERATOR, LiveServer, ReviewActions, old_database, post_form, reach
 from .test_ui_streams import read_named
 
+ON_POSTGRESQL = True  # and on SQLite (tests/conftest.py)
+
 if TYPE_CHECKING:  # imported for annotations only: pytest would collect a Test* class
     from quart.typing import TestClientProtocol as Client
 

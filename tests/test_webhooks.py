@@ -20,6 +20,8 @@ from hitl.webhooks import EVENTS, Endpoint, Webhooks, secret_key
 from .conftest import LiveServer, ReviewActions, reach, until
 from .receiver import Received, Receiver
 
+ON_POSTGRESQL = True  # and on SQLite (tests/conftest.py)
+
 PUBLIC = "https://hitl.example"
 
 
