@@ -271,7 +271,7 @@ class Config:
     process_delay: float = 2.0
     processor: str = "hitl.processors:simulate"
     lease: float = 30.0
-    flow_lease: float = 10.0
+    flow_lease: float = 9.0
     max_attempts: int = 5
     quorum: int = 1
     review_timeout: float | None = None

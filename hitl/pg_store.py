@@ -338,7 +338,7 @@ class PostgresStore(Store):
     shared = True
     numbers_messages = True
 
-    def __init__(self, url: str, *, lease: float = 10.0, pool_size: int = 10) -> None:
+    def __init__(self, url: str, *, lease: float = 9.0, pool_size: int = 10) -> None:
         super().__init__(url)
         self.url = url
         self.lease = lease  # seconds a task's flow stays this process's without renewal
