@@ -115,8 +115,9 @@ class Runner:
         if flows:
             await asyncio.wait(flows, timeout=self.config.shutdown_timeout)
         self.pool.shutdown()
-        if self.store.shared:  # stopped in order: the other processes take over at once
-            try:
+        if self.store.shared:  # stopped in order: the other processes take over at once,
+            try:  # once what the flows stored last is committed (the journal's close waits)
+                await self.journal.close()
                 await self.store.let_go()
             except Exception as exc:
                 log.warning("could not let go of this process's tasks (they are taken over "

@@ -340,3 +340,22 @@ async def submit_with(client: httpx.AsyncClient, options: dict[str, Any]) -> str
     response = await client.post("/submit", json={"data": "draft", **options})
     assert response.status_code in (200, 201, 202), response.text
     return str(response.json()["task_id"])
+
+
+async def test_a_process_stopped_with_sigterm_lets_its_tasks_go_at_once(
+        tmp_path: Path, postgres_url: str, redis_url: str) -> None:
+    """Its leases are given up as it stops: the others take over at their next look (every
+    third of the lease), not once the lease would have lapsed."""
+    servers = processes(tmp_path, postgres_url, redis_url, count=2)
+    for server in servers:
+        server.extra[server.extra.index("--flow-lease") + 1] = "12"  # looks every 4 s
+    async with running(servers) as clients:
+        task_id = await submit(clients[0])
+        await reach(clients[1], task_id, "waiting_for_review")
+        servers[0].signal(signal.SIGTERM)
+        assert servers[0].wait(10) == 0
+        stopped = time.monotonic()
+        response = await clients[1].post(f"/feedback/{task_id}", json={"feedback": "approved"})
+        assert response.status_code == 200, response.text
+        await reach(clients[1], task_id, "completed", timeout=15)
+        assert time.monotonic() - stopped < 7, "taken over only once the lease lapsed"
