@@ -309,6 +309,7 @@ _UPSERT_ATTEMPT = """
         known = excluded.known, edited_by = excluded.edited_by
 """
 _TAKE_GIDS = "UPDATE counters SET value = value + $1 WHERE name = 'gid' RETURNING value"
+_COUNTER_IN_TURN = "SELECT value FROM counters WHERE name = 'gid' FOR UPDATE"
 # Unfinished tasks with no live owner (lapsed, or let go), oldest first, for this process.
 _TAKE_OVER = f"""
     WITH free AS (SELECT task_id, owner AS was FROM tasks
@@ -455,7 +456,7 @@ class PostgresStore(Store):
 
     async def probe(self) -> None:
         async with self.transaction() as conn:
-            await conn.raw.execute("SELECT value FROM counters WHERE name = 'gid' FOR UPDATE")
+            await conn.raw.execute(_COUNTER_IN_TURN)
 
     async def last_stored_gid(self) -> int:
         return await self.latest_gid()
@@ -501,8 +502,7 @@ class PostgresStore(Store):
     async def renew(self) -> dict[str, int]:
         """Extend this process's leases; the unfinished tasks it still owns, each with its
         last message number as stored."""
-        async with self.pool.acquire() as conn:
-            rows = await conn.fetch(_RENEW, self.owner, self.lease)
+        rows = await self._in_turn(_RENEW, self.owner, self.lease)
         return {row["task_id"]: row["last_seq"] for row in rows}
 
     async def owns(self, task_id: str) -> bool:
@@ -513,8 +513,20 @@ class PostgresStore(Store):
 
     async def let_go(self) -> None:
         """Shutting down: this process's tasks may be taken over at once."""
-        async with self.pool.acquire() as conn:
-            await conn.execute("UPDATE tasks SET owner = NULL WHERE owner = $1", self.owner)
+        await self._in_turn("UPDATE tasks SET owner = NULL WHERE owner = $1 RETURNING 1",
+                            self.owner)
+
+    async def _in_turn(self, sql: str, *args: Any) -> list[asyncpg.Record]:
+        """A statement over many task rows, taken in turn with the journal's commits: the
+        counter row first, as they take it. Locking the rows in another order than a
+        commit of the same tasks would deadlock with it (PostgreSQL then aborts one, after
+        its deadlock_timeout, while every commit of the service waits)."""
+        try:
+            async with self.pool.acquire() as conn, conn.transaction():
+                await conn.execute(_COUNTER_IN_TURN)
+                return list(await conn.fetch(sql, *args))
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise StorageUnavailable(f"{type(exc).__name__}: {exc}") from exc
 
 
 def _unique(exc: asyncpg.UniqueViolationError) -> Exception:
