@@ -142,9 +142,17 @@ async def wait_for_decision(tracker: Tracker, event: asyncio.Event) -> None:
                        "escalated_to": list(task.escalate_to), "timed_out": True})
             continue
         with contextlib.suppress(Conflict):  # Conflict: a reviewer's claim came first
-            tracker.claim_decision(deadlines.timeout_review(task))
+            claimed = tracker.claim_decision(deadlines.timeout_review(task))
+            claimed.add_done_callback(_nobody_waits)  # no reviewer awaits the timeout's
         await event.wait()  # set by the claim: the timeout's, or the reviewer's
         return
+
+
+def _nobody_waits(stored: asyncio.Future[None]) -> None:
+    """Retrieve the outcome of a claim no request awaits (a timeout's): one refused because
+    another process stored a decision first is that process's to report, not a loose end."""
+    if not stored.cancelled():
+        stored.exception()
 
 
 class ResultNode(AsyncNode):  # type: ignore[misc]
