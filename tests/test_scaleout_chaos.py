@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import os
 import random
+import re
 import signal
 import time
 from collections import Counter, defaultdict
@@ -144,10 +145,21 @@ async def submit(client: httpx.AsyncClient, **options: Any) -> str:
 
 
 def check_logs(servers: list[ServerProcess]) -> list[str]:
-    """No error and no traceback in any server's log (a lost deadlock is reported on its own:
-    see the last test)."""
-    return [f"{server.url}: {line}" for server in servers for line in server.log().splitlines()
-            if (" ERROR " in line or "Traceback" in line) and "deadlock" not in line]
+    """No error and no traceback in any server's log, but for two defects reported on their
+    own: a lease renewal deadlocking with a commit (see the last test), and the unretrieved
+    future of a review timeout's claim that lost to a decision stored by another process
+    ("Future exception was never retrieved ... VoteRefused")."""
+    problems = []
+    for server in servers:
+        for record in re.split(r"\n(?=\d{4}-\d\d-\d\d )", server.log()):
+            if " ERROR " not in record and "Traceback" not in record:
+                continue
+            if "deadlock detected" in record or (
+                    "Future exception was never retrieved" in record
+                    and "VoteRefused" in record):
+                continue
+            problems.append(f"{server.url}: {record[:2000]}")
+    return problems
 
 
 # The invariants, each checked on the final stored tasks and the ledger.
@@ -340,6 +352,10 @@ async def test_random_decisions_racing_over_three_processes_with_a_kill_and_a_re
                    **({"review_timeout": 1.5, "on_timeout": ("approve", "reject")[n % 2]}
                       if n % 6 == 1 else {}))
             for n in range(TASKS)))
+        # Watchers of some tasks, from their start, on processes 1 and 2 (up all along):
+        # live, they must get what a late reader of the whole stream gets.
+        followers = {task_id: watch(clients[1 + n % 2], f"/stream/{task_id}", last_id=0)
+                     for n, task_id in enumerate(task_ids[::4])}
         live = [0, 1, 2]
         killed_at = restarted_at = None
         for round_ in range(ROUNDS):
@@ -395,6 +411,11 @@ async def test_random_decisions_racing_over_three_processes_with_a_kill_and_a_re
             each = list(await asyncio.gather(*(read_task_stream(c, task_id) for c in clients)))
             streams[task_id] = each[0]
             problems += check_stream(task_id, each, tasks[task_id])
+        for task_id, follower in followers.items():
+            await follower.ended(timeout=10)
+            if as_sent(follower) != streams[task_id]:
+                problems.append(f"task {task_id}: its live watcher got {as_sent(follower)}, "
+                                f"its stream replays {streams[task_id]}")
         # The dashboards of the two that stayed up saw the same; a new one on the restarted
         # process, from the first id they saw, replays the same.
         survivors = dashboards[1:]
@@ -470,6 +491,28 @@ async def test_targeted_races_with_the_owner_of_a_flow(
             if quorum == 2 and 200 not in codes:
                 problems.append(f"race {round_} (quorum 2): no vote taken: "
                                 f"{[(a.code, a.text) for a in answers]}")
+        # A'. An edited approval on a non-owner: quorum 1 (the edit is the result) and
+        # quorum 2 (the edit is the next attempt, which one more approval completes).
+        edited = {}
+        for quorum in (1, 2):
+            task_id = edited[quorum] = await submit(clients[2], quorum=quorum)
+            await reach(clients[1], task_id, "waiting_for_review")
+            answer = await send(ledger, clients, 1, "feedback", task_id,
+                                {"feedback": "approved", "reviewer": "editor",
+                                 "comment": ledger.tag(), "edited_output": f"edit {quorum}"})
+            if answer.code != 200:
+                problems.append(f"edit on a non-owner (quorum {quorum}): {answer}")
+        await reach(clients[0], edited[2], "waiting_for_review", attempt=2)
+        answer = await send(ledger, clients, 0, "feedback", edited[2],
+                            {"feedback": "approved", "reviewer": "second",
+                             "comment": ledger.tag(), "attempt": 2})
+        if answer.code != 200:
+            problems.append(f"approval of an edit made on a non-owner: {answer}")
+        for quorum, task_id in edited.items():
+            task = await reach(clients[0], task_id, "completed")
+            if task["final_result"] != f"edit {quorum}":
+                problems.append(f"edit on a non-owner, quorum {quorum}: the result is "
+                                f"{task['final_result']!r}")
         # B. A cancel on a non-owner while the owner (process 0) runs the processor.
         running = await submit(clients[0])
         await reach(clients[1], running, "running")
