@@ -630,9 +630,10 @@ class Deadlock(AssertionError):
     "defect: PostgresStore.renew() locks a process's task rows in heap order while "
     "write() locks a batch's rows in the order of its changes (holding the gid counter "
     "row): the two deadlock, PostgreSQL aborts one after deadlock_timeout, and every "
-    "commit of the fleet waits meanwhile"))
+    "commit of the fleet waits meanwhile; let_go() (a graceful stop) alike"))
+@pytest.mark.parametrize("leases", ["renew", "let_go"])
 async def test_a_lease_renewal_and_a_commit_over_the_same_tasks_never_deadlock(
-        postgres_url: str) -> None:
+        postgres_url: str, leases: str) -> None:
     import asyncpg
 
     from hitl.models import Status, Task
@@ -653,8 +654,9 @@ async def test_a_lease_renewal_and_a_commit_over_the_same_tasks_never_deadlock(
         # takes the counter and t2, then waits for t1 ...
         write = asyncio.create_task(other.write([_change(tasks[n]) for n in (2, 1, 0)]))
         await _waiting_on_locks(blocker, 1)
-        # ... while the owner renews its leases: it takes t0, then waits for t1.
-        renew = asyncio.create_task(owner.renew())
+        # ... while the owner renews its leases (or, stopping, lets go of them): it takes
+        # t0, then waits for t1.
+        renew = asyncio.create_task(getattr(owner, leases)())
         await _waiting_on_locks(blocker, 2)
         await hold.rollback()  # t1 goes to the commit, which then waits for t0: a cycle
         outcomes = await asyncio.wait_for(asyncio.gather(write, renew, return_exceptions=True),
