@@ -28,6 +28,7 @@ import pytest
 
 from .conftest import Watcher, read_sse
 from .serverproc import ServerProcess
+from .test_scaleout import own_redis
 
 pytestmark = pytest.mark.slow
 
@@ -336,6 +337,18 @@ async def random_round(rng: random.Random, ledger: Ledger, clients: list[httpx.A
 
 async def test_random_decisions_racing_over_three_processes_with_a_kill_and_a_restart(
         tmp_path: Path, postgres_url: str, redis_url: str) -> None:
+    await stress(tmp_path, postgres_url, redis_url, None)
+
+
+async def test_the_same_while_redis_is_down_for_most_of_it(
+        tmp_path: Path, postgres_url: str) -> None:
+    """Redis stopped from the second round to the tenth, the kill and restart included:
+    owners learn of changes made elsewhere only from the store, late."""
+    with own_redis(tmp_path) as (redis_url, control):
+        await stress(tmp_path, postgres_url, redis_url, control)
+
+
+async def stress(tmp_path: Path, postgres_url: str, redis_url: str, redis: Any) -> None:
     rng = random.Random(int(os.environ.get("HITL_CHAOS_SEED", "1414")))
     # Process 1 takes a while to process: some decisions and cancels meet a running flow.
     servers = processes(tmp_path, postgres_url, redis_url, delays=(0, 0.4, 0))
@@ -373,6 +386,9 @@ async def test_random_decisions_racing_over_three_processes_with_a_kill_and_a_re
                 await asyncio.to_thread(servers[0].wait, 5)
                 killed_at = time.monotonic()
                 live = [1, 2]
+            elif redis is not None and round_ in (1, 9):
+                (redis.stop if round_ == 1 else redis.start)()
+                await random_round(rng, ledger, clients, live, open_tasks)
             elif round_ == 5:
                 await asyncio.to_thread(servers[0].start)
                 restarted_at = time.monotonic()
