@@ -225,6 +225,8 @@ class Broker:
         task_message, global_message = event.messages()
         self.deliver(event.task_id, task_message)
         self.deliver(GLOBAL, global_message)
+        if task_message.terminal:  # every process frees it (once nobody watches it here)
+            self.release(event.task_id)
         for listener in self.listeners:
             listener(event)
 

@@ -83,6 +83,11 @@ class VoteRefused(Conflict):
     was decided (by a veto, or the quorum reached), perhaps by another process."""
 
 
+class Superseded(VoteRefused):
+    """The store refused a change made from an outdated copy of its task: another process
+    changed the task first (a shared store). Made again from a fresh read, it may be taken."""
+
+
 class Unavailable(HitlError):
     """The service is shutting down and takes no new work."""
 

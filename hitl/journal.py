@@ -25,7 +25,7 @@ from quart import Quart
 
 from . import logs, metrics
 from .broker import Broker
-from .errors import DuplicateKey, StorageUnavailable, VoteRefused
+from .errors import DuplicateKey, StorageUnavailable, Superseded, VoteRefused
 from .lifecycle import attach
 from .models import Attempt, Review, Task, TaskEvent
 from .store import IdempotencyKey, Store, Write
@@ -53,6 +53,7 @@ class Journal:
         self.broker = broker
         self.failure: str | None = None  # why writes fail, while they do
         self.refused: set[str] = set()  # tasks whose last change could not be stored
+        self._superseded: set[str] = set()  # ... because another process changed them first
         self._generations: dict[str, int] = {}  # of tasks reloaded after a refusal
         self.on_refused: Callable[[str], None] = lambda task_id: None
         self.listeners: list[Callable[[], None]] = []  # told after each commit (webhooks)
@@ -94,7 +95,7 @@ class Journal:
         """
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         if task.task_id in self.refused and not detached:
-            done.set_exception(self._refusal())
+            done.set_exception(self._refusal(task.task_id))
             return done
         if touch:
             task.updated_at = time.time()
@@ -112,11 +113,12 @@ class Journal:
     def check_writable(self, task_id: str) -> None:
         """Raise :class:`StorageUnavailable` now if the task's changes are refused."""
         if task_id in self.refused:
-            raise self._refusal()
+            raise self._refusal(task_id)
 
     def forgive(self, task_id: str) -> None:
         """The task was reloaded from the store: its changes are taken again, except those
         its stopped flow made before (still queued, maybe)."""
+        self._superseded.discard(task_id)
         if task_id in self.refused:
             self.refused.discard(task_id)
             self._generations[task_id] = self._generations.get(task_id, 0) + 1
@@ -203,6 +205,8 @@ class Journal:
             _settle(pending, exc)
             return
         self.refused.add(task_id)
+        if isinstance(exc, Superseded):
+            self._superseded.add(task_id)
         _settle(pending, exc)
         self.on_refused(task_id)
 
@@ -211,10 +215,13 @@ class Journal:
         if pending.detached or (task_id not in self.refused
                                 and pending.generation == self._generations.get(task_id, 0)):
             return False
-        _settle(pending, self._refusal())
+        _settle(pending, self._refusal(task_id))
         return True
 
-    def _refusal(self) -> StorageUnavailable:
+    def _refusal(self, task_id: str) -> Exception:
+        if task_id in self._superseded:  # a lost race, not a database in trouble: 409
+            return Superseded(f"task {task_id} was changed meanwhile (by another process); "
+                              "send it again")
         return StorageUnavailable(self.failure or "an earlier change of this task was not "
                                                   "stored; it is being reloaded")
 

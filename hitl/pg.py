@@ -11,12 +11,15 @@ its SQLite twin, where the module owns it (``store.dialect`` says which).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import asyncpg
+
+from .errors import StorageUnavailable
 
 Params = Mapping[str, Any] | Sequence[Any] | None
 
@@ -164,8 +167,9 @@ class PoolReader:
 
     async def execute_fetchall(self, sql: str, params: Params = None) -> list[asyncpg.Record]:
         text, names = translate(sql)
-        async with self.pool.acquire() as raw:
-            return list(await raw.fetch(text, *arguments(names, params)))
+        with unavailable():
+            async with self.pool.acquire() as raw:
+                return list(await raw.fetch(text, *arguments(names, params)))
 
 
 class _PooledCursor(Cursor):
@@ -176,12 +180,22 @@ class _PooledCursor(Cursor):
         self._pool = pool
 
     async def _run(self) -> Cursor:
-        async with self._pool.acquire() as raw:
-            self._conn = Connection(raw)
-            try:
-                return await super()._run()
-            finally:
-                self._conn = None
+        with unavailable():
+            async with self._pool.acquire() as raw:
+                self._conn = Connection(raw)
+                try:
+                    return await super()._run()
+                finally:
+                    self._conn = None
+
+
+@contextlib.contextmanager
+def unavailable() -> Iterator[None]:
+    """A read the database cannot answer (down, restarting, cut off) is a 503, as a write."""
+    try:
+        yield
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        raise StorageUnavailable(f"{type(exc).__name__}: {exc}") from exc
 
 
 def is_postgres_url(target: str) -> bool:

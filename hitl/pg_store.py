@@ -24,13 +24,13 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Collection, Sequence
 from dataclasses import replace
 from typing import Any
 
 import asyncpg
 
-from .errors import DuplicateKey, StartupError, StorageUnavailable, VoteRefused
+from .errors import DuplicateKey, StartupError, StorageUnavailable, Superseded, VoteRefused
 from .models import TERMINAL, Task
 from .pg import PG_NOW, Connection, PoolReader, translate
 from .store import (
@@ -322,7 +322,7 @@ _TAKE_OVER = f"""
 """
 _RENEW = f"""
     UPDATE tasks SET owner_until = {PG_NOW} + $2
-     WHERE owner = $1 AND status NOT IN ({_TERMINAL})
+     WHERE owner = $1 AND task_id = ANY($3::text[]) AND status NOT IN ({_TERMINAL})
     RETURNING task_id, last_seq
 """
 
@@ -351,7 +351,10 @@ class PostgresStore(Store):
         try:
             self._pool = await asyncpg.create_pool(
                 self.url, min_size=2, max_size=self.pool_size, command_timeout=30,
-                server_settings={"application_name": "hitl"})
+                server_settings={"application_name": "hitl",
+                                 # a process frozen inside a transaction holds the counter
+                                 # row, so every commit of the service, for at most this
+                                 "idle_in_transaction_session_timeout": "30000"})
             async with self._pool.acquire() as conn:
                 await self._migrate_pg(conn)
         except StartupError:
@@ -412,7 +415,12 @@ class PostgresStore(Store):
         """Apply a batch in one transaction, numbering its messages from the counter row
         (taken first: it orders this commit after every earlier one)."""
         count = sum(1 for write in batch if write.event is not None)
-        tasks = list({w.task_id: w.task for w in batch}.values())
+        newest: dict[str, dict[str, Any]] = {}  # per task, the row of its latest change
+        for write in batch:
+            kept = newest.get(write.task_id)
+            if kept is None or write.task["last_seq"] >= kept["last_seq"]:
+                newest[write.task_id] = write.task
+        tasks = list(newest.values())
         async with self.transaction() as conn:
             last = await conn.raw.fetchval(_TAKE_GIDS, count)
             gid = last - count + 1
@@ -426,8 +434,8 @@ class PostgresStore(Store):
             for task in tasks:
                 row = {**task, "owner": self.owner, "lease": self.lease}
                 if await conn.raw.fetchval(text, *(row[name] for name in names)) is None:
-                    raise VoteRefused(f"task {task['task_id']} was changed by another process "
-                                      "meanwhile; send it again")
+                    raise Superseded(f"task {task['task_id']} was changed by another process "
+                                     "meanwhile; send it again")
             for write in numbered:
                 if write.review is None:
                     continue
@@ -499,10 +507,12 @@ class PostgresStore(Store):
                 taken.append((task, bool(row["lapsed"])))
         return taken
 
-    async def renew(self) -> dict[str, int]:
-        """Extend this process's leases; the unfinished tasks it still owns, each with its
-        last message number as stored."""
-        rows = await self._in_turn(_RENEW, self.owner, self.lease)
+    async def renew(self, tracked: Collection[str]) -> dict[str, int]:
+        """Extend this process's leases of the ``tracked`` tasks (those it runs, or is about
+        to resume); the unfinished ones it still owns, each with its last message number as
+        stored. A task it owns but no longer tracks (its flow never started) lapses, and is
+        taken over."""
+        rows = await self._in_turn(_RENEW, self.owner, self.lease, list(tracked))
         return {row["task_id"]: row["last_seq"] for row in rows}
 
     async def owns(self, task_id: str) -> bool:
@@ -536,7 +546,7 @@ def _unique(exc: asyncpg.UniqueViolationError) -> Exception:
     if constraint == "reviews_one_vote":
         return VoteRefused("this reviewer has already voted on this attempt")
     if constraint.startswith("messages"):
-        return VoteRefused("the task was changed by another process meanwhile; send it again")
+        return Superseded("the task was changed by another process meanwhile; send it again")
     return StorageUnavailable(f"{type(exc).__name__}: {exc}")
 
 

@@ -31,6 +31,7 @@ from .errors import (
     Invalid,
     NotFound,
     StorageUnavailable,
+    Superseded,
     TaskFailed,
     Unavailable,
 )
@@ -57,6 +58,7 @@ log = logging.getLogger(__name__)
 
 RECENTLY_FINISHED = 1024  # finished tasks whose stream state is kept in memory
 RECOVERY_WAIT = (0.2, 5.0)  # first and longest wait between checks that storage is back
+SUPERSEDED_RETRIES = 5  # a decision made again from a fresh read, when another process won
 
 
 class Runner:
@@ -134,18 +136,23 @@ class Runner:
             try:
                 running = {task_id for task_id, tracker in self.trackers.items()
                            if tracker.started and tracker.flow is not None}
-                owned = await self.store.renew()
+                # Only what runs here, or is to resume here: a task owned but never started
+                # (a take-over whose read failed, say) lapses, and is taken over again.
+                owned = await self.store.renew({*self.trackers, *self._stranded})
                 for task_id in running:
-                    if task_id not in owned:
-                        self._lost(task_id)
+                    if task_id not in owned:  # ended elsewhere, or taken over: read it again
+                        self._stop_and_reload(task_id)
                     else:  # news of a change made elsewhere may be lost: the store says
                         self._outdated(task_id, owned[task_id])
-                await self._take_over()
+                # A page at a time, within half a tick: a dead process's thousands of tasks
+                # must not keep this one from renewing its own.
+                await self._take_over(until=time.monotonic() + every / 2)
             except Exception as exc:
                 log.warning("flow leases not renewed: %s", exc)
 
-    async def _take_over(self) -> None:
-        """Resume the unfinished tasks no live process owns (their owner stopped, or died)."""
+    async def _take_over(self, until: float | None = None) -> None:
+        """Resume the unfinished tasks no live process owns (their owner stopped, or died),
+        a page at a time (until ``until``, on the monotonic clock, if given)."""
         while True:
             taken = await self.store.take_over()
             for task, lapsed in taken:
@@ -156,19 +163,8 @@ class Runner:
                     log.info("taking over task %s", task.task_id, extra=logs.task(task.task_id))
                 if not task.status.terminal:
                     self._resume(task)
-            if len(taken) < 100:
+            if len(taken) < 100 or (until is not None and time.monotonic() >= until):
                 return
-
-    def _lost(self, task_id: str) -> None:
-        """Another process owns the task now (this one was too slow to renew): stop its
-        flow here without writing; the owner runs it on."""
-        tracker = self.trackers.get(task_id)
-        if tracker is None or tracker.flow is None or tracker.finishing:
-            return
-        log.warning("task %s: flow lease lost to another process", task_id,
-                    extra=logs.task(task_id))
-        tracker.lost = True
-        tracker.flow.cancel()
 
     def _changed(self, event: TaskEvent) -> None:
         self._outdated(event.task_id, event.seq)
@@ -179,11 +175,19 @@ class Runner:
         taken by another process) means the flow works from an outdated copy. Stop it; it
         resumes from the store, as after a restart."""
         tracker = self.trackers.get(task_id)
-        if (tracker is None or stored_seq <= tracker.task.last_seq or tracker.flow is None
-                or tracker.flow.done() or tracker.finishing):
-            return
-        log.info("task %s changed by another process; resuming from the store", task_id,
-                 extra=logs.task(task_id))
+        if tracker is not None and stored_seq > tracker.task.last_seq:
+            self._stop_and_reload(task_id)
+
+    def _stop_and_reload(self, task_id: str) -> None:
+        """Stop the task's flow here without writing, and read the task again: it goes on
+        from the store if it is still this process's and unfinished (else another process
+        runs it, or it ended)."""
+        tracker = self.trackers.get(task_id)
+        if (tracker is None or tracker.flow is None or tracker.flow.done()
+                or tracker.finishing or tracker.outdated or tracker.task.status.terminal):
+            return  # gone, stopping, or ending by itself (its end is stored: not renewed)
+        log.info("task %s changed by another process (or is now another's); reading it "
+                 "again", task_id, extra=logs.task(task_id))
         tracker.outdated = True
         tracker.flow.cancel()
 
@@ -200,6 +204,9 @@ class Runner:
         if task_id in self.trackers or not self.accepting:
             return
         if task is None or task.status.terminal or not ours:
+            if not ours and task is not None and not task.status.terminal:
+                log.warning("task %s: its flow lease went to another process", task_id,
+                            extra=logs.task(task_id))
             self.journal.forgive(task_id)  # ended, or another process runs it now
             if task is not None and task.status.terminal:
                 self.broker.release(task_id)
@@ -322,6 +329,21 @@ class Runner:
         if edited_output is not None and decision != "approved":
             raise Invalid("edited_output: only an approval carries an edited text")
         visible = await self._visible(task_id, by)
+        attempt = attempt or visible.attempt  # the one the reviewer saw, on a retry too
+        for retry in range(SUPERSEDED_RETRIES):
+            try:
+                return await self._decide_once(visible, decision, comment, reviewer, attempt,
+                                               by, edited_output)
+            except Superseded:  # another process changed the task first (another vote,
+                if retry == SUPERSEDED_RETRIES - 1:  # say): the rules decide on a fresh read
+                    raise
+                visible = await self._visible(task_id, by)
+        raise AssertionError("unreachable")
+
+    async def _decide_once(self, visible: Task, decision: Decision, comment: str,
+                           reviewer: str, attempt: int, by: Identity,
+                           edited_output: str | None) -> Task:
+        task_id = visible.task_id
         verdict = policy.can_decide(by, visible)
         verdict.require()
         tracker = await self._live(task_id, visible)
@@ -336,7 +358,7 @@ class Runner:
             raise Conflict(f"task {task_id} has no attempt left for an edit (at most "
                            f"{task.attempts_allowed(self.config.max_attempts)}): approve "
                            f"or reject attempt {task.attempt}")
-        review = Review(decision, attempt or task.attempt, comment,
+        review = Review(decision, attempt, comment,
                         **signature(by, reviewer, verdict), edited_output=edited_output)
         if tracker.detached:  # the flow runs on another process: the store decides
             return await self._detached(tracker, lambda: self._vote_detached(tracker, review))
@@ -570,8 +592,6 @@ class Runner:
             self._finished[task.task_id] = task_state(task)
             if len(self._finished) > RECENTLY_FINISHED:
                 self._finished.popitem(last=False)
-        elif tracker.lost:  # another process runs it now
-            self.journal.forgive(task.task_id)
         elif tracker.outdated and self.accepting:  # changed elsewhere: reload it at once
             reload = asyncio.create_task(self._reload(task.task_id),
                                          name=f"hitl-reload-{task.task_id}")
@@ -631,6 +651,7 @@ class Runner:
                     continue
                 try:
                     task = await self.store.get_task(task_id)
+                    ours = task is not None and await self.store.owns(task_id)
                 except Exception:
                     log.exception("could not read task %s to resume it", task_id,
                                   extra=logs.task(task_id))
@@ -638,7 +659,7 @@ class Runner:
                 if task_id in self.trackers or not self.accepting:
                     continue
                 self._stranded.discard(task_id)
-                if task is not None and self.store.shared and not await self.store.owns(task_id):
+                if task is not None and not ours:
                     self.journal.forgive(task_id)  # taken over meanwhile: its owner runs it
                     continue
                 if task is not None and not task.status.terminal:

@@ -15,7 +15,7 @@ import os
 import re
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -904,7 +904,7 @@ class Store:
     async def take_over(self, limit: int = 100) -> list[tuple[Task, bool]]:
         return []
 
-    async def renew(self) -> dict[str, int]:
+    async def renew(self, tracked: Collection[str]) -> dict[str, int]:
         return {}
 
     async def owns(self, task_id: str) -> bool:

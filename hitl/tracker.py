@@ -50,7 +50,6 @@ class Tracker:
         self.started = False  # its flow has taken its first step
         self.ended = False  # its end (completed, failed, cancelled) is stored
         self.active = True  # False once its flow has stopped: late reports are ignored
-        self.lost = False  # its flow lease went to another process (hitl.runner)
         self.outdated = False  # another process changed it: its flow resumes from the store
         self.cancel_requested = False
         self.finishing = False  # recording its end: no one else stops it now

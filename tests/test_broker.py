@@ -360,3 +360,14 @@ async def test_whatever_ends_a_subscription_it_is_removed_and_the_topic_freed(
     if ending == "error":
         assert all(isinstance(result, RuntimeError) for result in results)
     await broker.close()
+
+
+async def test_a_finished_task_s_topic_is_freed_on_every_process(broker: Broker) -> None:
+    """Each process's broker hears every task's news (hitl.redis_news): a task's history
+    is kept only until its end, once nobody here watches it, not for as long as it runs."""
+    for n in range(20):
+        broker.publish_event(event(1, "pending", f"t{n}"))
+        broker.publish_event(event(2, "completed", f"t{n}"))
+    assert broker.topic_count() == 0  # (the global topic is not counted)
+    broker.publish_event(event(1, "running", "live"))
+    assert broker.topic_count() == 1

@@ -128,16 +128,32 @@ async def test_a_lapsed_lease_is_taken_over_by_one_process(
     for task in tasks:
         await first.write([change(task, Status.PENDING)])
     assert await second.take_over() == []  # first holds them
-    assert set(await first.renew()) == {task.task_id for task in tasks}
+    ids = [task.task_id for task in tasks]
+    assert set(await first.renew(ids)) == set(ids)
     await asyncio.sleep(1.2)  # first stops renewing: its leases lapse
     taken = await asyncio.gather(second.take_over(), third.take_over())
     ids = [task.task_id for batch in taken for task, _ in batch]
     assert sorted(ids) == sorted(task.task_id for task in tasks)  # each by one process
     assert all(lapsed for batch in taken for _, lapsed in batch)
-    assert await first.renew() == {}
+    assert await first.renew(ids) == {}
     assert not await first.owns("t0")
     await second.let_go()
     await third.let_go()
     again = await first.take_over()
     assert sorted(task.task_id for task, _ in again) == sorted(ids)
     assert not any(lapsed for _, lapsed in again)  # let go, not lapsed
+
+
+async def test_a_task_owned_but_not_run_lapses_and_is_taken_over(
+        stores: list[PostgresStore]) -> None:
+    """Renewal extends only the tasks a process runs: one it owns without a flow (its
+    take-over's read failed, say) is not held forever."""
+    first, second, _ = stores
+    running, orphan = Task("running", "x"), Task("orphan", "x")
+    for task in (running, orphan):
+        await first.write([change(task, Status.PENDING)])
+    for _ in range(3):
+        assert set(await first.renew(["running"])) == {"running"}
+        await asyncio.sleep(0.45)
+    taken = await second.take_over()
+    assert [task.task_id for task, _ in taken] == ["orphan"]

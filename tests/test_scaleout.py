@@ -359,3 +359,22 @@ async def test_a_process_stopped_with_sigterm_lets_its_tasks_go_at_once(
         assert response.status_code == 200, response.text
         await reach(clients[1], task_id, "completed", timeout=15)
         assert time.monotonic() - stopped < 7, "taken over only once the lease lapsed"
+
+
+async def test_votes_of_a_quorum_taken_at_once_on_two_processes_both_count(
+        three: tuple[list[ServerProcess], list[httpx.AsyncClient]]) -> None:
+    """Neither vote decides: each is made again from a fresh read when the other won the
+    race for the task's next message number (not a 409)."""
+    _, clients = three
+    for _ in range(3):
+        response = await clients[0].post("/submit", json={"data": "draft", "quorum": 3})
+        task_id = str(response.json()["task_id"])
+        await reach(clients[1], task_id, "waiting_for_review")
+        answers = await asyncio.gather(*(
+            clients[n].post(f"/feedback/{task_id}",
+                            json={"feedback": "approved", "reviewer": f"r{n}"})
+            for n in (1, 2)))
+        assert [a.status_code for a in answers] == [200, 200], [a.text for a in answers]
+        task = await status_of(clients[0], task_id)
+        assert sorted(r["reviewer"] for r in task["reviews"]) == ["r1", "r2"]
+        assert task["status"] == "waiting_for_review"
